@@ -1,0 +1,283 @@
+"""Torch reference quantizer: the bit-exact oracle the Triton kernels must equal.
+
+Convention (DESIGN §3): `quantize(x, fmt, scale)` returns `round_fmt(x * scale) * inv_scale` in x's
+dtype, computed in fp32 with `inv_scale = 1 / scale` (fp32). Rounding works on the fp32 bit pattern
+with integer arithmetic only, so it is exact on every device and needs no float casts:
+
+    bits -> sign, fp32 exponent e, 24-bit significand sig
+    e >= emin:  wide = ((e + bias - 1) << 23) + sig, shift = 23 - M    (top bits of `wide` are the code)
+    e <  emin:  wide = sig,                          shift = 23 - M + (emin - e)
+    nearest:    code = (wide + 2**(shift-1) - 1 + ((wide >> shift) & 1)) >> shift   (ties to even code)
+    stochastic: code = (wide + r) >> shift, r uniform on [0, 2**shift) from 32 random bits
+
+"Ties to even code" is RNE on the mantissa for M >= 1 and ties to the even biased exponent for E7M0,
+as gfloat does. A code above `fmt.max_code` is an overflow: saturate to max, or become inf / NaN.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from altgrad.formats import FormatSpec, get_format
+
+__all__ = ["quantize", "quantize_ste", "quantize_with_stats", "round_to_format", "round_to_codes", "QuantStats"]
+
+ROUNDING_MODES = ("nearest", "stochastic")
+BACKENDS = ("auto", "torch", "triton")
+_SR_BITS = 32  # random bits per stochastic rounding: P(round up) is exact to 2**-32 of a quantum
+
+
+class QuantStats(NamedTuple):
+    """Per-tensor statistics of one quantization (0-dim tensors on x's device).
+
+    amax: max |x| over non-NaN elements of the unscaled input (0 if none), fp32.
+    Counts (int64), with v = x * scale: nan = isnan(v); nonzero = v != 0 and not NaN (inf counts);
+    overflow = non-NaN elements whose rounded magnitude exceeds max (inf included);
+    underflow = non-zero, non-NaN elements that round to zero.
+    """
+
+    amax: torch.Tensor
+    overflow: torch.Tensor
+    underflow: torch.Tensor
+    nonzero: torch.Tensor
+    nan: torch.Tensor
+
+
+# -- the rounding core ---------------------------------------------------------------------------
+def _round_fields(v: torch.Tensor, fmt: FormatSpec, rounding: str, generator):
+    """Round fp32 `v` in fmt's (unbounded-exponent) code space.
+
+    Returns (negative, code, nan, inf): the magnitude code may exceed fmt.max_code (an overflow).
+    """
+    bits = v.contiguous().view(torch.int32).to(torch.int64)
+    negative = bits < 0
+    a = bits & 0x7FFFFFFF
+    fe = a >> 23
+    nan = (fe == 255) & ((a & 0x7FFFFF) != 0)
+    inf = a == 0x7F800000
+    sig = (a & 0x7FFFFF) | torch.where(fe != 0, 1 << 23, 0)
+    e = fe.clamp(min=1) - 127  # fp32 subnormals share the exponent of the smallest normal
+    m, emin = fmt.man_bits, fmt.emin
+    normal = e >= emin
+    wide = torch.where(normal, ((e + fmt.bias - 1) << 23) + sig, sig)
+    # sig < 2**24, so any shift >= 25 already rounds to 0 (nearest); 40 keeps int64 shifts defined
+    shift = torch.where(normal, 23 - m, 23 - m + (emin - e)).clamp(max=40)
+    if rounding == "nearest":
+        half = (torch.ones_like(shift) << (shift - 1)) - 1
+        code = (wide + half + ((wide >> shift) & 1)) >> shift
+    else:
+        # keep at most _SR_BITS bits below the code's LSB (truncating any beyond), then add that many
+        # uniform random bits: P(round up) = discarded fraction, exact to 2**-32
+        drop = (shift - _SR_BITS).clamp(min=0)
+        wide, shift = wide >> drop, shift - drop
+        gen_device = generator.device if generator is not None else v.device
+        r = torch.randint(0, 2**_SR_BITS, v.shape, generator=generator, device=gen_device, dtype=torch.int64)
+        code = (wide + (r.to(v.device) >> (_SR_BITS - shift))) >> shift
+    return negative, code, nan, inf
+
+
+def _code_values(code: torch.Tensor, fmt: FormatSpec) -> torch.Tensor:
+    """fp32 value of in-range magnitude codes (exact: every format value is an fp32 number)."""
+    m = fmt.man_bits
+    exp_field = code >> m
+    normal_bits = ((exp_field - fmt.bias + 127) << 23) | ((code & ((1 << m) - 1)) << (23 - m))
+    normal = normal_bits.clamp(min=0).to(torch.int32).view(torch.float32)
+    subnormal = code.to(torch.float32) * 2.0 ** (fmt.emin - m)
+    return torch.where(code >= (1 << m), normal, subnormal)
+
+
+def _round(v: torch.Tensor, fmt: FormatSpec, rounding: str, saturate: bool, generator):
+    """round_fmt(v) for fp32 v. Returns (q fp32, overflow mask, nan mask)."""
+    negative, code, nan, inf = _round_fields(v, fmt, rounding, generator)
+    overflow = (code > fmt.max_code) | inf
+    mag = _code_values(code.clamp(max=fmt.max_code), fmt)
+    if not saturate:
+        mag = torch.where(overflow, torch.inf if fmt.has_inf else torch.nan, mag)
+    # -0 exists only where the format has it; NaN stays NaN in every format
+    q = torch.where(negative & ((mag != 0) | fmt.has_neg_zero), -mag, mag)
+    return torch.where(nan, v, q), overflow & ~nan, nan
+
+
+def round_to_codes(v: torch.Tensor, fmt: FormatSpec | str, *, saturate: bool = True) -> torch.Tensor:
+    """Integer codes (sign bit at position E+M) of fp32 `v` rounded to nearest; used by encode().
+    NaN (and overflow with saturate=False in a format without inf) gets the format's NaN code:
+    all-ones magnitude with x's sign (ieee, fn) or the -0 pattern (fnuz, p3109)."""
+    fmt = get_format(fmt)
+    negative, code, nan, inf = _round_fields(v.float(), fmt, "nearest", None)
+    width = fmt.exp_bits + fmt.man_bits
+    top = (1 << width) - 1
+    overflow = (code > fmt.max_code) | inf
+    code = code.clamp(max=fmt.max_code)
+    if not saturate:
+        if fmt.has_inf:
+            inf_code = top if fmt.specials == "p3109" else (top >> fmt.man_bits) << fmt.man_bits
+            code = torch.where(overflow & ~nan, inf_code, code)
+        else:
+            nan = nan | overflow
+    if bool(nan.any()) and not fmt.has_nan:
+        raise ValueError(f"{fmt.name} has no NaN code (NaN input, or overflow with saturate=False)")
+    sign = negative & ((code != 0) | fmt.has_neg_zero)
+    code = torch.where(nan & (fmt.specials in ("ieee", "fn")), top, code)
+    code = code | (sign.to(torch.int64) << width)
+    return torch.where(nan & (fmt.specials in ("fnuz", "p3109")), 1 << width, code)
+
+
+def round_to_format(v: torch.Tensor, fmt: FormatSpec | str, *, rounding: str = "nearest",
+                    saturate: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+    """round_fmt(v): v already scaled; returns fp32 format-domain values (exact in bf16)."""
+    fmt = get_format(fmt)
+    _check_rounding(rounding)
+    return _round(_as_fp32(v, "v"), fmt, rounding, saturate, generator)[0]
+
+
+# -- argument checks ----------------------------------------------------------------------------
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _as_fp32(x, arg: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{arg} must be a torch.Tensor (got {type(x).__name__})")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{arg} must be float32, bfloat16 or float16 (got {x.dtype})")
+    return x.float()
+
+
+def _check_rounding(rounding: str) -> None:
+    if rounding not in ROUNDING_MODES:
+        raise ValueError(f"rounding must be one of {ROUNDING_MODES} (got {rounding!r})")
+
+
+def _scale_tensor(scale, device) -> torch.Tensor | None:
+    """Validate a user scale (positive, finite); returns an fp32 tensor or None for 1."""
+    if scale is None:
+        return None
+    if isinstance(scale, torch.Tensor):
+        if not scale.is_floating_point():
+            raise TypeError(f"scale must be a float tensor (got {scale.dtype})")
+        s = scale.detach().float().to(device)
+    elif isinstance(scale, (int, float)):
+        s = torch.tensor(float(scale), dtype=torch.float32, device=device)
+    else:
+        raise TypeError(f"scale must be None, a number or a tensor (got {type(scale).__name__})")
+    if not bool(torch.all(torch.isfinite(s) & (s > 0))):
+        raise ValueError(f"scale must be finite and > 0 (got {scale if s.numel() > 4 else s.tolist()})")
+    return s
+
+
+def _resolve_backend(backend: str, x: torch.Tensor) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} (got {backend!r})")
+    if backend == "auto":
+        return "triton" if x.is_cuda else "torch"
+    return backend
+
+
+# -- public API ---------------------------------------------------------------------------------
+def _quantize_torch(x, fmt, scale, rounding, saturate, generator):
+    """(y, overflow mask, nan mask, v): y = round_fmt(x * scale) * inv_scale in x.dtype."""
+    v = x.float()
+    if scale is not None:
+        v = v * scale
+    q, overflow, nan = _round(v, fmt, rounding, saturate, generator)
+    if scale is not None:
+        q = q * torch.reciprocal(scale)
+    return q.to(x.dtype), q, overflow, nan, v
+
+
+def _quantize_triton(x, fmt, scale, rounding, saturate, generator, stats):
+    from altgrad.kernels import quantize as kq
+
+    seed = 0
+    if rounding == "stochastic":
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator)) if generator is not None else \
+            int(torch.randint(0, 2**31 - 1, (1,)))
+    s = scale if scale is not None else torch.ones((), dtype=torch.float32, device=x.device)
+    return kq.quantize(x, s, exp_bits=fmt.exp_bits, man_bits=fmt.man_bits, bias=fmt.bias,
+                       specials=fmt.specials, rounding=rounding, saturate=saturate, seed=seed,
+                       out_q=False, out_dq=True, stats=stats)
+
+
+def quantize(x: torch.Tensor, fmt: FormatSpec | str, scale=None, *, rounding: str = "nearest",
+             saturate: bool = True, generator: torch.Generator | None = None, backend: str = "auto") -> torch.Tensor:
+    """Fake-quantize x: round_fmt(x * scale) * (1 / scale), in x's dtype and shape.
+
+    backend "torch" is this reference (any device), "triton" the kernel in kernels/quantize.py (CUDA,
+    or CPU under TRITON_INTERPRET=1), "auto" picks triton for CUDA tensors. Both are bit-identical
+    for rounding="nearest"; stochastic rounding draws different (equally distributed) random bits.
+    """
+    return quantize_with_stats(x, fmt, scale, rounding=rounding, saturate=saturate,
+                               generator=generator, backend=backend, stats=False)[0]
+
+
+def quantize_with_stats(x: torch.Tensor, fmt: FormatSpec | str, scale=None, *, rounding: str = "nearest",
+                        saturate: bool = True, generator: torch.Generator | None = None,
+                        backend: str = "auto", stats: bool = True) -> tuple[torch.Tensor, QuantStats | None]:
+    """quantize() plus per-tensor QuantStats (see its docstring for the exact definitions)."""
+    fmt = get_format(fmt)
+    _as_fp32(x, "x")
+    _check_rounding(rounding)
+    s = _scale_tensor(scale, x.device)
+    if _resolve_backend(backend, x) == "triton":
+        res = _quantize_triton(x, fmt, s, rounding, saturate, generator, stats)
+        if not stats:
+            return res.dq, None
+        return res.dq, QuantStats(res.amax, *res.counts.unbind(0))
+    y, q, overflow, nan, v = _quantize_torch(x, fmt, s, rounding, saturate, generator)
+    if not stats:
+        return y, None
+    return y, stats_from_masks(x, v, q, overflow, nan)
+
+
+def stats_from_masks(x, v, q, overflow, nan) -> QuantStats:
+    """QuantStats from the reference's intermediate tensors (v = x*scale, q = rounded v)."""
+    nonzero = (v != 0) & ~nan
+    absx = x.detach().float().abs()
+    amax = torch.where(nan, 0.0, absx).amax() if x.numel() else torch.zeros((), device=x.device)
+    return QuantStats(
+        amax=amax.float(),
+        overflow=overflow.sum(),
+        underflow=(nonzero & (q == 0)).sum(),
+        nonzero=nonzero.sum(),
+        nan=nan.sum(),
+    )
+
+
+class _QuantizeSTE(torch.autograd.Function):
+    """Straight-through estimator: forward quantizes, backward passes the gradient through
+    (identity), or zeroes it where the element overflowed (ste="clipped")."""
+
+    @staticmethod
+    def forward(ctx, x, fmt, scale, rounding, saturate, generator, backend, ste):
+        s = _scale_tensor(scale, x.device)
+        if ste == "clipped" or _resolve_backend(backend, x) == "torch":
+            y, _, overflow, _, _ = _quantize_torch(x, fmt, s, rounding, saturate, generator)
+        else:
+            y, overflow = quantize(x, fmt, s, rounding=rounding, saturate=saturate,
+                                   generator=generator, backend=backend), None
+        ctx.save_for_backward(overflow if ste == "clipped" else None)
+        ctx.clipped = ste == "clipped"
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (overflow,) = ctx.saved_tensors
+        if ctx.clipped:
+            grad = grad.masked_fill(overflow, 0.0)
+        return grad, None, None, None, None, None, None, None
+
+
+STE_MODES = ("identity", "clipped")
+
+
+def quantize_ste(x: torch.Tensor, fmt: FormatSpec | str, scale=None, *, ste: str = "identity",
+                 rounding: str = "nearest", saturate: bool = True,
+                 generator: torch.Generator | None = None, backend: str = "auto") -> torch.Tensor:
+    """quantize() with a straight-through gradient (identity, or zero where saturated if ste="clipped")."""
+    if ste not in STE_MODES:
+        raise ValueError(f"ste must be one of {STE_MODES} (got {ste!r})")
+    fmt = get_format(fmt)
+    _as_fp32(x, "x")
+    _check_rounding(rounding)
+    return _QuantizeSTE.apply(x, fmt, scale, rounding, saturate, generator, backend, ste)

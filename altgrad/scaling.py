@@ -1,0 +1,119 @@
+"""Per-tensor scaling (DESIGN §4), in the torchao / TransformerEngine convention:
+
+    scale = fmt.max / amax / 2**margin       q = round_fmt(x * scale)       x ~ q * inv_scale
+
+Modes: `delayed` (amax from an AmaxHistory of earlier steps; the first call, with an empty
+history, uses the tensor's own amax), `current` (the tensor's own amax every call), `none`
+(scale 1: the format's raw range). Edge rule from TransformerEngine: an amax that is 0 or not
+finite — or a scale that would not be finite — keeps the previous scale.
+
+Scales and histories are module buffers on the tensor's device (no host sync per step) and travel
+in `state_dict()`, so checkpoints restore them exactly. DDP note: each rank keeps its own history
+(amaxes are not all-reduced), as in torchao's default; weights are identical across ranks so their
+scales agree.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from altgrad.formats import FormatSpec, get_format
+
+__all__ = ["AmaxHistory", "TensorScaler", "compute_scale", "SCALING_MODES", "AMAX_ALGOS"]
+
+SCALING_MODES = ("delayed", "current", "none")
+AMAX_ALGOS = ("max", "most_recent")
+
+
+def compute_scale(amax: torch.Tensor, fmt: FormatSpec | str, margin: int = 0, pow2: bool = False,
+                  prev_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 scale = fmt.max / amax / 2**margin; keeps prev_scale (default 1) when amax is 0 or not
+    finite, or the scale would overflow. pow2 rounds the scale down to a power of two (exact
+    dequantization)."""
+    fmt = get_format(fmt)
+    if not isinstance(margin, int) or margin < 0:
+        raise ValueError(f"margin must be an int >= 0 (got {margin!r})")
+    amax = torch.as_tensor(amax, dtype=torch.float32)
+    prev = torch.ones_like(amax) if prev_scale is None else prev_scale.to(amax.device, torch.float32)
+    scale = (fmt.max / amax) / float(2**margin)
+    if pow2:
+        # clear the mantissa bits: 2**floor(log2(scale)) for every positive normal fp32
+        scale = (scale.view(torch.int32) & ~0x7FFFFF).view(torch.float32)
+    ok = (amax > 0) & torch.isfinite(amax) & torch.isfinite(scale) & (scale > 0)
+    return torch.where(ok, scale, prev)
+
+
+class AmaxHistory(nn.Module):
+    """The last `length` amaxes (newest first); `get()` reduces them with `algo` ("max" or
+    "most_recent"). An amax is pushed after the tensor it came from has been quantized."""
+
+    def __init__(self, length: int = 16, algo: str = "max"):
+        super().__init__()
+        if not isinstance(length, int) or length < 1:
+            raise ValueError(f"history length must be an int >= 1 (got {length!r})")
+        if algo not in AMAX_ALGOS:
+            raise ValueError(f"amax algo must be one of {AMAX_ALGOS} (got {algo!r})")
+        self.length, self.algo = length, algo
+        self.register_buffer("history", torch.zeros(length, dtype=torch.float32))
+        self.register_buffer("count", torch.zeros((), dtype=torch.int64))
+        self._filled = 0  # host mirror of `count`, so emptiness needs no device sync
+
+    def push(self, amax: torch.Tensor) -> None:
+        # roll in place: newest at index 0, as TransformerEngine keeps its amax_history
+        self.history.copy_(torch.roll(self.history, 1))
+        self.history[0] = amax.detach().to(self.history)
+        self.count.add_(1).clamp_(max=self.length)
+        self._filled = min(self._filled + 1, self.length)
+
+    @property
+    def empty(self) -> bool:
+        return self._filled == 0
+
+    def get(self) -> torch.Tensor:
+        valid = self.history[: max(self._filled, 1)]
+        return valid.amax() if self.algo == "max" else valid[0]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._filled = int(self.count)
+
+    def extra_repr(self) -> str:
+        return f"length={self.length}, algo={self.algo}"
+
+
+class TensorScaler(nn.Module):
+    """Scale state of one tensor role: `scale_for(x)` returns (scale, inv_scale) to quantize x with;
+    `observe(amax)` records x's amax after use (delayed mode). `.scale` / `.inv_scale` are the
+    last ones used."""
+
+    def __init__(self, fmt: FormatSpec | str, mode: str = "delayed", history_len: int = 16,
+                 algo: str = "max", margin: int = 0, pow2: bool = False):
+        super().__init__()
+        if mode not in SCALING_MODES:
+            raise ValueError(f"scaling mode must be one of {SCALING_MODES} (got {mode!r})")
+        if not isinstance(margin, int) or margin < 0:
+            raise ValueError(f"margin must be an int >= 0 (got {margin!r})")
+        self.fmt, self.mode, self.margin, self.pow2 = get_format(fmt), mode, margin, pow2
+        self.amax_history = AmaxHistory(history_len, algo) if mode == "delayed" else None
+        self.register_buffer("scale", torch.ones((), dtype=torch.float32))
+        self.register_buffer("inv_scale", torch.ones((), dtype=torch.float32))
+
+    def _set(self, amax: torch.Tensor) -> None:
+        self.scale.copy_(compute_scale(amax, self.fmt, self.margin, self.pow2, prev_scale=self.scale))
+        self.inv_scale.copy_(torch.reciprocal(self.scale))
+
+    def scale_for(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.mode == "current" or (self.mode == "delayed" and self.amax_history.empty):
+            self._set(x.detach().abs().amax().float())
+        elif self.mode == "delayed":
+            self._set(self.amax_history.get())
+        # copies: a later call updates the buffers in place while autograd may still hold these
+        return self.scale.clone(), self.inv_scale.clone()
+
+    def observe(self, amax: torch.Tensor) -> None:
+        if self.amax_history is not None:
+            self.amax_history.push(amax)
+
+    def extra_repr(self) -> str:
+        return f"{self.fmt.name}, mode={self.mode}, margin={self.margin}, pow2={self.pow2}"

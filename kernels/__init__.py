@@ -1,0 +1,1 @@
+"""Standalone Triton kernels, installed as altgrad.kernels (see kernels/README.md)."""

@@ -1,0 +1,130 @@
+"""FormatSpec and the registry against DESIGN §2, gfloat's decode and the research reference JSON."""
+
+import json
+import math
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from altgrad.formats import FORMAT_REGISTRY, get_format
+from oracles import gfloat_decode
+
+# DESIGN §2's table of default names: (specials, bias, max, min normal, min subnormal)
+DEFAULTS = {
+    "E5M2": ("ieee", 15, 57344.0, 2**-14, 2**-16),
+    "E4M3": ("fn", 7, 448.0, 2**-6, 2**-9),
+    "E3M4": ("ieee", 3, 15.5, 2**-2, 2**-6),
+    "E2M5": ("p3109", 2, 3.875, 2**-1, 2**-6),
+    "E1M6": ("p3109", 1, 1.96875, 1.0, 2**-6),
+    "E6M1": ("p3109", 32, 2.0**31, 2**-31, 2**-32),
+    "E7M0": ("p3109", 64, 2.0**62, 2**-63, 2**-63),
+    "E0M7": ("none", 1, 127 / 128, None, 2**-7),
+}
+
+
+@pytest.mark.parametrize("name", DEFAULTS)
+def test_default_names_match_design_table(name):
+    f = get_format(name)
+    specials, bias, mx, mn, ms = DEFAULTS[name]
+    assert (f.specials, f.bias, f.max, f.min_normal, f.min_subnormal) == (specials, bias, mx, mn, ms)
+    assert f.exp_bits + f.man_bits == 7 and f.bits == 8
+
+
+@pytest.mark.parametrize("name,mx", [("E4M3_IEEE", 240.0), ("E3M4_NONE_B1", 124.0), ("P3109_P4", 224.0),
+                                     ("E5M2_FNUZ", 57344.0), ("e4m3_fnuz", 240.0), ("E1M6_NONE", 3.96875)])
+def test_qualified_names(name, mx):
+    assert get_format(name).max == mx
+
+
+def test_names_are_case_insensitive_and_canonical():
+    assert get_format("e4m3") is get_format("E4M3") is get_format("E4M3_FN") is get_format("e4m3_fn_b7")
+    assert get_format(get_format("E5M2")) is get_format("E5M2")
+
+
+@pytest.mark.parametrize("bad", ["E9M9", "E4M4", "E4M3_XYZ", "fp8", "", "P3109_P9", "E3M4_IEEE_B200"])
+def test_bad_names_list_registered(bad):
+    with pytest.raises(ValueError, match="registered: E5M2, E4M3"):
+        get_format(bad)
+
+
+def test_non_string_name_is_type_error():
+    with pytest.raises(TypeError, match="format must be a name"):
+        get_format(8)
+
+
+@pytest.mark.parametrize("name", list(FORMAT_REGISTRY))
+def test_decode_all_codes_equals_gfloat(name):
+    f = get_format(name)
+    ours, ref = f.decode_all().numpy(), gfloat_decode(f)
+    same = (ours.view(np.int32) == ref.view(np.int32)) | (np.isnan(ours) & np.isnan(ref))
+    assert same.all(), np.where(~same)
+
+
+@pytest.mark.parametrize("name", list(FORMAT_REGISTRY))
+def test_special_flags_follow_codes(name):
+    f = get_format(name)
+    vals = f.decode_all()
+    assert f.has_inf == bool(torch.isinf(vals).any())
+    assert f.has_nan == bool(torch.isnan(vals).any())
+    assert f.has_neg_zero == bool(((vals == 0) & torch.signbit(vals)).any())
+    finite = vals[torch.isfinite(vals)]
+    assert finite.max().item() == f.max
+    assert torch.equal(f.values(), torch.unique(finite))  # sorted, zero once
+
+
+@pytest.mark.parametrize("name", list(FORMAT_REGISTRY))
+def test_encode_decode_round_trip(name):
+    f = get_format(name)
+    for code in range(2**f.bits):
+        v = f.decode(code)
+        if math.isnan(v) or math.isinf(v):
+            continue
+        back = f.encode(v, saturate=False)
+        assert f.decode(back) == v and math.copysign(1, f.decode(back)) == math.copysign(1, v), (code, v, back)
+
+
+def test_encode_specials():
+    e5m2, e4m3 = get_format("E5M2"), get_format("E4M3")
+    assert e5m2.encode(1e9, saturate=False) == 0x7C and e5m2.encode(-1e9, saturate=False) == 0xFC
+    assert e5m2.encode(1e9) == 0x7B  # saturates to max
+    assert e4m3.encode(465.0, saturate=False) == 0x7F and e4m3.encode(-465.0, saturate=False) == 0xFF
+    assert e4m3.encode(464.0) == 0x7E  # the tie below the overflow threshold goes to the even max code
+    assert get_format("E4M3_FNUZ").encode(float("nan")) == 0x80
+    assert get_format("E2M5").encode(-1e9, saturate=False) == 0xFF  # p3109 -inf
+    assert get_format("E4M3_FNUZ").encode(-1e9, saturate=False) == 0x80  # no inf: the single NaN
+    assert get_format("E4M3_FNUZ").encode(-1e-9) == 0x00  # no -0: negative underflow is +0
+    with pytest.raises(ValueError, match="E0M7 has no NaN code"):
+        get_format("E0M7").encode(float("nan"))
+
+
+@pytest.mark.parametrize("name", ["E5M2", "E4M3", "E7M0", "E0M7", "E2M5"])
+def test_ulp_is_gap_to_next_value(name):
+    f = get_format(name)
+    pos = f.values()
+    pos = pos[pos > 0]
+    gaps = pos[1:] - pos[:-1]
+    assert torch.equal(f.ulp(pos[:-1]), gaps)  # tensor form
+    assert [f.ulp(float(v)) for v in pos[:-1]] == gaps.tolist()  # scalar form
+    assert f.ulp(0.0) == f.min_subnormal if f.man_bits else True
+
+
+def test_reference_json_agrees():
+    """The research team's gfloat-generated table (shared/research) for the fnuz convention."""
+    path = pathlib.Path(__file__).parents[2] / "shared/research/fp8-format-reference.json"
+    if not path.exists():
+        pytest.skip("shared/research not beside this checkout")
+    table = json.loads(path.read_text())["conventions"]
+    for conv in ("ieee", "fn", "fnuz"):
+        for layout, row in table[conv]["formats"].items():
+            f = get_format(f"{layout}_{conv}_B{row['bias']}")
+            assert f.max == row["max_finite"] and f.min_subnormal == (row["min_subnormal"] or f.min_normal)
+            assert f.min_normal == row["min_normal"], (conv, layout)
+
+
+def test_main_prints_table():
+    out = subprocess.run([sys.executable, "-m", "altgrad.formats"], capture_output=True, text=True, check=True).stdout
+    assert "E4M3" in out and "448" in out and "57344" in out

@@ -1,0 +1,243 @@
+"""The torch reference quantizer against outside oracles (gfloat, ml_dtypes, torch float8 casts)
+with zero tolerance, plus its special cases, stochastic rounding, scaling, dtypes and errors."""
+
+import math
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+
+from altgrad.formats import FORMAT_REGISTRY, get_format
+from altgrad.quantize import quantize, quantize_ste, quantize_with_stats, round_to_format
+from oracles import all_bf16_values, gfloat_round, log_spread_values, midpoint_values
+
+
+def assert_bits_equal(got: torch.Tensor, ref: torch.Tensor, inputs: torch.Tensor):
+    """Bit-for-bit equality (so -0 != +0), any NaN equal to any NaN; the message shows failures."""
+    got, ref = got.float().contiguous(), ref.float().contiguous()
+    same = (got.view(torch.int32) == ref.view(torch.int32)) | (torch.isnan(got) & torch.isnan(ref))
+    bad = (~same).nonzero().flatten()[:5]
+    assert bool(same.all()), f"{int((~same).sum())} mismatches, e.g. x={inputs.flatten()[bad].tolist()} " \
+                             f"got={got.flatten()[bad].tolist()} ref={ref.flatten()[bad].tolist()}"
+
+
+def value_sets(fmt, seed):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "bf16": all_bf16_values(),
+        "midpoints": midpoint_values(fmt),
+        "random": log_spread_values(fmt, 100_000, g),
+    }
+
+
+@pytest.mark.parametrize("saturate", [True, False], ids=["sat", "nosat"])
+@pytest.mark.parametrize("name", list(FORMAT_REGISTRY))
+def test_round_equals_gfloat(name, saturate):
+    fmt = get_format(name)
+    for label, v in value_sets(fmt, seed=hash(name) % 2**31).items():
+        if not saturate and fmt.specials == "none":
+            v = v[v.abs() < fmt.max + fmt.ulp(fmt.max) / 2]  # gfloat refuses overflow/NaN here; see below
+        ref = torch.from_numpy(gfloat_round(fmt, v.numpy(), saturate))
+        assert_bits_equal(round_to_format(v, fmt, saturate=saturate), ref, v)
+
+
+@pytest.mark.parametrize("name", [n for n, f in FORMAT_REGISTRY.items() if f.specials == "none"])
+def test_none_formats_overflow_to_nan_without_saturation(name):
+    """gfloat raises for these (no inf/NaN codes); DESIGN §3 says the simulation gives NaN."""
+    fmt = get_format(name)
+    thr = fmt.max + fmt.ulp(fmt.max) / 2
+    v = torch.tensor([thr * 1.01, -thr * 4, math.inf, -math.inf, fmt.max, -fmt.max])
+    out = round_to_format(v, fmt, saturate=False)
+    assert torch.isnan(out[:4]).all() and out[4:].tolist() == [fmt.max, -fmt.max]
+
+
+# ml_dtypes' casts do not saturate (DESIGN §3), except its MX sub-byte types, which do
+ML_DTYPES = [
+    ("E3M4", ml_dtypes.float8_e3m4, False),
+    ("E4M3_IEEE", ml_dtypes.float8_e4m3, False),
+    ("E5M2", ml_dtypes.float8_e5m2, False),
+    ("E4M3", ml_dtypes.float8_e4m3fn, False),
+    ("E4M3_FNUZ", ml_dtypes.float8_e4m3fnuz, False),
+    ("E5M2_FNUZ", ml_dtypes.float8_e5m2fnuz, False),
+    ("E4M3_FNUZ_B11", ml_dtypes.float8_e4m3b11fnuz, False),
+    ("E2M1", ml_dtypes.float4_e2m1fn, True),
+    ("E2M3", ml_dtypes.float6_e2m3fn, True),
+    ("E3M2", ml_dtypes.float6_e3m2fn, True),
+]
+
+
+@pytest.mark.parametrize("name,dtype,saturate", ML_DTYPES, ids=[m[0] for m in ML_DTYPES])
+def test_round_equals_ml_dtypes(name, dtype, saturate):
+    fmt = get_format(name)
+    for v in value_sets(fmt, seed=7).values():
+        if saturate:  # the MX types turn NaN into max too; compare finite and inf inputs only
+            v = v[~torch.isnan(v)]
+        with np.errstate(invalid="ignore"):  # the overflow -> NaN casts are the point
+            ref = torch.from_numpy(v.numpy().astype(dtype).astype(np.float32))
+        assert_bits_equal(round_to_format(v, fmt, saturate=saturate), ref, v)
+
+
+def test_round_equals_torch_float8_casts():
+    for name, dtype, saturate in [("E5M2", torch.float8_e5m2, False), ("E4M3", torch.float8_e4m3fn, True)]:
+        fmt = get_format(name)
+        for v in value_sets(fmt, seed=11).values():
+            ref = v.to(dtype).float()
+            if saturate:  # torch's e4m3fn cast saturates inf to max but keeps NaN
+                v, ref = v[~torch.isnan(v)], ref[~torch.isnan(v)]
+            assert_bits_equal(round_to_format(v, fmt, saturate=saturate), ref, v)
+
+
+# -- special cases, table-driven per convention ---------------------------------------------------
+def special_cases(fmt):
+    ms, mx = fmt.min_subnormal, fmt.max
+    largest_sub = fmt.code_value((1 << fmt.man_bits) - 1) if fmt.man_bits else None
+    thr = mx + fmt.ulp(mx) / 2  # RNE overflow threshold (ties go to the even code)
+    neg0 = -0.0 if fmt.has_neg_zero else 0.0
+    over = math.inf if fmt.has_inf else math.nan
+    tie_up = (fmt.max_code + 1) % 2 == 0  # the tie at thr rounds to the even of (max, next)
+    rows = [
+        ("+0", 0.0, 0.0, 0.0),
+        ("-0", -0.0, neg0, neg0),
+        ("smallest subnormal", ms, ms, ms),
+        ("half smallest subnormal (tie to 0)", ms / 2, 0.0, 0.0),
+        ("just above half smallest subnormal", ms / 2 * (1 + 2**-20), ms, ms),
+        ("negative underflow", -ms / 4, neg0, neg0),
+        ("max", mx, mx, mx),
+        ("-max", -mx, -mx, -mx),
+        ("overflow threshold", thr, mx, over if tie_up else mx),
+        ("just past threshold", thr * (1 + 2**-20), mx, over),
+        ("+inf", math.inf, mx, over),
+        ("-inf", -math.inf, -mx, -over),
+        ("nan", math.nan, math.nan, math.nan),
+    ]
+    if largest_sub is not None:
+        rows.append(("largest subnormal", largest_sub, largest_sub, largest_sub))
+    return rows
+
+
+@pytest.mark.parametrize("name", ["E5M2", "E4M3", "E3M4", "E2M5", "E1M6", "E6M1", "E7M0", "E0M7", "E4M3_FNUZ"])
+def test_special_values(name):
+    fmt = get_format(name)
+    for label, x, want_sat, want_nosat in special_cases(fmt):
+        for saturate, want in [(True, want_sat), (False, want_nosat)]:
+            got = round_to_format(torch.tensor([x]), fmt, saturate=saturate).item()
+            ok = (math.isnan(got) and math.isnan(want)) or (got == want and math.copysign(1, got) == math.copysign(1, want))
+            assert ok, f"{name} {label} saturate={saturate}: {x} -> {got}, want {want}"
+
+
+def test_e4m3_overflow_threshold_and_e7m0_ties():
+    e4m3, e7m0 = get_format("E4M3"), get_format("E7M0")
+    out = round_to_format(torch.tensor([464.0, 465.0]), e4m3, saturate=False)
+    assert out[0].item() == 448.0 and math.isnan(out[1].item())
+    # E7M0 ties at the arithmetic midpoint go to the even code: 1.5 = mid(1, 2); 1 is 2**0 = code 64
+    assert round_to_format(torch.tensor([1.5, 3.0, 6.0]), e7m0).tolist() == [1.0, 4.0, 4.0]
+
+
+# -- quantize(): scale, dtypes, shapes, stats -----------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_quantize_scales_and_keeps_dtype(dtype):
+    fmt = get_format("E4M3")
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(3, 5, 7, generator=g) * 40).to(dtype)
+    scale = torch.tensor(2.0**-3 * 1.37)
+    y = quantize(x, fmt, scale)
+    assert y.dtype == dtype and y.shape == x.shape
+    v = x.float() * scale
+    want = (round_to_format(v, fmt) * torch.reciprocal(scale)).to(dtype)
+    assert_bits_equal(y, want, x)
+    assert_bits_equal(quantize(x, fmt, float(scale)), want, x)
+
+
+def test_quantize_is_idempotent_on_format_values():
+    for name in FORMAT_REGISTRY:
+        fmt = get_format(name)
+        vals = fmt.values()
+        assert_bits_equal(quantize(vals, fmt), vals, vals)
+
+
+def test_non_contiguous_input():
+    x = torch.randn(64, 48).t()[::2]
+    assert_bits_equal(quantize(x, "E5M2"), quantize(x.contiguous(), "E5M2"), x)
+
+
+def test_stats_count_known_events():
+    fmt = get_format("E4M3")  # max 448, min subnormal 2**-9
+    x = torch.tensor([0.0, -0.0, 1.0, 500.0, -1e4, math.inf, math.nan, 2.0**-12, -(2.0**-11), 3.0])
+    y, st = quantize_with_stats(x, fmt)
+    assert st.amax.item() == math.inf  # inf is data; NaN is excluded from amax
+    assert (st.overflow.item(), st.underflow.item(), st.nonzero.item(), st.nan.item()) == (3, 2, 7, 1)
+    y2, st2 = quantize_with_stats(x[:5], fmt, scale=0.25)  # overflow is judged after scaling
+    assert st2.amax.item() == 1e4 and st2.overflow.item() == 1 and st2.underflow.item() == 0
+
+
+def test_stats_on_empty_and_all_nan():
+    _, st = quantize_with_stats(torch.tensor([math.nan, math.nan]), "E5M2")
+    assert (st.amax.item(), st.nan.item(), st.nonzero.item()) == (0.0, 2, 0)
+
+
+# -- stochastic rounding -------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["E5M2", "E4M3", "E2M5", "E7M0", "E0M7"])
+def test_stochastic_picks_a_neighbour_and_is_unbiased(name):
+    fmt = get_format(name)
+    g = torch.Generator().manual_seed(123)
+    x = log_spread_values(fmt, 64, g).clamp(-fmt.max, fmt.max)
+    n = 4000
+    xs = x.repeat(n, 1)
+    out = round_to_format(xs, fmt, rounding="stochastic", generator=g)
+    vals = fmt.values()
+    idx = torch.searchsorted(vals, x.contiguous(), right=True).clamp(1, len(vals) - 1)
+    lo, hi = vals[idx - 1], vals[idx]
+    lo = torch.where(vals[idx - 1] == x, x, lo)
+    assert bool(((out == lo) | (out == hi)).all()), "stochastic rounding left the two neighbours"
+    # mean is x within 5 binomial standard deviations: p(1-p)(hi-lo)^2/n
+    p = ((x - lo) / (hi - lo)).double()
+    sd = ((p * (1 - p)).sqrt() * (hi - lo).double() / math.sqrt(n)).clamp(min=1e-30)
+    assert bool(((out.double().mean(0) - x.double()).abs() <= 5 * sd + 1e-12 * x.abs().double()).all())
+
+
+def test_stochastic_exact_values_and_seeds():
+    fmt = get_format("E4M3")
+    vals = fmt.values().repeat(10)
+    g = torch.Generator().manual_seed(0)
+    assert_bits_equal(round_to_format(vals, fmt, rounding="stochastic", generator=g), vals, vals)
+    x = torch.randn(10_000, generator=g)
+    a = quantize(x, fmt, rounding="stochastic", generator=torch.Generator().manual_seed(5))
+    b = quantize(x, fmt, rounding="stochastic", generator=torch.Generator().manual_seed(5))
+    c = quantize(x, fmt, rounding="stochastic", generator=torch.Generator().manual_seed(6))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+# -- STE -----------------------------------------------------------------------------------------
+def test_ste_identity_and_clipped():
+    x = torch.tensor([1.0, 600.0, -3.0, -1e5], requires_grad=True)
+    quantize_ste(x, "E4M3").sum().backward()
+    assert x.grad.tolist() == [1.0, 1.0, 1.0, 1.0]
+    x.grad = None
+    quantize_ste(x, "E4M3", ste="clipped").sum().backward()
+    assert x.grad.tolist() == [1.0, 0.0, 1.0, 0.0]
+
+
+# -- bad input -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs,err,msg", [
+    (dict(x=torch.arange(4)), TypeError, "x must be float32, bfloat16 or float16"),
+    (dict(x=torch.zeros(4, dtype=torch.float64)), TypeError, "got torch.float64"),
+    (dict(x=[1.0]), TypeError, "x must be a torch.Tensor"),
+    (dict(scale=0.0), ValueError, "scale must be finite and > 0"),
+    (dict(scale=-2.0), ValueError, "scale must be finite and > 0"),
+    (dict(scale=torch.tensor(math.nan)), ValueError, "scale must be finite and > 0"),
+    (dict(scale=math.inf), ValueError, "scale must be finite and > 0"),
+    (dict(scale="2"), TypeError, "scale must be None, a number or a tensor"),
+    (dict(rounding="up"), ValueError, r"rounding must be one of \('nearest', 'stochastic'\)"),
+    (dict(backend="cuda"), ValueError, "backend must be one of"),
+    (dict(fmt="E4M4"), ValueError, "unknown format 'E4M4'"),
+])
+def test_bad_input_errors(kwargs, err, msg):
+    args = dict(x=torch.ones(4), fmt="E4M3") | kwargs
+    with pytest.raises(err, match=msg):
+        quantize(args.pop("x"), args.pop("fmt"), **args)
+
+
+def test_ste_bad_mode():
+    with pytest.raises(ValueError, match="ste must be one of"):
+        quantize_ste(torch.ones(2), "E5M2", ste="none")
