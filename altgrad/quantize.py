@@ -47,34 +47,38 @@ class QuantStats(NamedTuple):
 
 # -- the rounding core ---------------------------------------------------------------------------
 def _round_fields(v: torch.Tensor, fmt: FormatSpec, rounding: str, generator):
-    """Round fp32 `v` in fmt's (unbounded-exponent) code space.
+    """Round fp32 `v` in fmt's code space (exponent unbounded above, so overflow is visible).
 
     Returns (negative, code, nan, inf): the magnitude code may exceed fmt.max_code (an overflow).
+    int32 arithmetic suffices: exponents past the format's top binade + 1 are clamped first (they
+    overflow either way), so `wide` stays below 2**31.
     """
-    bits = v.contiguous().view(torch.int32).to(torch.int64)
+    bits = v.contiguous().view(torch.int32)
     negative = bits < 0
     a = bits & 0x7FFFFFFF
     fe = a >> 23
-    nan = (fe == 255) & ((a & 0x7FFFFF) != 0)
+    nan = a > 0x7F800000
     inf = a == 0x7F800000
-    sig = (a & 0x7FFFFF) | torch.where(fe != 0, 1 << 23, 0)
-    e = fe.clamp(min=1) - 127  # fp32 subnormals share the exponent of the smallest normal
+    sig = (a & 0x7FFFFF) | ((fe != 0).to(torch.int32) << 23)
     m, emin = fmt.man_bits, fmt.emin
+    top = (1 << fmt.exp_bits) - fmt.bias  # one past the exponent of the format's top binade
+    e = (fe.clamp(min=1) - 127).clamp(max=top)  # fp32 subnormals share the smallest normal exponent
     normal = e >= emin
-    wide = torch.where(normal, ((e + fmt.bias - 1) << 23) + sig, sig)
-    # sig < 2**24, so any shift >= 25 already rounds to 0 (nearest); 40 keeps int64 shifts defined
-    shift = torch.where(normal, 23 - m, 23 - m + (emin - e)).clamp(max=40)
+    wide = torch.where(normal, ((e + (fmt.bias - 1)) << 23) + sig, sig)
+    # sig < 2**24, so any shift >= 25 already rounds to 0 (nearest); 30 keeps int32 shifts defined
+    shift = torch.where(normal, 23 - m, (23 - m + emin) - e).clamp(max=30)
     if rounding == "nearest":
-        half = (torch.ones_like(shift) << (shift - 1)) - 1
+        half = (1 << (shift - 1)) - 1
         code = (wide + half + ((wide >> shift) & 1)) >> shift
     else:
         # keep at most _SR_BITS bits below the code's LSB (truncating any beyond), then add that many
-        # uniform random bits: P(round up) = discarded fraction, exact to 2**-32
+        # uniform random bits: P(round up) = discarded fraction, exact to 2**-32 (int64: wide + r)
+        wide, shift = wide.to(torch.int64), shift.to(torch.int64)
         drop = (shift - _SR_BITS).clamp(min=0)
         wide, shift = wide >> drop, shift - drop
         gen_device = generator.device if generator is not None else v.device
         r = torch.randint(0, 2**_SR_BITS, v.shape, generator=generator, device=gen_device, dtype=torch.int64)
-        code = (wide + (r.to(v.device) >> (_SR_BITS - shift))) >> shift
+        code = ((wide + (r.to(v.device) >> (_SR_BITS - shift))) >> shift).to(torch.int32)
     return negative, code, nan, inf
 
 
@@ -82,8 +86,8 @@ def _code_values(code: torch.Tensor, fmt: FormatSpec) -> torch.Tensor:
     """fp32 value of in-range magnitude codes (exact: every format value is an fp32 number)."""
     m = fmt.man_bits
     exp_field = code >> m
-    normal_bits = ((exp_field - fmt.bias + 127) << 23) | ((code & ((1 << m) - 1)) << (23 - m))
-    normal = normal_bits.clamp(min=0).to(torch.int32).view(torch.float32)
+    normal_bits = ((exp_field + (127 - fmt.bias)) << 23) | ((code & ((1 << m) - 1)) << (23 - m))
+    normal = normal_bits.clamp(min=0).view(torch.float32)
     subnormal = code.to(torch.float32) * 2.0 ** (fmt.emin - m)
     return torch.where(code >= (1 << m), normal, subnormal)
 
@@ -120,7 +124,7 @@ def round_to_codes(v: torch.Tensor, fmt: FormatSpec | str, *, saturate: bool = T
         raise ValueError(f"{fmt.name} has no NaN code (NaN input, or overflow with saturate=False)")
     sign = negative & ((code != 0) | fmt.has_neg_zero)
     code = torch.where(nan & (fmt.specials in ("ieee", "fn")), top, code)
-    code = code | (sign.to(torch.int64) << width)
+    code = code.to(torch.int64) | (sign.to(torch.int64) << width)
     return torch.where(nan & (fmt.specials in ("fnuz", "p3109")), 1 << width, code)
 
 
