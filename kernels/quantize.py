@@ -1,0 +1,405 @@
+"""Cast a tensor to a small floating-point format (E0M7 ... E7M0), with fused per-tensor stats.
+
+    q  = round_fmt(x * scale)            format-domain values, bf16 (every format value is exact in bf16)
+    dq = q * inv_scale                   fake-quantized x, in x's dtype
+    amax = max |x| (unscaled, NaN ignored); counts = [overflow, underflow, nonzero, nan]
+
+One read of x, one write per requested output, stats reduced per block and combined with atomics.
+Self-contained (imports only torch, triton and the stdlib): copy this file into another repo as is.
+`scaled_matmul.py` imports `round_fp32_to_format` from here, so paste the two files side by side.
+
+A format is given by its scalar fields (EXP_BITS, MAN_BITS, BIAS, SPECIALS); each format compiles its
+own specialisation. SPECIALS is one of
+
+    ieee   top exponent code is inf / NaN         (torch.float8_e5m2)
+    fn     no inf, only the all-ones code is NaN  (torch.float8_e4m3fn)
+    fnuz   no inf, no -0                          (ml_dtypes float8_e5m2fnuz)
+    p3109  no -0, all-ones magnitude is inf       (IEEE P3109 binary8pP)
+    none   every code is finite
+
+Rounding is integer arithmetic on the fp32 bit pattern (no float-to-float casts, which differ between
+the GPU and the Triton interpreter), so the result is bit-identical on every backend:
+
+    wide = ((e + BIAS - 1) << 23) + significand   if e >= emin   (the top bits of `wide` are the code)
+         = significand, shifted further right      otherwise      (subnormals of the format)
+    nearest:    code = (wide + 2**(shift-1) - 1 + lsb) >> shift   ties to the even code (E7M0: even exponent)
+    stochastic: code = floor((wide + r) / 2**shift)               r uniform on [0, 2**shift), 32 Philox bits
+
+Run `python kernels/quantize.py` for a self-check against `quantize_ref` on every format (CPU: set
+TRITON_INTERPRET=1) and, with CUDA, a bandwidth benchmark.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from collections import namedtuple
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["quantize", "quantize_ref", "QuantizeResult", "round_fp32_to_format", "fp32_to_bf16_rne",
+           "SPECIALS", "ROUNDING", "check_format", "max_code"]
+
+SPECIALS = {"ieee": 0, "fn": 1, "fnuz": 2, "p3109": 3, "none": 4}  # -> the SPECIALS constexpr
+ROUNDING = {"nearest": 0, "stochastic": 1}  # -> the ROUNDING constexpr
+COUNT_NAMES = ("overflow", "underflow", "nonzero", "nan")  # order of QuantizeResult.counts
+
+QuantizeResult = namedtuple("QuantizeResult", "q dq amax counts")
+QuantizeResult.__doc__ = """q: round_fmt(x*scale) in bf16 (or None); dq: q*inv_scale in x.dtype (or None);
+amax: fp32 0-dim max |x| over non-NaN elements; counts: int64 [overflow, underflow, nonzero, nan] (or None)."""
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ---------------------------------------------------------------------------------------------
+# device code
+@triton.jit
+def round_fp32_to_format(v, rbits, EXP_BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr,
+                         SPECIALS: tl.constexpr, SATURATE: tl.constexpr, ROUNDING: tl.constexpr):
+    """round_fmt(v) for an fp32 tensor v. Returns (q fp32, overflow mask).
+
+    rbits: uint32 random bits of v's shape (used only when ROUNDING == 1, stochastic).
+    overflow: non-NaN elements whose rounded magnitude exceeds the format's max (inf included).
+    """
+    # largest finite magnitude code; codes are (biased exponent << MAN_BITS) | mantissa
+    ALL_ONES: tl.constexpr = (1 << (EXP_BITS + MAN_BITS)) - 1
+    MAX_CODE: tl.constexpr = ((((1 << EXP_BITS) - 2) << MAN_BITS) | ((1 << MAN_BITS) - 1)) if SPECIALS == 0 \
+        else (ALL_ONES - 1 if SPECIALS == 1 else (ALL_ONES - 1 if SPECIALS == 3 else ALL_ONES))
+    HAS_INF: tl.constexpr = SPECIALS == 0 or SPECIALS == 3
+    HAS_NEG_ZERO: tl.constexpr = SPECIALS == 0 or SPECIALS == 1 or SPECIALS == 4
+    EMIN: tl.constexpr = 1 - BIAS
+    # an exponent this large gives a code >= 2**(E+M), past every format's max: clamping e here
+    # keeps `wide` inside int32 without changing any result
+    E_HI: tl.constexpr = (1 << EXP_BITS) - BIAS
+
+    bits = v.to(tl.int32, bitcast=True)
+    a = bits & 0x7FFFFFFF
+    is_nan = a > 0x7F800000
+    fe = a >> 23
+    sig = (a & 0x7FFFFF) | tl.where(fe != 0, 0x800000, 0)
+    e = tl.minimum(tl.maximum(fe, 1) - 127, E_HI)  # fp32 subnormals share the smallest normal exponent
+    normal = e >= EMIN
+    wide = tl.where(normal, ((e + (BIAS - 1)) << 23) + sig, sig)
+    shift = tl.where(normal, 23 - MAN_BITS, 23 - MAN_BITS + (EMIN - e))
+    if ROUNDING == 1:
+        # keep at most 32 bits below the code's LSB (truncating the rest: bias < 2**-32 of a quantum),
+        # then add as many uniform random bits; shifts >= 56 give 0 either way, capping keeps them defined
+        shift = tl.minimum(shift, 60)
+        drop = tl.maximum(shift - 32, 0)
+        w64 = wide.to(tl.int64) >> drop
+        s2 = shift - drop
+        r = rbits.to(tl.int64) >> (32 - s2)  # uint32 -> int64 zero-extends
+        code = ((w64 + r) >> s2).to(tl.int32)
+    else:
+        # wide < 2**24 on the subnormal path, so any shift >= 25 rounds to 0: cap at 30 (int32-safe)
+        shift = tl.minimum(shift, 30)
+        code = (wide + ((1 << (shift - 1)) - 1) + ((wide >> shift) & 1)) >> shift
+    overflow = (code > MAX_CODE) & (~is_nan)
+    if SATURATE:
+        code = tl.minimum(code, MAX_CODE)
+
+    # code -> fp32 bits: normal codes map onto fp32's fields directly; subnormal codes are
+    # code * 2**(EMIN - MAN_BITS), built by adding to the exponent field of float(code)
+    mag_normal = (code << (23 - MAN_BITS)) + ((127 - BIAS) << 23)
+    c_bits = code.to(tl.float32).to(tl.int32, bitcast=True)
+    mag_sub = tl.where(code == 0, 0, c_bits + ((EMIN - MAN_BITS) << 23))
+    mag = tl.where(code >= (1 << MAN_BITS), mag_normal, mag_sub)
+    if not SATURATE:
+        mag = tl.where(overflow, 0x7F800000 if HAS_INF else 0x7FC00000, mag)
+    # -0 only where the format has it; NaN stays (a positive quiet) NaN in every format
+    keep_sign = (bits < 0) & ((mag != 0) | HAS_NEG_ZERO) & (mag <= 0x7F800000)
+    out = tl.where(is_nan, 0x7FC00000, tl.where(keep_sign, mag | (bits & (-2147483648)), mag))
+    return out.to(tl.float32, bitcast=True), overflow
+
+
+@triton.jit
+def fp32_to_bf16_rne(y):
+    """fp32 -> bf16 with round-to-nearest-even by integer arithmetic (the interpreter's cast truncates)."""
+    b = y.to(tl.int32, bitcast=True)
+    r = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+    r = tl.where(y != y, 0x7FC0, r & 0xFFFF)
+    return r.to(tl.int16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _quantize_kernel(x_ptr, q_ptr, dq_ptr, scale_ptr, inv_scale_ptr, amax_ptr, counts_ptr, seed, N,
+                     S1, S2, S3, T0, T1, T2, T3,
+                     EXP_BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr,
+                     SPECIALS: tl.constexpr, SATURATE: tl.constexpr, ROUNDING: tl.constexpr,
+                     CONTIGUOUS: tl.constexpr, WRITE_Q: tl.constexpr, WRITE_DQ: tl.constexpr,
+                     STATS: tl.constexpr, DQ_BF16: tl.constexpr, BLOCK: tl.constexpr):
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # logical (row-major) index
+    mask = idx < N
+    if CONTIGUOUS:
+        src = idx
+    else:
+        # up to 4 collapsed dims with arbitrary strides (sizes S0..S3; S0 is implied by N)
+        i3 = idx % S3
+        rest = idx // S3
+        i2 = rest % S2
+        rest = rest // S2
+        src = (rest // S1) * T0 + (rest % S1) * T1 + i2 * T2 + i3 * T3
+    x = tl.load(x_ptr + src, mask=mask, other=0.0).to(tl.float32)
+    v = x * tl.load(scale_ptr)  # one fp32 multiply, as the reference
+    if ROUNDING == 1:
+        rbits = tl.randint(seed, idx.to(tl.int32))  # Philox keyed by element index: reproducible
+    else:
+        rbits = v  # unused
+    q, overflow = round_fp32_to_format(v, rbits, EXP_BITS, MAN_BITS, BIAS, SPECIALS, SATURATE, ROUNDING)
+
+    if WRITE_Q:
+        tl.store(q_ptr + idx, q.to(tl.bfloat16), mask=mask)  # exact: q has <= 8 significant bits
+    if WRITE_DQ:
+        dq = q * tl.load(inv_scale_ptr)
+        if DQ_BF16:
+            tl.store(dq_ptr + idx, fp32_to_bf16_rne(dq), mask=mask)
+        else:
+            tl.store(dq_ptr + idx, dq.to(dq_ptr.dtype.element_ty), mask=mask)  # fp32, or fp16 (RNE)
+    if STATS:
+        # masked lanes load 0, which counts as nothing
+        is_nan = v != v
+        nonzero = (v != 0) & (~is_nan)
+        underflow = nonzero & (q == 0)
+        # non-negative floats order like their int32 bit patterns: atomic_max on the bits
+        abs_bits = tl.where(x != x, 0, tl.abs(x).to(tl.int32, bitcast=True))
+        tl.atomic_max(amax_ptr, tl.max(abs_bits, axis=0))
+        tl.atomic_add(counts_ptr + 0, tl.sum(overflow.to(tl.int64), axis=0))
+        tl.atomic_add(counts_ptr + 1, tl.sum(underflow.to(tl.int64), axis=0))
+        tl.atomic_add(counts_ptr + 2, tl.sum(nonzero.to(tl.int64), axis=0))
+        tl.atomic_add(counts_ptr + 3, tl.sum(is_nan.to(tl.int64), axis=0))
+
+
+# ---------------------------------------------------------------------------------------------
+# host code
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def max_code(exp_bits: int, man_bits: int, specials: str) -> int:
+    """Magnitude code of the largest finite value (as the kernel computes it)."""
+    all_ones = (1 << (exp_bits + man_bits)) - 1
+    if specials == "ieee":
+        return (((1 << exp_bits) - 2) << man_bits) | ((1 << man_bits) - 1)
+    return all_ones - 1 if specials in ("fn", "p3109") else all_ones
+
+
+def check_format(exp_bits, man_bits, bias, specials) -> None:
+    """Raise ValueError unless the fields describe a format whose values are all exact in bf16."""
+    if not all(isinstance(f, int) and not isinstance(f, bool) for f in (exp_bits, man_bits, bias)):
+        raise ValueError(f"exp_bits, man_bits, bias must be ints (got {exp_bits!r}, {man_bits!r}, {bias!r})")
+    if exp_bits < 0 or man_bits < 0 or not 1 <= exp_bits + man_bits <= 7:
+        raise ValueError(f"exp_bits + man_bits must be 1..7, both >= 0 (got E{exp_bits}M{man_bits})")
+    if specials not in SPECIALS:
+        raise ValueError(f"specials must be one of {tuple(SPECIALS)} (got {specials!r})")
+    if not (1 - bias - man_bits >= -126 and (1 << exp_bits) - 1 - bias <= 127):
+        raise ValueError(f"bias {bias} puts E{exp_bits}M{man_bits} values outside bf16's exponent range")
+    if max_code(exp_bits, man_bits, specials) < 1:
+        raise ValueError(f"E{exp_bits}M{man_bits} with {specials} specials has no positive finite value")
+
+
+def _check_device(x: torch.Tensor, name: str) -> None:
+    if not (x.is_cuda or (_INTERPRET and x.device.type == "cpu")):
+        raise ValueError(f"{name} is on {x.device}: the Triton kernels need a CUDA tensor, or a CPU tensor "
+                         f"with TRITON_INTERPRET=1 set before triton is imported")
+
+
+def _scalar_tensor(s, name: str, device) -> torch.Tensor:
+    """A 1-element fp32 tensor on `device` from None (-> 1), a float or a 1-element tensor (no host sync)."""
+    if s is None:
+        return torch.ones(1, dtype=torch.float32, device=device)
+    if isinstance(s, (int, float)) and not isinstance(s, bool):
+        return torch.full((1,), float(s), dtype=torch.float32, device=device)
+    if not isinstance(s, torch.Tensor) or s.numel() != 1 or not s.is_floating_point():
+        raise ValueError(f"{name} must be None, a float or a 1-element float tensor (got {s!r:.60})")
+    if s.device != device:
+        raise ValueError(f"{name} is on {s.device} but x is on {device}")
+    return s.detach().reshape(1).to(torch.float32)
+
+
+def _collapse(shape, strides):
+    """Merge dims that are contiguous with their neighbour and drop size-1 dims: (sizes, strides)."""
+    sizes, strs = [], []
+    for n, st in zip(shape, strides):
+        if n == 1:
+            continue
+        if sizes and strs[-1] == st * n:
+            sizes[-1] *= n
+            strs[-1] = st
+        else:
+            sizes.append(n)
+            strs.append(st)
+    return sizes, strs
+
+
+def _strided_args(x: torch.Tensor):
+    """(x, contiguous?, sizes S1..S3, strides T0..T3) for the kernel's index math (<= 4 dims after
+    collapsing; otherwise a contiguous copy is made)."""
+    sizes, strs = _collapse(x.shape, x.stride())
+    if len(sizes) <= 1 and (not strs or strs[0] == 1):
+        return x, True, (1, 1, 1), (0, 0, 0, 0)
+    if len(sizes) > 4:
+        return x.contiguous(), True, (1, 1, 1), (0, 0, 0, 0)
+    pad = 4 - len(sizes)
+    sizes, strs = [1] * pad + sizes, [0] * pad + strs
+    return x, False, tuple(sizes[1:]), tuple(strs)
+
+
+def _check_common(x, rounding, saturate):
+    if not isinstance(x, torch.Tensor) or x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"x must be a float32, bfloat16 or float16 tensor (got {getattr(x, 'dtype', type(x))})")
+    if rounding not in ROUNDING:
+        raise ValueError(f"rounding must be one of {tuple(ROUNDING)} (got {rounding!r})")
+    if not isinstance(saturate, bool):
+        raise ValueError(f"saturate must be a bool (got {saturate!r})")
+
+
+def quantize(x: torch.Tensor, scale=None, *, exp_bits: int, man_bits: int, bias: int, specials: str,
+             inv_scale=None, rounding: str = "nearest", saturate: bool = True, seed: int = 0,
+             out_q: bool = True, out_dq: bool = True, stats: bool = True) -> QuantizeResult:
+    """Round x*scale to the format (Triton). Returns QuantizeResult(q, dq, amax, counts).
+
+    x: fp32/bf16/fp16, any shape and strides (views with > 4 non-mergeable dims are copied first).
+    scale, inv_scale: None (1), a float, or 1-element fp32 device tensors (read on device: no sync);
+    inv_scale defaults to torch.reciprocal(scale). Outputs are new contiguous tensors of x's shape.
+    rounding: "nearest" (ties to even code) or "stochastic" (Philox bits keyed by seed's low 31 bits and
+    the element's row-major index).
+    saturate: overflow -> +-max; otherwise +-inf where the format has inf, else NaN.
+    """
+    _check_common(x, rounding, saturate)
+    check_format(exp_bits, man_bits, bias, specials)
+    _check_device(x, "x")
+    s = _scalar_tensor(scale, "scale", x.device)
+    inv = torch.reciprocal(s) if inv_scale is None else _scalar_tensor(inv_scale, "inv_scale", x.device)
+    q = torch.empty(x.shape, dtype=torch.bfloat16, device=x.device) if out_q else None
+    dq = torch.empty(x.shape, dtype=x.dtype, device=x.device) if out_dq else None
+    amax_bits = torch.zeros(1, dtype=torch.int32, device=x.device)
+    counts = torch.zeros(4, dtype=torch.int64, device=x.device)
+    n = x.numel()
+    if n:
+        xs, contiguous, sizes, strides = _strided_args(x)
+        block, warps = (65536, 1) if _INTERPRET else (2048, 8)
+        _quantize_kernel[(triton.cdiv(n, block),)](
+            xs, q if out_q else amax_bits, dq if out_dq else amax_bits, s, inv, amax_bits, counts,
+            int(seed) & 0x7FFFFFFF, n, *sizes, *strides,
+            EXP_BITS=exp_bits, MAN_BITS=man_bits, BIAS=bias, SPECIALS=SPECIALS[specials],
+            SATURATE=saturate, ROUNDING=ROUNDING[rounding], CONTIGUOUS=contiguous,
+            WRITE_Q=out_q, WRITE_DQ=out_dq, STATS=stats, DQ_BF16=x.dtype == torch.bfloat16,
+            BLOCK=block, num_warps=warps)
+    if not stats:
+        return QuantizeResult(q, dq, None, None)
+    return QuantizeResult(q, dq, amax_bits.view(torch.float32)[0], counts)
+
+
+# ---------------------------------------------------------------------------------------------
+# pure-torch reference: an independent algorithm (enumerate the format's values, pick the nearest)
+def _format_values(exp_bits, man_bits, bias, specials) -> torch.Tensor:
+    """float64 values of magnitude codes 0 .. max_code + 1 (the last is the first value past max)."""
+    vals = []
+    for c in range(max_code(exp_bits, man_bits, specials) + 2):
+        if c >= (1 << man_bits):
+            vals.append(2.0 ** ((c >> man_bits) - bias) * (1 + (c & ((1 << man_bits) - 1)) / 2**man_bits))
+        else:
+            vals.append(c * 2.0 ** (1 - bias - man_bits))
+    return torch.tensor(vals, dtype=torch.float64)
+
+
+def quantize_ref(x: torch.Tensor, scale=None, *, exp_bits: int, man_bits: int, bias: int, specials: str,
+                 inv_scale=None, rounding: str = "nearest", saturate: bool = True,
+                 generator: torch.Generator | None = None) -> QuantizeResult:
+    """Same contract as `quantize` (always computes every output), in plain torch on any device.
+
+    Rounding searches the sorted table of the format's values: nearest picks the closer neighbour (the
+    even code on a tie; code max_code + 1 means overflow), stochastic picks the upper one with
+    probability (|v| - lo) / (hi - lo) using torch's generator.
+    """
+    _check_common(x, rounding, saturate)
+    check_format(exp_bits, man_bits, bias, specials)
+    dev = x.device
+    s = _scalar_tensor(scale, "scale", dev) if scale is not None else torch.ones(1, device=dev)
+    inv = torch.reciprocal(s) if inv_scale is None else _scalar_tensor(inv_scale, "inv_scale", dev)
+    v = x.float() * s  # fp32, one multiply
+    table = _format_values(exp_bits, man_bits, bias, specials).to(dev)
+    mc = table.numel() - 2
+    a = v.double().abs()
+    hi = torch.searchsorted(table, a.clamp(max=table[-1]).contiguous()).clamp(1, mc + 1)  # table[hi-1] < a <= table[hi]
+    lo = hi - 1
+    if rounding == "nearest":
+        mid = (table[lo] + table[hi]) / 2  # exact in float64
+        up = (a > mid) | ((a == mid) & (hi % 2 == 0))
+    else:
+        frac = (a - table[lo]) / (table[hi] - table[lo])
+        up = torch.rand(a.shape, dtype=torch.float64, generator=generator, device=dev) < frac
+    code = torch.where(up | (a > table[-1]), hi, lo)
+    code = torch.where(a == table[lo], lo, code)
+    is_nan = torch.isnan(v)
+    overflow = (code > mc) & ~is_nan
+    mag = table[code.clamp(max=mc)].float()
+    if not saturate:
+        mag = torch.where(overflow, float("inf") if specials in ("ieee", "p3109") else float("nan"), mag)
+    neg_zero_ok = specials in ("ieee", "fn", "none")
+    q = torch.where(torch.signbit(v) & ((mag != 0) | neg_zero_ok), -mag, mag)
+    q = torch.where(is_nan, float("nan"), q)
+    dq = (q * inv).to(x.dtype)
+    nonzero = (v != 0) & ~is_nan
+    ax = x.float().abs()
+    amax = torch.where(torch.isnan(ax), 0.0, ax).max() if x.numel() else torch.zeros((), device=dev)
+    counts = torch.stack([overflow.sum(), (nonzero & (q == 0)).sum(), nonzero.sum(), is_nan.sum()])
+    return QuantizeResult(q.to(torch.bfloat16), dq, amax.float(), counts)
+
+
+# ---------------------------------------------------------------------------------------------
+# self-check and benchmark
+_DEMO_FORMATS = {  # name: (exp_bits, man_bits, bias, specials)
+    "E5M2": (5, 2, 15, "ieee"), "E4M3": (4, 3, 7, "fn"), "E3M4": (3, 4, 3, "ieee"),
+    "E2M5": (2, 5, 2, "p3109"), "E1M6": (1, 6, 1, "p3109"), "E6M1": (6, 1, 32, "p3109"),
+    "E7M0": (7, 0, 64, "p3109"), "E0M7": (0, 7, 1, "none"), "E5M2_FNUZ": (5, 2, 16, "fnuz"),
+}
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-equal, except that any NaN equals any NaN."""
+    a, b = a.float(), b.float()
+    return bool(((a.view(torch.int32) == b.view(torch.int32)) | (torch.isnan(a) & torch.isnan(b))).all())
+
+
+def _self_check(device) -> bool:
+    ok = True
+    g = torch.Generator().manual_seed(0)
+    bf16_all = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+    rand = torch.randn(4096, generator=g) * torch.exp2(torch.randint(-40, 40, (4096,), generator=g).float())
+    x = torch.cat([bf16_all, rand]).to(device)
+    scale = torch.tensor(3.0, device=device)
+    for name, fields in _DEMO_FORMATS.items():
+        for sat in (True, False):
+            kw = dict(exp_bits=fields[0], man_bits=fields[1], bias=fields[2], specials=fields[3], saturate=sat)
+            got, ref = quantize(x, scale, **kw), quantize_ref(x, scale, **kw)
+            good = _same(got.q, ref.q) and _same(got.dq, ref.dq) and _same(got.amax, ref.amax) \
+                and torch.equal(got.counts, ref.counts)
+            ok &= good
+            print(f"{name:<10} saturate={sat!s:<5} {'ok' if good else 'MISMATCH'}")
+    return ok
+
+
+def _benchmark() -> None:
+    n = 64 * 2**20
+    x = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    scale = torch.tensor(100.0, device="cuda")
+    for name in ("E4M3", "E2M5", "E7M0"):
+        e, m, b, sp = _DEMO_FORMATS[name]
+        fn = lambda: quantize(x, scale, exp_bits=e, man_bits=m, bias=b, specials=sp, out_q=False)  # noqa: E731
+        ms = triton.testing.do_bench(fn)
+        gbs = n * (2 + 2) / ms / 1e6  # read bf16 + write bf16
+        print(f"quantize {name} bf16->bf16 {n / 2**20:.0f}M elements: {ms * 1e3:.0f} us, {gbs:.0f} GB/s")
+
+
+if __name__ == "__main__":
+    if not torch.cuda.is_available() and not _INTERPRET:
+        sys.exit("no CUDA device: run with TRITON_INTERPRET=1 to check the kernel on the CPU")
+    # the interpreter's numpy warns on inf * x and inf - inf, which the check feeds on purpose
+    warnings.filterwarnings("ignore", category=RuntimeWarning)
+    passed = _self_check("cuda" if torch.cuda.is_available() and not _INTERPRET else "cpu")
+    if passed and torch.cuda.is_available() and not _INTERPRET:
+        _benchmark()
+    sys.exit(0 if passed else 1)

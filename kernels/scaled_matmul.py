@@ -1,0 +1,327 @@
+"""Scaled matmul of quantized operands, with optional in-loop quantization (fused quantize-scale-matmul).
+
+    C = (A_q @ B_q^T) * inv_scale_a * inv_scale_b (+ bias)        A: (M, K), B: (N, K), C: (M, N)
+
+A_q, B_q are format-domain values (x * scale rounded to the format, as `quantize.py` produces them).
+Either pass them directly, or pass high-precision A / B plus a format and a scale (`fmt_a`, `scale_a`):
+the kernel then rounds every tile in registers right before `tl.dot` (nearest-even, saturating), with the
+same rounding helper as `quantize.py` — bit-identical to quantizing first.
+
+Operands may have any strides, so one kernel serves a Linear layer's three GEMMs as views, no copies:
+    forward  y  = x @ W^T         A = x_q,        B = w_q
+    dgrad    dx = dy @ W          A = dy_q,       B = w_q.t()
+    wgrad    dW = dy^T @ x        A = dy_q.t(),   B = x_q.t()
+
+Numerics: every format value is exact in bf16 and every product of two is exact in fp32, so the dot
+operands are bf16 on the GPU (fp32 under the Triton interpreter, whose bf16 dot is broken) and only the
+fp32 accumulation order differs from a float64 reference. The scales are applied in fp32 in the epilogue.
+The accumulator is fp32: |A_q|·|B_q|·K must stay below 3.4e38 (only E7M0 scaled to its full 2**62
+range gets near that; leave it headroom with a smaller scale).
+
+fp8=True (sm_89+ GPUs, E4M3 = torch.float8_e4m3fn and E5M2 = torch.float8_e5m2 only) feeds real float8
+operands to `tl.dot` (FP8 tensor cores). Hopper accumulates FP8 products with ~14 significant bits, so
+the kernel promotes partial sums to fp32 every BLOCK_K = 128 elements of K (`max_num_imprecise_acc`),
+as DeepSeek-V3 does; results then differ from the simulated path by that accumulation error only.
+
+Self-contained: imports torch, triton, the stdlib and `quantize.py` (paste both files side by side).
+`python kernels/scaled_matmul.py` checks itself against `scaled_matmul_ref` (CPU: TRITON_INTERPRET=1)
+and, with CUDA, prints TFLOP/s against torch's bf16 matmul.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+import torch
+import triton
+import triton.language as tl
+
+try:  # installed as altgrad.kernels
+    from .quantize import SPECIALS, check_format, fp32_to_bf16_rne, quantize_ref, round_fp32_to_format
+except ImportError:  # pasted next to quantize.py, or run as a script
+    from quantize import SPECIALS, check_format, fp32_to_bf16_rne, quantize_ref, round_fp32_to_format
+
+__all__ = ["scaled_matmul", "scaled_matmul_ref", "FP8_FORMATS"]
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# formats with a hardware float8 type: fields -> (torch dtype, triton dtype)
+FP8_FORMATS = {
+    (4, 3, 7, "fn"): (torch.float8_e4m3fn, tl.float8e4nv),
+    (5, 2, 15, "ieee"): (torch.float8_e5m2, tl.float8e5),
+}
+_NO_FMT = (1, 0, 0, "none")  # placeholder fields for an operand that is not quantized in the loop
+
+
+# ---------------------------------------------------------------------------------------------
+# device code
+@triton.jit
+def _load_operand(ptrs, mask, scale, EXP_BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr,
+                  SPECIALS: tl.constexpr, QUANT: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """Load a tile; if QUANT, round tile * scale to the format (nearest, saturate); cast for tl.dot
+    (exact: format values fit every DOT_DTYPE used here)."""
+    t = tl.load(ptrs, mask=mask, other=0.0)
+    if QUANT:
+        t, _ = round_fp32_to_format(t.to(tl.float32) * scale, t, EXP_BITS, MAN_BITS, BIAS, SPECIALS, True, 0)
+    return t.to(DOT_DTYPE)
+
+
+@triton.jit
+def _scaled_matmul_kernel(
+        a_ptr, b_ptr, c_ptr, bias_ptr, scale_a_ptr, scale_b_ptr, inv_a_ptr, inv_b_ptr,
+        M, N, K, stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
+        A_EXP_BITS: tl.constexpr, A_MAN_BITS: tl.constexpr, A_BIAS: tl.constexpr, A_SPECIALS: tl.constexpr,
+        B_EXP_BITS: tl.constexpr, B_MAN_BITS: tl.constexpr, B_BIAS: tl.constexpr, B_SPECIALS: tl.constexpr,
+        QUANT_A: tl.constexpr, QUANT_B: tl.constexpr, A_DOT: tl.constexpr, B_DOT: tl.constexpr,
+        FP8: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_BF16: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    # grouped tile order: GROUP_M row-tiles share B tiles in L2 (Triton matmul tutorial)
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    size_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % size_m
+    pid_n = (pid % group) // size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak  # (BLOCK_M, BLOCK_K)
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn  # (BLOCK_K, BLOCK_N) = B^T tile
+    sa = tl.load(scale_a_ptr) if QUANT_A else 1.0
+    sb = tl.load(scale_b_ptr) if QUANT_B else 1.0
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k * BLOCK_K
+        a = _load_operand(a_ptrs, (offs_m[:, None] < M) & (offs_k[None, :] < k_left), sa,
+                          A_EXP_BITS, A_MAN_BITS, A_BIAS, A_SPECIALS, QUANT_A, A_DOT)
+        b = _load_operand(b_ptrs, (offs_k[:, None] < k_left) & (offs_n[None, :] < N), sb,
+                          B_EXP_BITS, B_MAN_BITS, B_BIAS, B_SPECIALS, QUANT_B, B_DOT)
+        if FP8:
+            # promote the FP8 tensor-core partial sums to fp32 every BLOCK_K (= 128) products
+            acc = tl.dot(a, b, acc, max_num_imprecise_acc=BLOCK_K)
+        elif A_DOT == tl.float32:
+            acc = tl.dot(a, b, acc, input_precision="ieee")  # never tf32
+        else:
+            acc = tl.dot(a, b, acc)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    # epilogue in fp32: unscale, add bias, store
+    c = acc * tl.load(inv_a_ptr) * tl.load(inv_b_ptr)
+    if HAS_BIAS:
+        c += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if OUT_BF16:
+        tl.store(c_ptrs, fp32_to_bf16_rne(c), mask=c_mask)  # RNE, also under the interpreter
+    else:
+        tl.store(c_ptrs, c, mask=c_mask)
+
+
+def _configs(fp8: bool):
+    """Autotune space for Hopper and Ampere (Triton matmul tutorial's bf16 list; BLOCK_K = 128 for FP8)."""
+    if fp8:
+        shapes = [(128, 256, 128, 3, 8), (256, 128, 128, 3, 8), (128, 128, 128, 4, 8),
+                  (128, 64, 128, 4, 4), (64, 128, 128, 4, 4)]
+    else:
+        shapes = [(128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 32, 4, 4),
+                  (64, 256, 32, 4, 4), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 64, 3, 4)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
+            for bm, bn, bk, s, w in shapes]
+
+
+_AUTOTUNE_KEY = ["M", "N", "K", "QUANT_A", "QUANT_B", "A_EXP_BITS", "B_EXP_BITS", "FP8"]
+_kernel_bf16 = triton.autotune(configs=_configs(False), key=_AUTOTUNE_KEY)(_scaled_matmul_kernel)
+_kernel_fp8 = triton.autotune(configs=_configs(True), key=_AUTOTUNE_KEY)(_scaled_matmul_kernel)
+_INTERPRET_META = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)  # one fixed config on the CPU
+
+
+# ---------------------------------------------------------------------------------------------
+# host code
+_HP_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_operand(t, name: str, fmt, fp8: bool):
+    """Validate one operand; returns its format fields (or the placeholder) and the tl dot dtype."""
+    if not isinstance(t, torch.Tensor) or t.dim() != 2:
+        raise ValueError(f"{name} must be a 2-D tensor (got {getattr(t, 'shape', type(t))})")
+    if fmt is not None:
+        if not (isinstance(fmt, tuple) and len(fmt) == 4):
+            raise ValueError(f"fmt_{name} must be (exp_bits, man_bits, bias, specials) or None (got {fmt!r})")
+        check_format(*fmt)
+        if t.dtype not in _HP_DTYPES:
+            raise ValueError(f"{name} must be float32/bfloat16/float16 to quantize in the loop (got {t.dtype})")
+    if fp8:
+        fields = fmt if fmt is not None else next((f for f, (td, _) in FP8_FORMATS.items() if td == t.dtype), None)
+        if fields not in FP8_FORMATS:
+            raise ValueError(f"fp8=True needs {name} as torch.float8_e4m3fn / float8_e5m2, or fmt_{name} = "
+                             f"E4M3 (4, 3, 7, 'fn') / E5M2 (5, 2, 15, 'ieee') (got {t.dtype}, fmt {fmt!r})")
+        return fmt or _NO_FMT, FP8_FORMATS[fields][1]
+    if t.dtype not in _HP_DTYPES:
+        raise ValueError(f"{name} must be float32, bfloat16 or float16 (got {t.dtype}); float8 needs fp8=True")
+    return fmt or _NO_FMT, tl.float32 if _INTERPRET else tl.bfloat16
+
+
+def _device_scalar(s, name: str, device) -> torch.Tensor:
+    if s is None:
+        return torch.ones(1, dtype=torch.float32, device=device)
+    if isinstance(s, (int, float)) and not isinstance(s, bool):
+        return torch.full((1,), float(s), dtype=torch.float32, device=device)
+    if not isinstance(s, torch.Tensor) or s.numel() != 1 or not s.is_floating_point():
+        raise ValueError(f"{name} must be None, a float or a 1-element float tensor (got {s!r:.60})")
+    if s.device != device:
+        raise ValueError(f"{name} is on {s.device} but the operands are on {device}")
+    return s.detach().reshape(1).to(torch.float32)
+
+
+def _check_fp8_device(device) -> None:
+    if _INTERPRET or device.type != "cuda":
+        raise ValueError("fp8=True needs a CUDA GPU with FP8 tensor cores (sm_89+); not available under "
+                         "TRITON_INTERPRET or on the CPU")
+    cap = torch.cuda.get_device_capability(device)
+    if cap < (8, 9):
+        raise ValueError(f"fp8=True needs an sm_89+ GPU (this one is sm_{cap[0]}{cap[1]})")
+
+
+def scaled_matmul(a: torch.Tensor, b: torch.Tensor, inv_scale_a=None, inv_scale_b=None, bias=None, *,
+                  out_dtype: torch.dtype = torch.float32, fmt_a=None, scale_a=None, fmt_b=None, scale_b=None,
+                  fp8: bool = False) -> torch.Tensor:
+    """C = (A_q @ B_q^T) * inv_scale_a * inv_scale_b (+ bias), fp32 accumulation. Returns a new (M, N) tensor.
+
+    a: (M, K), b: (N, K), any strides. Without fmt_x, operand x already holds format-domain values
+    (fp32/bf16/fp16; float8 tensors with fp8=True). With fmt_x = (exp_bits, man_bits, bias, specials)
+    and scale_x, the kernel quantizes x * scale_x in the loop (nearest, saturate); inv_scale_x then
+    defaults to 1/scale_x, else to 1. Scales: None, floats or 1-element fp32 device tensors (no sync).
+    bias: (N,) or None. out_dtype: torch.float32 or torch.bfloat16. fp8: real FP8 tensor cores (sm_89+).
+    """
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        raise ValueError("a and b must be tensors")
+    fa, a_dot = _check_operand(a, "a", fmt_a, fp8)
+    fb, b_dot = _check_operand(b, "b", fmt_b, fp8)
+    (M, K), (N, Kb) = a.shape, b.shape
+    if K != Kb:
+        raise ValueError(f"a is (M, K) = {tuple(a.shape)} and b must be (N, K) with the same K (got {tuple(b.shape)})")
+    dev = a.device
+    if b.device != dev:
+        raise ValueError(f"a is on {dev} but b is on {b.device}")
+    if not (dev.type == "cuda" or (_INTERPRET and dev.type == "cpu")):
+        raise ValueError(f"operands are on {dev}: the Triton kernel needs CUDA tensors, or CPU tensors with "
+                         f"TRITON_INTERPRET=1 set before triton is imported")
+    if fp8:
+        _check_fp8_device(dev)
+    if out_dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"out_dtype must be torch.float32 or torch.bfloat16 (got {out_dtype})")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (N,) or bias.device != dev
+                             or bias.dtype not in _HP_DTYPES):
+        raise ValueError(f"bias must be a float tensor of shape ({N},) on {dev} (got "
+                         f"{getattr(bias, 'shape', type(bias))} {getattr(bias, 'dtype', '')})")
+    if fmt_a is None and scale_a is not None:
+        raise ValueError("scale_a is only used with fmt_a (in-loop quantization); pass inv_scale_a instead")
+    if fmt_b is None and scale_b is not None:
+        raise ValueError("scale_b is only used with fmt_b (in-loop quantization); pass inv_scale_b instead")
+
+    sa, sb = _device_scalar(scale_a, "scale_a", dev), _device_scalar(scale_b, "scale_b", dev)
+    inv_a = torch.reciprocal(sa) if fmt_a is not None and inv_scale_a is None else \
+        _device_scalar(inv_scale_a, "inv_scale_a", dev)
+    inv_b = torch.reciprocal(sb) if fmt_b is not None and inv_scale_b is None else \
+        _device_scalar(inv_scale_b, "inv_scale_b", dev)
+    c = torch.empty((M, N), dtype=out_dtype, device=dev)
+    if M == 0 or N == 0:
+        return c
+    bias_arg = bias.contiguous() if bias is not None else c
+    args = (a, b, c, bias_arg, sa, sb, inv_a, inv_b, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+            c.stride(0), c.stride(1))
+    meta = dict(A_EXP_BITS=fa[0], A_MAN_BITS=fa[1], A_BIAS=fa[2], A_SPECIALS=SPECIALS[fa[3]],
+                B_EXP_BITS=fb[0], B_MAN_BITS=fb[1], B_BIAS=fb[2], B_SPECIALS=SPECIALS[fb[3]],
+                QUANT_A=fmt_a is not None, QUANT_B=fmt_b is not None, A_DOT=a_dot, B_DOT=b_dot, FP8=fp8,
+                HAS_BIAS=bias is not None, OUT_BF16=out_dtype == torch.bfloat16)
+    if _INTERPRET:
+        grid = (triton.cdiv(M, 32) * triton.cdiv(N, 32),)
+        _scaled_matmul_kernel[grid](*args, **meta, **_INTERPRET_META)
+    else:
+        grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)  # noqa: E731
+        (_kernel_fp8 if fp8 else _kernel_bf16)[grid](*args, **meta)
+    return c
+
+
+def scaled_matmul_ref(a: torch.Tensor, b: torch.Tensor, inv_scale_a=None, inv_scale_b=None, bias=None, *,
+                      out_dtype: torch.dtype = torch.float32, fmt_a=None, scale_a=None, fmt_b=None,
+                      scale_b=None) -> torch.Tensor:
+    """Same contract as `scaled_matmul`, in float64 torch (operands quantized by `quantize_ref`)."""
+    def operand(t, fmt, scale, inv):
+        if fmt is None:
+            return t.double(), (1.0 if inv is None else inv)
+        q = quantize_ref(t, scale, exp_bits=fmt[0], man_bits=fmt[1], bias=fmt[2], specials=fmt[3]).q
+        s = torch.as_tensor(scale, dtype=torch.float32, device=t.device)
+        return q.double(), (torch.reciprocal(s) if inv is None else inv)
+
+    aq, ia = operand(a, fmt_a, scale_a, inv_scale_a)
+    bq, ib = operand(b, fmt_b, scale_b, inv_scale_b)
+    c = (aq @ bq.T) * torch.as_tensor(ia, device=a.device).double() * torch.as_tensor(ib, device=a.device).double()
+    if bias is not None:
+        c = c + bias.double()
+    return c.to(out_dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# self-check and benchmark
+def _self_check(device) -> bool:
+    g = torch.Generator().manual_seed(0)
+    e4m3, e5m2 = (4, 3, 7, "fn"), (5, 2, 15, "ieee")
+    M, N, K = 37, 53, 29
+    x, w, dy = (torch.randn(shape, generator=g).to(device) for shape in ((M, K), (N, K), (M, N)))
+    bias = torch.randn(N, generator=g).to(device)
+    sx, sw, sg = (torch.tensor(v, device=device) for v in (50.0, 200.0, 3e3))
+    xq, wq, gq = (quantize_ref(t, s, exp_bits=f[0], man_bits=f[1], bias=f[2], specials=f[3]).q
+                  for t, s, f in ((x, sx, e4m3), (w, sw, e4m3), (dy, sg, e5m2)))
+    ix, iw, ig = (torch.reciprocal(s) for s in (sx, sw, sg))
+    cases = {
+        "fwd (cast first)": dict(a=xq, b=wq, inv_scale_a=ix, inv_scale_b=iw, bias=bias),
+        "dgrad (cast first)": dict(a=gq, b=wq.t(), inv_scale_a=ig, inv_scale_b=iw),
+        "wgrad (cast first)": dict(a=gq.t(), b=xq.t(), inv_scale_a=ig, inv_scale_b=ix),
+        "fwd (in-loop A and B)": dict(a=x, b=w, fmt_a=e4m3, scale_a=sx, fmt_b=e4m3, scale_b=sw, bias=bias),
+        "wgrad (in-loop A)": dict(a=dy.t(), b=xq.t(), fmt_a=e5m2, scale_a=sg, inv_scale_b=ix),
+    }
+    ok = True
+    for name, kw in cases.items():
+        got, ref = scaled_matmul(**kw).double(), scaled_matmul_ref(**kw).double()
+        err = ((got - ref).norm() / ref.norm()).item()
+        ok &= err <= 1e-6
+        print(f"{name:<24} rel err {err:.2e} {'ok' if err <= 1e-6 else 'FAIL'}")
+    return ok
+
+
+def _benchmark() -> None:
+    shapes = [(3072, 1536, 384), (3072, 384, 1536), (3072, 1152, 384), (4096, 4096, 4096)]  # (M, N, K)
+    fp8_ok = torch.cuda.get_device_capability() >= (8, 9)
+    for M, N, K in shapes:
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
+        one = torch.ones((), device="cuda")
+        tflops = lambda ms: 2 * M * N * K / ms / 1e9  # noqa: E731
+        line = f"M={M} N={N} K={K}: torch bf16 {tflops(triton.testing.do_bench(lambda: x @ w.T)):.0f}"
+        line += f" | pre-quantized {tflops(triton.testing.do_bench(lambda: scaled_matmul(x, w))):.0f}"
+        f43 = (4, 3, 7, "fn")
+        ms = triton.testing.do_bench(lambda: scaled_matmul(x, w, fmt_a=f43, scale_a=one, fmt_b=f43, scale_b=one))
+        line += f" | in-loop {tflops(ms):.0f}"
+        if fp8_ok:
+            x8, w8 = x.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn)
+            line += f" | fp8 {tflops(triton.testing.do_bench(lambda: scaled_matmul(x8, w8, fp8=True))):.0f}"
+        print(line + " TFLOP/s")
+
+
+if __name__ == "__main__":
+    if not torch.cuda.is_available() and not _INTERPRET:
+        sys.exit("no CUDA device: run with TRITON_INTERPRET=1 to check the kernel on the CPU")
+    # the interpreter's numpy warns on inf * x and inf - inf, which the check feeds on purpose
+    warnings.filterwarnings("ignore", category=RuntimeWarning)
+    passed = _self_check("cuda" if torch.cuda.is_available() and not _INTERPRET else "cpu")
+    if passed and torch.cuda.is_available() and not _INTERPRET:
+        _benchmark()
+    sys.exit(0 if passed else 1)
