@@ -24,14 +24,21 @@ high precision (passed through in fp32). Decisions written down here:
   counter or storage), i.e. once per optimizer step, however many micro-batches run.
 - Delayed-scaling histories are updated by training-mode calls only, so evaluation frequency
   does not change the training trajectory.
+- Accumulation headroom: E7M0 values reach 2**62, so a product of two reaches 2**124 and an fp32
+  sum of 16 overflows. Operands of formats whose max exceeds 2**52 are therefore carried as
+  q·2**-k (k = log2(max) - 52, 10 for E7M0): rounding x·scale·2**-k to the same format with bias + k
+  gives exactly q·2**-k, and inv_scale·2**k undoes it in the epilogue. Rounding, stats and results
+  are unchanged; products stay inside fp32 (2**-146 .. 2**104 for E7M0 x E7M0, K < 2**23).
 - Stats per role, kept on device (no host sync): amax, scale, overflow, underflow, nan, nonzero,
   numel and, when `full_stats` is on, rel_err = ||Q(x)·inv_s - x|| / ||x||.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from altgrad.config import LayerQuantConfig, RoleConfig
@@ -45,7 +52,21 @@ OPERAND_ROLES = ("input", "weight", "grad_output")
 BACKENDS = ("auto", "torch", "triton")
 
 
-# -- one operand: cast to the format-domain (bf16) + stats -------------------------------------
+# -- one operand: cast to the format-domain (bf16) + stats -----------------------------------
+_HEADROOM_LOG2 = 52  # operands are carried below 2**52 so fp32 sums of their products stay finite
+
+
+def _accumulation_domain(rc: RoleConfig) -> tuple[RoleConfig, int]:
+    """(rc rounding to its format with bias + k, k): the same rounding, values carried 2**-k lower
+    (see the module docstring)."""
+    fmt = rc.format
+    k = max(0, math.ceil(math.log2(fmt.max)) - _HEADROOM_LOG2)
+    if k == 0:
+        return rc, 0
+    shifted = FormatSpec(f"{fmt.name}>>{k}", fmt.exp_bits, fmt.man_bits, fmt.bias + k, fmt.specials)
+    return dataclasses.replace(rc, format=shifted), k
+
+
 def _cast_torch(x2: torch.Tensor, rc: RoleConfig, scale: torch.Tensor):
     v = x2.float() * scale
     q, overflow, nan = _round(v, rc.format, rc.rounding, rc.saturate, None)
@@ -153,6 +174,9 @@ class QuantizedLinear(nn.Module):
         self.layer_config, self.name, self.backend = layer_config, name, backend
         roles = {r: getattr(layer_config, r) for r in (*OPERAND_ROLES, "weight_grad")}
         self.role_configs = {r: rc for r, rc in roles.items() if rc is not None}
+        # the format each operand is rounded in for the matmul, and its power-of-two shift
+        self._domains = {r: _accumulation_domain(rc) for r, rc in self.role_configs.items()
+                         if r in OPERAND_ROLES}
         self.scalers = nn.ModuleDict({
             r: TensorScaler(rc.format, rc.scaling, rc.history_len, rc.amax_algo, rc.margin, rc.pow2)
             for r, rc in self.role_configs.items()
@@ -195,11 +219,14 @@ class QuantizedLinear(nn.Module):
             return x2, None
         scaler = self.scalers[role]
         scale, inv_scale = scaler.scale_for(x2)
-        q, st = _cast_triton(x2, rc, scale, inv_scale) if triton else _cast_torch(x2, rc, scale)
+        rc, k = self._domains.get(role, (rc, 0))
+        # exact power-of-two shifts (k = 0 but for huge formats): the same rounding, carried 2**-k lower
+        q_scale, q_inv = (scale * 2.0**-k, inv_scale * 2.0**k) if k else (scale, inv_scale)
+        q, st = _cast_triton(x2, rc, q_scale, q_inv) if triton else _cast_torch(x2, rc, q_scale)
         if self.training:
             scaler.observe(st.amax)
-        self._record(role, x2, q, st, scale, inv_scale)
-        return q, inv_scale
+        self._record(role, x2, q, st, scale, q_inv)
+        return q, q_inv
 
     def _quantized_weight(self, triton: bool):
         w = self.weight
@@ -210,12 +237,13 @@ class QuantizedLinear(nn.Module):
         return self._weight_cache[1], self._weight_cache[2]
 
     def _in_loop_forward(self, x2, q_w, inv_w, bias, out_dtype):
-        rc = self.role_configs["input"]
+        rc, k = self._domains["input"]
         f = rc.format
         if rc.rounding != "nearest" or not rc.saturate:  # the in-loop path rounds nearest, saturating
             q_i, inv_i = self._operand("input", x2, True)
             return _matmul_triton(q_i, q_w, inv_i, inv_w, bias, out_dtype)
         scale, inv_i = self.scalers["input"].scale_for(x2)
+        scale, inv_i = scale * 2.0**-k, inv_i * 2.0**k
         return _matmul_triton(x2, q_w, inv_i, inv_w, bias, out_dtype,
                               fmt_a=(f.exp_bits, f.man_bits, f.bias, f.specials), scale_a=scale)
 

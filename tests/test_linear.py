@@ -249,3 +249,26 @@ def test_eval_in_loop_quantization_matches_cast_path(device):
     with torch.no_grad():
         y_ref, y_tri = ref(x * 1.5), tri(x * 1.5)
     torch.testing.assert_close(y_tri, y_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend,device", [("torch", "cpu"), ("triton", "cpu"),
+                                            pytest.param("triton", "cuda", marks=pytest.mark.cuda)])
+def test_e7m0_full_range_does_not_overflow_fp32_accumulation(backend, device):
+    """E7M0 scales operands up to 2**62; 384 same-sign products near 2**123 overflow an fp32 sum
+    (positive activations such as GELU outputs do this). The exact power-of-two carry keeps the
+    result finite and equal to the float64 product."""
+    torch.manual_seed(5)
+    lin = nn.Linear(384, 24, bias=False).to(device)
+    with torch.no_grad():
+        lin.weight.uniform_(0.5, 1.0)
+    ql = QuantizedLinear(lin, layer_cfg("E7M0", "E7M0", "E7M0"), backend=backend)
+    x = (torch.rand(16, 384, device=device) + 0.5).requires_grad_()
+    y = ql(x)
+    y.backward(torch.randn_like(y))
+    qi, ii = fq(x.detach(), "E7M0")
+    qw, iw = fq(lin.weight.detach(), "E7M0")
+    assert qi.abs().max().item() == 2.0**62  # the data really reaches the top of the format
+    want = (qi.double() @ qw.double().t()) * ii.double() * iw.double()
+    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all() and torch.isfinite(lin.weight.grad).all()
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-6)
+    assert ql.stats["input"]["scale"].item() == (torch.tensor(2.0**62) / x.abs().max()).item()
