@@ -214,7 +214,7 @@ def _scalar_tensor(s, name: str, device) -> torch.Tensor:
     if not isinstance(s, torch.Tensor) or s.numel() != 1 or not s.is_floating_point():
         raise ValueError(f"{name} must be None, a float or a 1-element float tensor (got {s!r:.60})")
     if s.device != device:
-        raise ValueError(f"{name} is on {s.device} but x is on {device}")
+        raise ValueError(f"{name} is on {s.device} but the data is on {device}")
     return s.detach().reshape(1).to(torch.float32)
 
 

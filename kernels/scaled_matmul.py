@@ -39,9 +39,9 @@ import triton
 import triton.language as tl
 
 try:  # installed as altgrad.kernels
-    from .quantize import SPECIALS, check_format, fp32_to_bf16_rne, quantize_ref, round_fp32_to_format
+    from .quantize import SPECIALS, _scalar_tensor, check_format, fp32_to_bf16_rne, quantize_ref, round_fp32_to_format
 except ImportError:  # pasted next to quantize.py, or run as a script
-    from quantize import SPECIALS, check_format, fp32_to_bf16_rne, quantize_ref, round_fp32_to_format
+    from quantize import SPECIALS, _scalar_tensor, check_format, fp32_to_bf16_rne, quantize_ref, round_fp32_to_format
 
 __all__ = ["scaled_matmul", "scaled_matmul_ref", "FP8_FORMATS"]
 
@@ -168,18 +168,6 @@ def _check_operand(t, name: str, fmt, fp8: bool):
     return fmt or _NO_FMT, tl.float32 if _INTERPRET else tl.bfloat16
 
 
-def _device_scalar(s, name: str, device) -> torch.Tensor:
-    if s is None:
-        return torch.ones(1, dtype=torch.float32, device=device)
-    if isinstance(s, (int, float)) and not isinstance(s, bool):
-        return torch.full((1,), float(s), dtype=torch.float32, device=device)
-    if not isinstance(s, torch.Tensor) or s.numel() != 1 or not s.is_floating_point():
-        raise ValueError(f"{name} must be None, a float or a 1-element float tensor (got {s!r:.60})")
-    if s.device != device:
-        raise ValueError(f"{name} is on {s.device} but the operands are on {device}")
-    return s.detach().reshape(1).to(torch.float32)
-
-
 def _check_fp8_device(device) -> None:
     if _INTERPRET or device.type != "cuda":
         raise ValueError("fp8=True needs a CUDA GPU with FP8 tensor cores (sm_89+); not available under "
@@ -226,11 +214,11 @@ def scaled_matmul(a: torch.Tensor, b: torch.Tensor, inv_scale_a=None, inv_scale_
     if fmt_b is None and scale_b is not None:
         raise ValueError("scale_b is only used with fmt_b (in-loop quantization); pass inv_scale_b instead")
 
-    sa, sb = _device_scalar(scale_a, "scale_a", dev), _device_scalar(scale_b, "scale_b", dev)
+    sa, sb = _scalar_tensor(scale_a, "scale_a", dev), _scalar_tensor(scale_b, "scale_b", dev)
     inv_a = torch.reciprocal(sa) if fmt_a is not None and inv_scale_a is None else \
-        _device_scalar(inv_scale_a, "inv_scale_a", dev)
+        _scalar_tensor(inv_scale_a, "inv_scale_a", dev)
     inv_b = torch.reciprocal(sb) if fmt_b is not None and inv_scale_b is None else \
-        _device_scalar(inv_scale_b, "inv_scale_b", dev)
+        _scalar_tensor(inv_scale_b, "inv_scale_b", dev)
     c = torch.empty((M, N), dtype=out_dtype, device=dev)
     if M == 0 or N == 0:
         return c
