@@ -182,7 +182,8 @@ class QuantizedLinear(nn.Module):
             for r, rc in self.role_configs.items()
         }).to(linear.weight.device)
         if layer_config.master_weights is not None:
-            self.master_scaler = TensorScaler(layer_config.master_weights, "current").to(linear.weight.device)
+            # a power-of-two scale: the grid moves only when amax crosses a binade, not on every step
+            self.master_scaler = TensorScaler(layer_config.master_weights, "current", pow2=True).to(linear.weight.device)
         self.full_stats = True
         self.stats: dict[str, dict[str, torch.Tensor]] = {}
         self._weight_cache = None

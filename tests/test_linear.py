@@ -164,8 +164,8 @@ def test_master_weights_lie_on_the_format_grid():
     before = lin.weight.detach().clone()
     round_master_weights(ql)
     w = lin.weight.detach()
-    scale = ql.master_scaler.scale  # fmt.max / amax(w)
-    assert not torch.equal(before, w)
+    scale = ql.master_scaler.scale  # fmt.max / amax(w), rounded down to a power of two
+    assert not torch.equal(before, w) and math.log2(scale.item()).is_integer()
     assert torch.equal(round_to_format(w * scale, "E3M4") * torch.reciprocal(scale), w)
 
 
