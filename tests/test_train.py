@@ -1,0 +1,232 @@
+"""train.py end to end on a tiny model (CPU): role combinations, resume bit-identity,
+divergence, W&B offline, DDP on gloo, user errors. Each run is a subprocess, as a user runs it."""
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from altgrad.checkpoint import CKPT_LAST, list_checkpoints, load_checkpoint
+from altgrad.tracking import read_metrics
+
+from test_tracking import wandb_history
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TRAIN = REPO_ROOT / "train.py"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+TINY = ["--model.n_layer=2", "--model.n_head=2", "--model.n_embd=32", "--model.block_size=32",
+        "--train.device=cpu", "--train.batch_size=8", "--train.lr=3e-3", "--train.min_lr=3e-4",
+        "--train.warmup=5", "--train.eval_interval=10", "--train.eval_iters=2", "--train.log_interval=1",
+        "--train.checkpoint_interval=10", "--train.max_checkpoints=2", "--train.shadow_interval=10",
+        "--log.wandb_mode=disabled"]
+ROLE_COMBINATIONS = {
+    "bf16": ["--quant=null"],
+    "e5m2": ["--quant.default_format=E5M2"],
+    "hybrid": ["--quant.default_format=E4M3", "--quant.grad_output_format=E5M2"],
+}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """Char-level bins of the Hamlet fixture (90/10 split), written as prepare.py does."""
+    text = (FIXTURES / "hamlet_slice.txt").read_text(encoding="utf-8")
+    chars = sorted(set(text))
+    stoi = {c: i for i, c in enumerate(chars)}
+    ids = np.array([stoi[c] for c in text], dtype=np.uint16)
+    out = tmp_path_factory.mktemp("hamlet_char")
+    split = int(0.9 * len(ids))
+    ids[:split].tofile(out / "train.bin")
+    ids[split:].tofile(out / "val.bin")
+    with open(out / "meta.pkl", "wb") as f:
+        pickle.dump({"vocab_size": len(chars), "itos": dict(enumerate(chars)), "stoi": stoi}, f)
+    return out
+
+
+def train(out_dir, data_dir, *args, config="configs/bf16_baseline.yaml", torchrun=0, timeout=300):
+    launcher = [sys.executable]
+    if torchrun:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
+    cmd = launcher + [str(TRAIN), config, *TINY, f"--data.dir={data_dir}", f"--log.out_dir={out_dir}", *args]
+    # one thread: a tiny model gains nothing from more, and on a busy 2-core machine OpenMP
+    # threads spinning against other processes make steps 3-10x slower
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def ok(proc):
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def losses(run_dir):
+    return {r["step"]: r["train/loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "train/loss" in r}
+
+
+def val_losses(run_dir):
+    return {r["step"]: r["val/loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "val/loss" in r}
+
+
+# ---- one short run per role combination ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("combo", list(ROLE_COMBINATIONS))
+def test_short_run_learns_and_writes_its_files(tmp_path, data_dir, combo):
+    wandb = ["--log.wandb_mode=offline"] if combo == "bf16" else []  # one run proves the W&B sink
+    proc = ok(train(tmp_path, data_dir, "--train.max_steps=30", f"--log.run_name={combo}",
+                    *ROLE_COMBINATIONS[combo], *wandb))
+    run = tmp_path / combo
+    # files of DESIGN §7, checkpoints rotated to the newest two plus ckpt_last.pt
+    assert {"config.yaml", "metrics.jsonl", "summary.json", CKPT_LAST} <= {p.name for p in run.iterdir()}
+    assert [s for s, _ in list_checkpoints(run)] == [20, 30]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 30 and summary["diverged_step"] is None
+    assert summary["versions"]["torch"] == torch.__version__ and summary["device"].startswith("cpu")
+    quant = summary["config"]["quant"]
+    assert quant is None if combo == "bf16" else quant["default_format"] == ("E4M3" if combo == "hybrid" else "E5M2")
+    assert summary["config"]["model"]["vocab_size"] == pickle.loads((data_dir / "meta.pkl").read_bytes())["vocab_size"]
+
+    # falling loss: training and validation
+    train_loss = losses(run)
+    assert sorted(train_loss) == list(range(1, 31))
+    first, last = np.mean([train_loss[s] for s in range(1, 6)]), np.mean([train_loss[s] for s in range(26, 31)])
+    assert last < first - 0.4, (first, last)
+    val = val_losses(run)
+    assert sorted(val) == [0, 10, 20, 30] and val[30] < val[0] - 0.4
+    assert summary["final_val_loss"] == val[30] and summary["best_val_loss"] == min(val.values())
+
+    records = read_metrics(run / "metrics.jsonl")
+    keys = set().union(*records)
+    assert {"train/lr", "train/grad_norm", "perf/tokens_per_s", "perf/step_ms", "val/ppl",
+            "shadow/grad_cos_mean", "mlp/dead_frac"} <= keys
+    if combo == "bf16":
+        assert not any(k.startswith("quant/") for k in keys)
+        _, history, config = wandb_history(run)
+        assert [h.pop("_step") for h in history] == [r["step"] for r in records]
+        assert [set(h) for h in history] == [set(r) - {"step"} for r in records]
+        assert config["train"]["max_steps"] == 30
+    else:
+        assert {"quant/input/overflow", "quant/grad_output/underflow", "update/bit_stall"} <= keys
+        # the shadow sees the quantization: gradients close to, but not equal to, fp32
+        cos = [r["shadow/grad_cos_mean"] for r in records if "shadow/grad_cos_mean" in r]
+        assert cos and all(0.9 < c < 1.0 for c in cos)
+    expected = {"bf16": "quant: null", "e5m2": "i:E5M2 w:E5M2 go:E5M2", "hybrid": "i:E4M3 w:E4M3 go:E5M2"}
+    assert expected[combo] in proc.stdout
+    assert "step     30/30 | loss" in proc.stdout and "| eta " in proc.stdout
+
+
+# ---- resume ----------------------------------------------------------------------------------------
+
+
+def test_resume_is_bit_identical(tmp_path, data_dir):
+    # E5M2 with delayed scaling: the amax histories must travel in the checkpoint too
+    common = ["--quant.default_format=E5M2", "--train.lr_decay_steps=20", "--train.shadow_interval=0"]
+    ok(train(tmp_path / "straight", data_dir, *common, "--train.max_steps=20", "--log.run_name=r"))
+    ok(train(tmp_path / "split", data_dir, *common, "--train.max_steps=10", "--log.run_name=r"))
+    proc = ok(train(tmp_path / "split", data_dir, *common, "--train.max_steps=20", "--log.run_name=r", "--resume"))
+    assert "resuming from" in proc.stdout
+    a, b = tmp_path / "straight" / "r", tmp_path / "split" / "r"
+    assert losses(a) == losses(b) and sorted(losses(b)) == list(range(1, 21))
+    assert val_losses(a) == val_losses(b)
+    steps_b = [r["step"] for r in read_metrics(b / "metrics.jsonl") if "train/loss" in r]
+    assert steps_b == sorted(set(steps_b))  # the resumed run appended, nothing logged twice
+    ca, cb = load_checkpoint(a / CKPT_LAST), load_checkpoint(b / CKPT_LAST)
+    assert ca["step"] == cb["step"] == 20
+    assert ca["model"].keys() == cb["model"].keys()
+    assert any("scaler" in k for k in ca["model"])  # QuantizedLinear scaling state is in there
+    for key in ca["model"]:
+        assert torch.equal(ca["model"][key], cb["model"][key]), key
+    for i, state in ca["optimizer"]["state"].items():
+        for name, tensor in state.items():
+            assert torch.equal(tensor, cb["optimizer"]["state"][i][name]), (i, name)
+    assert torch.equal(ca["rng"]["torch"], cb["rng"]["torch"]) and ca["data"]["batches_drawn"] == 20
+    assert json.loads((b / "summary.json").read_text())["steps"] == 20
+    # resuming into another precision would silently mix two experiments: refused in one line
+    proc = train(tmp_path / "split", data_dir, *common, "--train.max_steps=30", "--log.run_name=r", "--resume",
+                 "--quant.default_format=E4M3")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert proc.stderr.startswith("error: quant: differs from the checkpoint")
+
+
+# ---- divergence ------------------------------------------------------------------------------------
+
+
+def test_divergence_skips_non_finite_steps_then_stops_with_exit_code_3(tmp_path, data_dir):
+    # lr 1e30: the first update is finite but huge; every later step overflows to inf/NaN
+    proc = train(tmp_path, data_dir, "--train.max_steps=30", "--train.lr=1e30", "--train.min_lr=0",
+                 "--train.warmup=0", "--train.nan_patience=3", "--log.run_name=div")
+    assert proc.returncode == 3, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("diverged: 3 consecutive non-finite steps from step")
+    run = tmp_path / "div"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["skipped_steps"] == 3
+    first_bad, step = summary["diverged_step"], summary["steps"]
+    assert step == first_bad + 2 and 2 <= first_bad < 28
+    records = {r["step"]: r for r in read_metrics(run / "metrics.jsonl") if "train/loss" in r}
+    assert all(records[s]["train/loss"] is not None for s in range(1, first_bad))
+    assert [records[s]["train/loss"] for s in range(first_bad, step + 1)] == [None] * 3  # logged as skipped
+    assert records[step]["train/skipped_steps"] == 3
+    state = load_checkpoint(run / CKPT_LAST)  # saved at divergence; skipped steps never touched the weights
+    assert state["step"] == step
+    assert all(torch.isfinite(t).all() for k, t in state["model"].items() if t.is_floating_point())
+
+
+# ---- stop ------------------------------------------------------------------------------------------
+
+
+def test_sigterm_finishes_the_step_saves_and_reports_stopped(tmp_path, data_dir):
+    cmd = [sys.executable, str(TRAIN), "configs/bf16_baseline.yaml", *TINY, f"--data.dir={data_dir}",
+           f"--log.out_dir={tmp_path}", "--log.run_name=stop", "--train.max_steps=100000"]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    metrics = tmp_path / "stop" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and len(read_metrics(metrics)) > 5):  # training is under way
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "SIGTERM: stopping after this step" in err and "Traceback" not in err
+    summary = json.loads((tmp_path / "stop" / "summary.json").read_text())
+    assert summary["status"] == "stopped" and 5 <= summary["steps"] < 100000
+    # the saved state is the state after the last logged step, so a resume continues from it
+    assert load_checkpoint(tmp_path / "stop" / CKPT_LAST)["step"] == summary["steps"]
+    assert max(losses(tmp_path / "stop")) == summary["steps"]
+
+
+# ---- DDP -------------------------------------------------------------------------------------------
+
+
+def test_torchrun_two_ranks_on_gloo_agree_on_weights(tmp_path, data_dir):
+    proc = ok(train(tmp_path, data_dir, "--train.max_steps=6", "--train.grad_accum=2",
+                    "--quant.default_format=E5M2", "--train.shadow_interval=0", "--log.run_name=ddp",
+                    torchrun=2, timeout=600))
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["world_size"] == 2
+    assert summary["ddp_ranks_agree"] is True
+    assert summary["tokens_per_step"] == 8 * 32 * 2
+    assert proc.stdout.count("completed at step 6") == 1  # rank 0 alone reports
+    assert sorted(losses(tmp_path / "ddp")) == list(range(1, 7))
+
+
+# ---- user errors -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--train.lrr=1"], "error: train.lrr: unknown key (did you mean lr?)"),
+    (["--data.dir=/nonexistent/altgrad"], "error: no data directory /nonexistent/altgrad: create it with"),
+])
+def test_user_errors_exit_2_with_one_line(tmp_path, data_dir, args, message):
+    proc = train(tmp_path, data_dir, *args)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith(message) and len(proc.stderr.strip().splitlines()) == 1

@@ -1,0 +1,380 @@
+"""Train nanoGPT with its matmuls in a simulated low-precision format (DESIGN §7).
+
+    python train.py configs/e5m2_fp8.yaml [--section.key=value ...] [--resume]
+    torchrun --standalone --nproc_per_node=2 train.py configs/e5m2_fp8.yaml   # DDP
+
+Outputs in out/<run_name>/: config.yaml (resolved), metrics.jsonl, summary.json, checkpoints
+(ckpt_<step>.pt, at most train.max_checkpoints, and ckpt_last.pt) and W&B files when enabled.
+Exit codes: 0 completed, 2 bad config / missing data / unusable checkpoint, 3 diverged
+(train.nan_patience consecutive non-finite steps), 130 stopped by Ctrl-C.
+"""
+
+import dataclasses
+import hashlib
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from altgrad import checkpoint as ckpt
+from altgrad import metrics as diag
+from altgrad.data import DataNotFoundError, TokenBatches, load_meta
+from altgrad.model import GPT, GPTConfig
+from altgrad.reproducibility import get_rng_state, set_rng_state, set_seed_for_reproducibility
+from altgrad.runconfig import ConfigError, build_quant_config, format_config, load_config, parse_args, save_config
+from altgrad.shadow import FP32ShadowModel
+from altgrad.tracking import RunLogger, git_commit, run_versions, write_json_atomic
+
+EXIT_USAGE, EXIT_DIVERGED, EXIT_STOPPED = 2, 3, 130
+
+
+def fail(message, code=EXIT_USAGE):
+    print(f"error: {message}", file=sys.stderr)  # a user mistake: one line, no traceback
+    sys.exit(code)
+
+
+# ---------------------------------------------------------------------------------------
+# config: YAML + --section.key=value overrides (+ --resume)
+try:
+    args = parse_args(sys.argv[1:])
+    cfg = load_config(args.config_path, args.overrides)
+except ConfigError as e:
+    fail(e)
+if args.resume:
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=True))
+tc = cfg.train
+
+# ---------------------------------------------------------------------------------------
+# devices and DDP: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE
+device = tc.device if tc.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+if device.startswith("cuda") and not torch.cuda.is_available():
+    fail(f"train.device={tc.device} but torch sees no CUDA GPU; use --train.device=cpu")
+ddp = int(os.environ.get("RANK", -1)) != -1
+rank, world_size = 0, 1
+if ddp:
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+master = rank == 0  # only rank 0 prints, logs and checkpoints
+if tc.grad_accum % world_size:
+    fail(f"train.grad_accum={tc.grad_accum} must be a multiple of the {world_size} DDP processes")
+accum = tc.grad_accum // world_size  # micro-batches per rank per step (global batch as nanoGPT)
+device_type = "cuda" if device.startswith("cuda") else "cpu"
+dtype = tc.dtype if tc.dtype != "auto" else ("bf16" if device_type == "cuda" else "fp32")
+if dtype == "bf16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
+    fail("train.dtype=bf16 needs a GPU with bf16 (Ampere or newer); use --train.dtype=fp32")
+autocast = nullcontext() if dtype == "fp32" else torch.autocast(device_type, dtype=torch.bfloat16)
+if device_type == "cuda":
+    torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast (nanoGPT)
+    torch.backends.cudnn.allow_tf32 = True
+
+# ---------------------------------------------------------------------------------------
+# data and model: the same seed gives every format the same init and the same batches
+set_seed_for_reproducibility(tc.seed)
+try:
+    meta = load_meta(cfg.data_dir)
+    train_data = TokenBatches(cfg.data_dir, "train", cfg.model.block_size, tc.batch_size, device,
+                              seed=tc.seed, rank=rank, world_size=world_size)
+except DataNotFoundError as e:
+    fail(e)
+if cfg.model.vocab_size is None:  # resolve from meta.pkl so config.yaml records the real size
+    vocab = meta["vocab_size"] if meta else 50304  # GPT-2's 50257 padded to a multiple of 64
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
+model = GPT(GPTConfig(**dataclasses.asdict(cfg.model)))
+quant_config = build_quant_config(cfg)
+if quant_config is not None:
+    from altgrad.linear import round_master_weights, set_full_stats
+    from altgrad.surgery import describe_quantization, quantize_model
+
+    quantize_model(model, config=quant_config)
+model.to(device)
+raw_model = model  # state_dict, diagnostics and shadow use the unwrapped module
+optimizer = raw_model.configure_optimizers(tc.weight_decay, tc.lr, tc.betas, device_type)
+params = [p for p in raw_model.parameters() if p.requires_grad]
+
+# ---------------------------------------------------------------------------------------
+# run directory, resume
+run_dir = cfg.run_dir
+step, best_val, best_val_step, last_val, streak, skipped, wall_before = 0, None, None, None, 0, 0, 0.0
+resume_path = ckpt.latest_checkpoint(run_dir) if tc.resume else None
+if resume_path is not None:
+    try:
+        state = ckpt.load_checkpoint(resume_path, map_location="cpu")
+    except ckpt.CheckpointError as e:
+        fail(e)
+    for section in ("model", "quant"):  # train/log may change on resume (e.g. more steps)
+        if state["config"][section] != cfg.to_dict()[section]:
+            fail(f"{section}: differs from the checkpoint's {resume_path} ({state['config'][section]}); "
+                 f"resume with the same {section} section or use another log.run_name")
+    raw_model.load_state_dict(state["model"])  # QuantizedLinear scales/AmaxHistory are buffers
+    optimizer.load_state_dict(state["optimizer"])
+    train_data.load_state_dict(state["data"])
+    set_rng_state(state["rng"])
+    step, streak, skipped, wall_before = state["step"], state["nonfinite_streak"], state["skipped_steps"], \
+        state["wall_time_s"]
+    best_val, best_val_step, last_val = state["best_val_loss"], state["best_val_step"], state["last_val_loss"]
+    del state
+start_step = step
+if master:
+    if resume_path is not None:
+        print(f"resuming from {resume_path} at step {step}")
+    else:  # fresh run: stale checkpoints of an earlier run in this directory must not be resumed
+        for _, p in ckpt.list_checkpoints(run_dir):
+            p.unlink()
+        (run_dir / ckpt.CKPT_LAST).unlink(missing_ok=True)
+        if tc.resume:
+            print(f"train.resume: no checkpoint in {run_dir}, starting from step 0")
+    save_config(cfg, run_dir / "config.yaml")
+    print(format_config(cfg), end="")
+    if quant_config is not None:
+        print(describe_quantization(raw_model))
+    logger = RunLogger(run_dir, config=cfg.to_dict(), project=cfg.log.wandb_project, run_name=cfg.log.run_name,
+                       tags=cfg.log.tags, wandb_mode=cfg.log.wandb_mode, entity=cfg.log.wandb_entity,
+                       resume_step=step if resume_path is not None else None)
+if tc.compile:
+    model = torch.compile(model)
+if ddp:
+    model = DDP(model, device_ids=[torch.cuda.current_device()] if device_type == "cuda" else None)
+
+# ---------------------------------------------------------------------------------------
+# diagnostics (rank 0): quantization stats, update effect, dead MLP units, FP32 shadow
+tracker = dead = shadow = None
+if master and tc.metrics:
+    tracker = diag.UpdateTracker(raw_model)
+    dead = diag.DeadNeuronTracker(raw_model, cfg.log.dead_neuron_threshold, cfg.log.dead_neuron_window)
+if master and tc.shadow_interval:
+    if ddp:  # rank 0's gradients are the all-reduced ones; its own batches alone would not match
+        print("note: train.shadow_interval is ignored under DDP")
+    else:
+        shadow = FP32ShadowModel(raw_model)
+tokens_per_step = tc.batch_size * cfg.model.block_size * tc.grad_accum
+versions, commit = run_versions(), git_commit()
+device_name = torch.cuda.get_device_name(device) if device_type == "cuda" else f"{torch.get_num_threads()} threads"
+t_start = time.time()
+
+
+def write_summary(status, diverged_step=None, final_train_loss=None, **extra):
+    write_json_atomic(run_dir / "summary.json", extra | {
+        "run_name": cfg.log.run_name, "status": status, "steps": step, "diverged_step": diverged_step,
+        "final_train_loss": final_train_loss, "final_val_loss": last_val, "best_val_loss": best_val,
+        "best_val_step": best_val_step, "skipped_steps": skipped, "wall_time_s": wall_before + time.time() - t_start,
+        "num_params": raw_model.get_num_params(), "tokens_per_step": tokens_per_step, "versions": versions,
+        "device": f"{device} ({device_name})", "world_size": world_size, "git_commit": commit,
+        "config": cfg.to_dict()})
+
+
+def save(numbered):
+    state = {"step": step, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+             "rng": get_rng_state(), "data": train_data.state_dict(), "best_val_loss": best_val,
+             "best_val_step": best_val_step, "last_val_loss": last_val, "nonfinite_streak": streak,
+             "skipped_steps": skipped, "wall_time_s": wall_before + time.time() - t_start, "config": cfg.to_dict()}
+    ckpt.save_run_checkpoint(state, run_dir, step, max_checkpoints=tc.max_checkpoints, numbered=numbered)
+
+
+@torch.no_grad()
+def evaluate():
+    """Mean val loss over eval_iters batches: the same batches at every eval (fixed seed), so
+    curves and formats compare without sampling noise, and the training RNG is untouched."""
+    raw_model.eval()
+    val = TokenBatches(cfg.data_dir, "val", cfg.model.block_size, tc.batch_size, device,
+                       seed=tc.seed, rank=rank, world_size=world_size)
+    total = torch.zeros((), device=device)
+    for _ in range(tc.eval_iters):
+        x, y = val.next_batch()
+        with autocast:
+            _, loss = raw_model(x, y)
+        total += loss.float()
+    raw_model.train()
+    if ddp:
+        dist.all_reduce(total)
+    return (total / (tc.eval_iters * world_size)).item()
+
+
+def eval_and_record(record):
+    """Evaluate (every rank), track the best, add val/* to rank 0's record for this step."""
+    global last_val, best_val, best_val_step
+    last_val = evaluate()
+    if master:
+        if best_val is None or last_val < best_val:
+            best_val, best_val_step = last_val, step
+        record.update({"val/loss": last_val, "val/ppl": math.exp(min(last_val, 80.0))})
+
+
+def print_val():
+    print(f"step {step:>6}/{tc.max_steps} | val loss {last_val:.4f} | best {best_val:.4f} @ {best_val_step}")
+
+
+def total_norm():
+    grads = [p.grad for p in params if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+
+
+def fmt_time(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+# ---------------------------------------------------------------------------------------
+# training loop: `step` counts finished optimizer steps (skipped ones included)
+if master:
+    print(f"{raw_model.get_num_params() / 1e6:.2f}M parameters | {tokens_per_step} tokens/step | "
+          f"{device} ({device_name}) {dtype} | world {world_size} | run dir {run_dir}")
+status, diverged_step, train_loss, exit_code, aborted = "completed", None, None, 0, False
+train_time, timed_steps, loop_t0, alert_shown = 0.0, 0, time.time(), {}
+stop_signal = None
+
+
+def request_stop(signum, frame):
+    """Ctrl-C / SIGTERM: finish the current step, then save and stop; a second one aborts."""
+    global stop_signal
+    if stop_signal is not None:
+        raise KeyboardInterrupt
+    stop_signal = signum
+    if master:
+        print(f"{signal.Signals(signum).name}: stopping after this step (again to abort)", file=sys.stderr)
+
+
+signal.signal(signal.SIGINT, request_stop)
+signal.signal(signal.SIGTERM, request_stop)
+if master:
+    write_summary("running")
+try:
+    if step == 0:  # the initial loss, ln(vocab) or so, anchors every curve
+        record = {}
+        eval_and_record(record)
+        if master:
+            logger.log(step, record)
+            print_val()
+    while step < tc.max_steps:
+        # ---- one optimizer step: accum micro-batches per rank, then clip, check, update
+        t0 = time.time()
+        lr = tc.lr_at(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        log_now = (step + 1) % tc.log_interval == 0 or step + 1 == tc.max_steps
+        shadow_now = shadow is not None and (step + 1) % tc.shadow_interval == 0
+        batches, loss_sum = [], torch.zeros((), device=device)
+        if quant_config is not None:  # rel_err costs an extra pass per operand: logging steps only
+            set_full_stats(raw_model, log_now and tracker is not None)
+        for micro in range(accum):
+            x, y = train_data.next_batch()
+            if shadow_now:
+                batches.append((x, y))
+            if ddp:  # all-reduce gradients on the last micro-batch only
+                model.require_backward_grad_sync = micro == accum - 1
+            with autocast:
+                _, loss = model(x, y)
+                loss = loss / accum
+            loss_sum += loss.detach().float()
+            loss.backward()
+        if ddp:  # mean loss, and whether any rank was asked to stop: ranks must stop together
+            flags = torch.stack([loss_sum, torch.tensor(float(stop_signal is not None), device=device)])
+            dist.all_reduce(flags)
+            loss_sum = flags[0] / world_size
+            if flags[1].item() > 0 and stop_signal is None:
+                stop_signal = signal.SIGTERM
+        record = {}
+        if shadow_now:  # before clipping: clipping rescales the gradient and would shift the SNR
+            record.update(shadow.compare(raw_model, batches, accum))
+        if log_now and tracker is not None:
+            record.update(diag.grad_norms(raw_model))
+        norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip) if tc.grad_clip > 0 else total_norm()
+        # one host sync per step: the skip decision needs the values (identical on every rank)
+        train_loss, grad_norm = torch.stack([loss_sum, norm.float()]).tolist()
+        if math.isfinite(train_loss) and math.isfinite(grad_norm):
+            if log_now and tracker is not None:
+                tracker.before_step()
+            optimizer.step()
+            if quant_config is not None:  # master_weights: store the weights in their format
+                round_master_weights(raw_model)
+            if log_now and tracker is not None:
+                record.update(tracker.after_step())
+            streak = 0
+        else:  # skip: a non-finite step must not reach the weights or Adam's moments
+            streak, skipped = streak + 1, skipped + 1
+            if master:
+                print(f"step {step + 1}: non-finite loss {train_loss} / grad norm {grad_norm}; "
+                      f"skipped ({streak}/{tc.nan_patience})")
+        optimizer.zero_grad(set_to_none=True)
+        if dead is not None:
+            dead.step()
+        step += 1
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+        train_time, timed_steps = train_time + time.time() - t0, timed_steps + 1
+
+        # ---- eval, logging, checkpoint: one metrics record per step, then the state after it
+        eval_now = step % tc.eval_interval == 0 or step == tc.max_steps
+        if eval_now:
+            eval_and_record(record)
+        if master and (log_now or record or streak):
+            step_s = train_time / timed_steps
+            record.update({"train/loss": train_loss, "train/lr": lr, "train/grad_norm": grad_norm,
+                           "train/skipped_steps": skipped, "perf/step_ms": step_s * 1e3,
+                           "perf/tokens_per_s": tokens_per_step / step_s})
+            mfu = raw_model.estimate_mfu(tc.batch_size * accum, step_s) if device_type == "cuda" else None
+            if mfu is not None:
+                record["perf/mfu"] = mfu
+            if log_now and tracker is not None:
+                record.update(diag.quant_metrics(raw_model))
+                record.update(dead.metrics())
+            logger.log(step, record)
+            for alert in diag.alerts(record, cfg.log.overflow_threshold, cfg.log.bit_stall_threshold):
+                kind = alert.split(":")[0]  # repeat an alert kind once per eval interval, not every log line
+                if step - alert_shown.get(kind, -tc.eval_interval) >= tc.eval_interval:
+                    alert_shown[kind] = step
+                    print(f"step {step} alert: {alert}")
+            if log_now:
+                eta = (time.time() - loop_t0) / (step - start_step) * (tc.max_steps - step)
+                mfu_text = f" | mfu {mfu:6.2%}" if mfu is not None else ""
+                print(f"step {step:>6}/{tc.max_steps} | loss {train_loss:.4f} | lr {lr:.2e} | norm {grad_norm:.3f}"
+                      f" | {step_s * 1e3:7.1f} ms | {tokens_per_step / step_s / 1e3:6.1f}k tok/s{mfu_text}"
+                      f" | eta {fmt_time(eta)}", flush=True)
+                train_time, timed_steps = 0.0, 0
+            if eval_now:
+                print_val()
+        if master and tc.checkpoint_interval and step % tc.checkpoint_interval == 0:
+            save(numbered=True)
+        if streak >= tc.nan_patience:  # diverged_step: the first of the non-finite steps
+            status, diverged_step, exit_code = "diverged", step - streak + 1, EXIT_DIVERGED
+            break
+        if stop_signal is not None:
+            status, exit_code = "stopped", EXIT_STOPPED
+            break
+except KeyboardInterrupt:  # a second Ctrl-C: stopped mid-step, so the state is not saved
+    status, exit_code, aborted = "stopped", EXIT_STOPPED, True
+
+# ---------------------------------------------------------------------------------------
+# the end: DDP desync check, final checkpoint (ckpt_last.pt), summary, one line
+extra = {}
+if ddp and not aborted:  # every rank must hold bit-identical weights after all-reduced steps
+    raw_bytes = (p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() for p in params)
+    digest = hashlib.sha256(b"".join(raw_bytes)).hexdigest()
+    digests = [None] * world_size
+    dist.all_gather_object(digests, digest)
+    extra["ddp_ranks_agree"] = len(set(digests)) == 1
+    if master and not extra["ddp_ranks_agree"]:
+        print(f"warning: DDP ranks ended with different weights ({digests})", file=sys.stderr)
+if master:
+    saved_here = tc.checkpoint_interval and step % tc.checkpoint_interval == 0
+    if step > start_step and not saved_here and not aborted:
+        save(numbered=False)
+    write_summary(status, diverged_step, train_loss, **extra)
+    logger.close({"status": status, "best_val_loss": best_val, "final_val_loss": last_val}, exit_code=exit_code)
+    if status == "diverged":
+        print(f"diverged: {tc.nan_patience} consecutive non-finite steps from step {diverged_step}; "
+              f"state saved in {run_dir} (exit code {EXIT_DIVERGED})", file=sys.stderr)
+    else:
+        val_text = f"val loss {last_val:.4f} (best {best_val:.4f} @ {best_val_step})" if last_val is not None else ""
+        print(f"{status} at step {step} in {fmt_time(wall_before + time.time() - t_start)}: {val_text} -> {run_dir}")
+if ddp:
+    dist.destroy_process_group()
+sys.exit(exit_code)
