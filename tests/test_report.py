@@ -1,0 +1,233 @@
+"""altgrad.report: table, verdicts, seed spread and plots from run directories."""
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+
+from altgrad import report
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+LAYERS = ("transformer.h.0.attn.c_attn", "transformer.h.0.mlp.c_fc", "lm_head")
+
+
+def write_run(root, name, *, val_losses, status="completed", quant=None, seed=42, diverged_step=None,
+              shadow=None, stall=None, overflow=None, underflow=None, extra_lines=()):
+    """A run directory as train.py writes it: summary.json + metrics.jsonl (one record per step)."""
+    run = root / name
+    run.mkdir(parents=True)
+    steps = sorted(val_losses)
+    rng = random.Random(name)
+    with open(run / "metrics.jsonl", "w") as f:
+        for step in steps:
+            noisy = val_losses[step] + rng.uniform(-0.05, 0.05)
+            rec = {"step": step, "train/loss": noisy, "val/loss": val_losses[step]}
+            if shadow is not None:
+                rec["shadow/grad_cos_mean"] = shadow[step]
+                rec.update({f"shadow/{layer}/grad_cos": shadow[step] - 0.01 * i for i, layer in enumerate(LAYERS)})
+            if stall is not None:
+                rec["update/bit_stall"] = stall[step]
+            for role, vals in (overflow or {}).items():
+                rec[f"quant/{role}/overflow"] = vals[step]
+            for role, vals in (underflow or {}).items():
+                rec[f"quant/{role}/underflow"] = vals[step]
+            f.write(json.dumps(rec) + "\n")
+        for line in extra_lines:
+            f.write(line + "\n")
+    final = val_losses[steps[-1]]
+    summary = {
+        "run_name": name, "status": status, "steps": steps[-1], "diverged_step": diverged_step,
+        "final_train_loss": final, "final_val_loss": final if math.isfinite(final) else None,
+        "best_val_loss": min(v for v in val_losses.values() if math.isfinite(v)), "best_val_step": 0,
+        "wall_time_s": 12.5, "versions": {"torch": "2.13"}, "device": "cpu", "git_commit": "abc",
+        "config": {"train": {"seed": seed, "dtype": "fp32"}, "quant": quant, "model": {}, "data": {}, "log": {}},
+    }
+    (run / "summary.json").write_text(json.dumps(summary))
+    return run
+
+
+STEPS = (0, 10, 20, 30)
+
+
+def curve(start, end):
+    return {s: start + (end - start) * i / (len(STEPS) - 1) for i, s in enumerate(STEPS)}
+
+
+@pytest.fixture
+def runs(tmp_path):
+    base = write_run(tmp_path, "bf16_baseline_s42", val_losses=curve(4.0, 2.0))
+    e5m2 = write_run(
+        tmp_path, "e5m2_fp8_s42", val_losses=curve(4.0, 2.1), quant={"default_format": "E5M2"},
+        shadow={s: 0.99 - 0.01 * i for i, s in enumerate(STEPS)}, stall={s: 0.2 + 0.1 * i for i, s in enumerate(STEPS)},
+        overflow={"input": {s: 0.0 for s in STEPS}, "grad_output": {s: 1e-3 * i for i, s in enumerate(STEPS)}},
+        underflow={"input": {s: 0.01 for s in STEPS}, "grad_output": {s: 0.1 * i for i, s in enumerate(STEPS)}},
+    )
+    e7m0 = write_run(
+        tmp_path, "e7m0_s42", val_losses={0: 4.0, 10: 3.9, 20: float("nan")}, status="diverged", diverged_step=20,
+        quant={"default_format": "E7M0"},
+    )
+    e2m5 = write_run(tmp_path, "e2m5_s42", val_losses=curve(4.0, 2.6), quant={
+        "default_format": "E4M3", "grad_output_format": "E5M2", "rounding": "stochastic"})
+    return base, e5m2, e7m0, e2m5
+
+
+def test_verdicts_ratios_and_aggregates(runs):
+    loaded = [report.load_run(p) for p in runs]
+    rows = {r.run: r for r in report.summarize(loaded, loaded[0])}
+    assert [r for r in rows] == ["bf16_baseline_s42", "e5m2_fp8_s42", "e7m0_s42", "e2m5_s42"]
+    assert rows["bf16_baseline_s42"].verdict == "baseline"
+    e5 = rows["e5m2_fp8_s42"]
+    assert e5.verdict == "PASS"
+    assert e5.ratio == pytest.approx(2.1 / 2.0) and e5.ratio_step == 30
+    assert e5.val_loss == pytest.approx(2.1) and e5.ppl == pytest.approx(math.exp(2.1))
+    assert e5.grad_cos == pytest.approx((0.99 + 0.98 + 0.97 + 0.96) / 4)
+    assert e5.bit_stall == pytest.approx((0.2 + 0.3 + 0.4 + 0.5) / 4)
+    assert e5.max_overflow == pytest.approx(3e-3)
+    # worst role's mean over steps: grad_output (0 + .1 + .2 + .3) / 4 beats input's 0.01
+    assert e5.mean_underflow == pytest.approx(0.15)
+    assert e5.fmt == "E5M2"
+    e7 = rows["e7m0_s42"]
+    # a diverged run's final loss is NaN: the table shows its last finite validation loss
+    assert e7.verdict == "DIVERGED" and e7.diverged_step == 20 and e7.val_loss == pytest.approx(3.9)
+    # the last step both evaluated with a finite loss is 10: 3.9 vs 4 - 2/3
+    assert e7.ratio == pytest.approx(3.9 / (4.0 - 2.0 / 3)) and e7.ratio_step == 10
+    e2 = rows["e2m5_s42"]
+    assert e2.verdict == "INVESTIGATE" and e2.ratio == pytest.approx(1.3)
+    assert e2.fmt == "i:E4M3 w:E4M3 go:E5M2 SR"
+    assert rows["bf16_baseline_s42"].fmt == "FP32"
+
+
+@pytest.mark.parametrize("config, device, expected", [
+    ({"train": {"dtype": "auto"}, "quant": None}, "cuda:0 (NVIDIA H100)", "BF16"),
+    ({"train": {"dtype": "auto"}, "quant": None}, "cpu (2 threads)", "FP32"),
+    ({"train": {"dtype": "bf16"}, "quant": None}, "cpu (2 threads)", "BF16"),
+    ({"quant": {"default_format": "E4M3", "grad_output_format": "E5M2"}}, "cpu", "i:E4M3 w:E4M3 go:E5M2"),
+    ({"quant": {"default_format": "E5M2", "master_weights": "E5M2", "scaling": "current"}}, "cpu",
+     "E5M2 master:E5M2 scaling:current"),
+    ({"quant": {"default_format": None,
+                "layer_rules": [{"pattern": "attn", "format": None}, {"pattern": "mlp", "format": "E5M2"}]}},
+     "cpu", "mixed hp/E5M2"),
+    ({}, "cpu", "—"),
+])
+def test_format_description(tmp_path, config, device, expected):
+    run = report.Run(tmp_path, {"config": config, "device": device})
+    assert report.describe_format(run) == expected
+
+
+def test_table_prints_dash_for_missing_metrics(runs):
+    loaded = [report.load_run(p) for p in runs]
+    text = report.format_table(report.summarize(loaded, loaded[0]))
+    lines = text.splitlines()
+    assert lines[0].split()[:2] == ["run", "format"]
+    base_line = next(line for line in lines if line.startswith("bf16_baseline_s42"))
+    assert "—" in base_line and "2.0000" in base_line and "baseline" in base_line
+    assert "DIVERGED" in next(line for line in lines if line.startswith("e7m0_s42"))
+    md = report.format_table(report.summarize(loaded, loaded[0]), markdown=True)
+    assert md.splitlines()[1].startswith("|---|") and md.count("\n") == len(loaded) + 1
+
+
+def test_main_writes_report_and_plots(runs, tmp_path, capsys):
+    out = tmp_path / "rep"
+    assert report.main([str(p) for p in runs] + ["--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "PASS" in printed and "DIVERGED" in printed and "INVESTIGATE" in printed
+    md = (out / "report.md").read_text()
+    assert "| e5m2_fp8_s42 | E5M2 |" in md
+    expected = {"loss.png", "grad_cos.png", "bit_stall.png", "overflow_underflow.png",
+                "grad_cos_heatmap_e5m2_fp8_s42.png"}
+    made = {p.name for p in out.glob("*.png")}
+    assert made == expected  # no heat-map for runs without shadow data
+    for name in expected:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"({name})" in md
+
+
+def test_baseline_option_and_default_out_dir(runs, capsys):
+    base, e5m2, _, _ = runs
+    assert report.main([str(e5m2), "--baseline", str(base)]) == 0
+    out = capsys.readouterr().out
+    # the baseline is added to the table and the other run compared with it
+    assert out.index("bf16_baseline_s42") < out.index("e5m2_fp8_s42")
+    assert (e5m2.parent / "report" / "report.md").is_file()
+
+
+def test_runs_without_any_optional_metric(tmp_path):
+    # only a loss and no summary at all (a run killed early): still a row, dashes elsewhere
+    a = write_run(tmp_path, "a", val_losses=curve(3.0, 2.0))
+    b = tmp_path / "b"
+    b.mkdir()
+    (b / "metrics.jsonl").write_text('{"step": 0, "train/loss": 3.0}\n{"step": 10, "train/loss": 2.5}\n{"step": 2')
+    loaded = [report.load_run(a), report.load_run(b)]
+    rows = report.summarize(loaded, loaded[0])
+    # b never evaluated: compared on training loss at the last common step (10)
+    a_train = dict(loaded[0].series["train/loss"])
+    assert rows[1].val_loss is None and rows[1].ratio == pytest.approx(2.5 / a_train[10]) and rows[1].ratio_step == 10
+    assert rows[1].fmt == "—" and rows[1].verdict == "PASS"
+    assert "—" in report.format_table(rows)
+    text, md, plots = report.write_report(loaded, loaded[0], tmp_path / "rep")
+    assert [p.name for p in plots] == ["loss.png"]
+
+
+def test_seed_spread_of_the_baseline(tmp_path, capsys):
+    finals = {42: 2.00, 43: 2.10, 44: 1.96}
+    dirs = [write_run(tmp_path, f"bf16_baseline_s{s}", val_losses=curve(4.0, v), seed=s) for s, v in finals.items()]
+    dirs.append(write_run(tmp_path, "e5m2_fp8_s43", val_losses=curve(4.0, 2.15), seed=43,
+                          quant={"default_format": "E5M2"}))
+    assert report.main([str(d) for d in dirs] + ["--out", str(tmp_path / "rep")]) == 0
+    out = capsys.readouterr().out
+    mean = sum(finals.values()) / 3
+    std = math.sqrt(sum((v - mean) ** 2 for v in finals.values()) / 2)
+    assert f"bf16_baseline (baseline): final val loss {mean:.4f} ± {std:.4f} over 3 seeds" in out
+    # e5m2 seed 43 is compared with the baseline's seed-43 run (2.10), not the first baseline (2.00)
+    loaded = [report.load_run(d) for d in dirs]
+    row = report.summarize(loaded, loaded[0])[-1]
+    assert row.ratio == pytest.approx(2.15 / 2.10)
+
+
+def test_missing_run_dir_is_a_one_line_error(tmp_path, capsys):
+    assert report.main([str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "neither summary.json nor metrics.jsonl" in err
+
+
+# ---- the whole chain: two real train.py runs (via the sweep) and the report -------------------------
+
+TINY = ["model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "train.batch_size=4",
+        "train.max_steps=10", "train.warmup=2", "train.eval_interval=5", "train.eval_iters=2",
+        "train.log_interval=5", "train.shadow_interval=5", "train.checkpoint_interval=0", "log.wandb_mode=disabled"]
+
+
+@pytest.mark.slow
+def test_whole_chain_two_real_runs_and_report(tmp_path, fixture_text, prepare_module, capsys):
+    from altgrad import sweep
+
+    data = tmp_path / "data"
+    prepare_module.prepare(fixture_text, data)
+    out = tmp_path / "out"
+    configs = [str(REPO_ROOT / "configs" / f) for f in ("bf16_baseline.yaml", "e5m2_fp8.yaml")]  # the shipped ones
+    sets = [a for s in TINY + [f"data.dir={data}"] for a in ("--set", s)]
+    assert sweep.main(configs + sets + ["--out-root", str(out)]) == 0
+    printed = capsys.readouterr().out
+
+    # train.py logged every diagnostic family under the DESIGN §8 keys
+    lines = (out / "e5m2_fp8_s42" / "metrics.jsonl").read_text().splitlines()
+    keys = set().union(*(json.loads(line) for line in lines))
+    for key in ("quant/input/overflow", "quant/grad_output/underflow", "quant/transformer.h.0.mlp.c_fc/weight/rel_err",
+                "update/bit_stall", "update/ulp_ratio", "shadow/grad_cos_mean", "shadow/lm_head/grad_snr_db",
+                "mlp/dead_frac", "grad/transformer.h.0.mlp.c_fc/l2", "perf/shadow_ms"):
+        assert key in keys, key
+    names = ("bf16_baseline_s42", "e5m2_fp8_s42")
+    row = {line.split()[0]: line for line in printed.splitlines() if line.startswith(names)}
+    assert row["bf16_baseline_s42"].rstrip().endswith("baseline")
+    assert row["e5m2_fp8_s42"].rstrip().endswith(("PASS", "INVESTIGATE")) and " E5M2 " in row["e5m2_fp8_s42"]
+    loaded = [report.load_run(out / n) for n in ("bf16_baseline_s42", "e5m2_fp8_s42")]
+    base, e5 = report.summarize(loaded, loaded[0])
+    # the fp32 baseline's shadow is itself: cosine 1; E5M2 gradients are close but not equal
+    assert base.grad_cos == pytest.approx(1.0, abs=1e-6) and 0.9 < e5.grad_cos < 1.0
+    assert 0 < e5.bit_stall < 1 and base.bit_stall is None
+    assert e5.ratio_step == 10 and e5.ratio == pytest.approx(e5.val_loss / base.val_loss)
+    made = {p.name for p in (out / "report").glob("*.png")}
+    assert {"loss.png", "grad_cos.png", "bit_stall.png", "overflow_underflow.png",
+            "grad_cos_heatmap_e5m2_fp8_s42.png"} <= made
