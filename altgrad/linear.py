@@ -22,8 +22,8 @@ high precision (passed through in fp32). Decisions written down here:
 - Saved for backward are the quantized operands (bf16 format-domain values) and 0-dim scales.
 - The quantized weight is cached and recomputed only when the Parameter changes (its version
   counter or storage), i.e. once per optimizer step, however many micro-batches run.
-- Delayed-scaling histories are updated by training-mode calls only, so evaluation frequency
-  does not change the training trajectory.
+- Scaling state (delayed histories and last scales) is updated by training-mode calls only, so
+  evaluation frequency does not change the training trajectory.
 - Accumulation headroom: E7M0 values reach 2**62, so a product of two reaches 2**124 and an fp32
   sum of 16 overflows. Operands of formats whose max exceeds 2**52 are therefore carried as
   q·2**-k (k = log2(max) - 52, 10 for E7M0): rounding x·scale·2**-k to the same format with bias + k
@@ -219,7 +219,7 @@ class QuantizedLinear(nn.Module):
         if rc is None:
             return x2, None
         scaler = self.scalers[role]
-        scale, inv_scale = scaler.scale_for(x2)
+        scale, inv_scale = scaler.scale_for(x2, update=self.training)
         rc, k = self._domains.get(role, (rc, 0))
         # exact power-of-two shifts (k = 0 but for huge formats): the same rounding, carried 2**-k lower
         q_scale, q_inv = (scale * 2.0**-k, inv_scale * 2.0**k) if k else (scale, inv_scale)
@@ -231,7 +231,9 @@ class QuantizedLinear(nn.Module):
 
     def _quantized_weight(self, triton: bool):
         w = self.weight
-        key = (w._version, w.data_ptr(), w.device, triton)
+        # training mode is part of the key: the first training call after an eval must still push
+        # this step's weight amax into the delayed history (eval calls never do)
+        key = (w._version, w.data_ptr(), w.device, triton, self.training)
         if self._weight_cache is None or self._weight_cache[0] != key:
             q, inv = self._operand("weight", w.detach(), triton)
             self._weight_cache = (key, q, inv)
@@ -243,7 +245,7 @@ class QuantizedLinear(nn.Module):
         if rc.rounding != "nearest" or not rc.saturate:  # the in-loop path rounds nearest, saturating
             q_i, inv_i = self._operand("input", x2, True)
             return _matmul_triton(q_i, q_w, inv_i, inv_w, bias, out_dtype)
-        scale, inv_i = self.scalers["input"].scale_for(x2)
+        scale, inv_i = self.scalers["input"].scale_for(x2, update=False)
         scale, inv_i = scale * 2.0**-k, inv_i * 2.0**k
         return _matmul_triton(x2, q_w, inv_i, inv_w, bias, out_dtype,
                               fmt_a=(f.exp_bits, f.man_bits, f.bias, f.specials), scale_a=scale)

@@ -99,17 +99,21 @@ class TensorScaler(nn.Module):
         self.register_buffer("scale", torch.ones((), dtype=torch.float32))
         self.register_buffer("inv_scale", torch.ones((), dtype=torch.float32))
 
-    def _set(self, amax: torch.Tensor) -> None:
-        self.scale.copy_(compute_scale(amax, self.fmt, self.margin, self.pow2, prev_scale=self.scale))
-        self.inv_scale.copy_(torch.reciprocal(self.scale))
-
-    def scale_for(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.mode == "current" or (self.mode == "delayed" and self.amax_history.empty):
-            self._set(x.detach().abs().amax().float())
-        elif self.mode == "delayed":
-            self._set(self.amax_history.get())
-        # copies: a later call updates the buffers in place while autograd may still hold these
-        return self.scale.clone(), self.inv_scale.clone()
+    def scale_for(self, x: torch.Tensor, update: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, inv_scale) for quantizing x; stored as the last used when `update` (training
+        calls). Evaluation calls pass update=False so they leave no trace in the scaling state."""
+        if self.mode == "none":
+            return self.scale.clone(), self.inv_scale.clone()
+        if self.mode == "current" or self.amax_history.empty:
+            amax = x.detach().abs().amax().float()
+        else:
+            amax = self.amax_history.get()
+        scale = compute_scale(amax, self.fmt, self.margin, self.pow2, prev_scale=self.scale)
+        inv_scale = torch.reciprocal(scale)
+        if update:
+            self.scale.copy_(scale)
+            self.inv_scale.copy_(inv_scale)
+        return scale, inv_scale  # fresh tensors: later calls update the buffers in place
 
     def observe(self, amax: torch.Tensor) -> None:
         if self.amax_history is not None:

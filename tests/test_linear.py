@@ -272,3 +272,32 @@ def test_e7m0_full_range_does_not_overflow_fp32_accumulation(backend, device):
     assert torch.isfinite(y).all() and torch.isfinite(x.grad).all() and torch.isfinite(lin.weight.grad).all()
     torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-6)
     assert ql.stats["input"]["scale"].item() == (torch.tensor(2.0**62) / x.abs().max()).item()
+
+
+@pytest.mark.parametrize("scaling", ["delayed", "current"])
+def test_evaluation_calls_leave_no_trace_in_training(scaling):
+    """Same training with and without eval forwards in between: bit-identical weights, scaling
+    state and per-call scales (the weight cache and scale buffers must not carry eval-mode results
+    into training)."""
+    runs = []
+    for with_eval in (False, True):
+        lin, ql = make(scaling=scaling, seed=9)
+        opt = torch.optim.SGD(ql.parameters(), lr=0.1)
+        g = torch.Generator().manual_seed(1)
+        used = []
+        for step in range(3):
+            if with_eval:
+                ql.eval()
+                with torch.no_grad():
+                    ql(torch.randn(4, 37, generator=g) * 50)
+                ql.train()
+            # an all-zero batch right after the eval hits the keep-the-previous-scale rule
+            for x in (torch.zeros(2, 37), torch.randn(8, 37, generator=torch.Generator().manual_seed(step))):
+                ql(x).sum().backward()
+                used.append(ql.stats["input"]["scale"].item())
+            opt.step(), opt.zero_grad()
+        runs.append((lin.weight.detach().clone(), ql.state_dict(), used))
+    (w0, s0, u0), (w1, s1, u1) = runs
+    assert u0 == u1
+    assert torch.equal(w0, w1)
+    assert s0.keys() == s1.keys() and all(torch.equal(s0[k], s1[k]) for k in s0)

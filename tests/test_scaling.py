@@ -98,3 +98,11 @@ def test_state_round_trip():
 def test_bad_mode():
     with pytest.raises(ValueError, match=r"scaling mode must be one of \('delayed', 'current', 'none'\)"):
         TensorScaler(E4M3, "dynamic")
+
+
+def test_scale_for_without_update_leaves_state():
+    s = TensorScaler(E4M3, "current")
+    s.scale_for(torch.tensor([2.0]))
+    scale, inv = s.scale_for(torch.tensor([8.0]), update=False)
+    assert scale.item() == 56.0 and inv.item() == torch.reciprocal(t(56.0)).item()
+    assert s.scale.item() == 224.0 and s.inv_scale.item() == torch.reciprocal(t(224.0)).item()
