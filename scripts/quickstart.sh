@@ -19,10 +19,10 @@ fi
 run() {  # exit code 3 = diverged: a result for the report, not a failure of the script
   "$PYTHON" train.py configs/cpu_quick.yaml --data.dir="$DATA" --log.out_dir="$OUT" "$@" || [ $? -eq 3 ]
 }
-echo "== 1/2 baseline, high precision (fp32 on a CPU): $OUT/bf16"
-run --log.run_name=bf16 "$@"
+echo "== 1/2 baseline, high precision (fp32 on a CPU): $OUT/baseline"
+run --log.run_name=baseline "$@"
 echo "== 2/2 E5M2 for every matmul operand: $OUT/e5m2"
 run --log.run_name=e5m2 --quant.default_format=E5M2 "$@"
 
 echo "== comparison"
-"$PYTHON" -m altgrad.report "$OUT/bf16" "$OUT/e5m2" --out "$OUT/report"
+"$PYTHON" -m altgrad.report "$OUT/baseline" "$OUT/e5m2" --out "$OUT/report"
