@@ -394,12 +394,19 @@ def _benchmark() -> None:
         print(f"quantize {name} bf16->bf16 {n / 2**20:.0f}M elements: {ms * 1e3:.0f} us, {gbs:.0f} GB/s")
 
 
-if __name__ == "__main__":
+def main(self_check, benchmark) -> None:
+    """`python <kernel>.py`: the self-check (GPU, or CPU under TRITON_INTERPRET=1), then the
+    benchmark on a GPU; exits non-zero when the check fails."""
     if not torch.cuda.is_available() and not _INTERPRET:
         sys.exit("no CUDA device: run with TRITON_INTERPRET=1 to check the kernel on the CPU")
     # the interpreter's numpy warns on inf * x and inf - inf, which the check feeds on purpose
     warnings.filterwarnings("ignore", category=RuntimeWarning)
-    passed = _self_check("cuda" if torch.cuda.is_available() and not _INTERPRET else "cpu")
-    if passed and torch.cuda.is_available() and not _INTERPRET:
-        _benchmark()
+    on_gpu = torch.cuda.is_available() and not _INTERPRET
+    passed = self_check("cuda" if on_gpu else "cpu")
+    if passed and on_gpu:
+        benchmark()
     sys.exit(0 if passed else 1)
+
+
+if __name__ == "__main__":
+    main(_self_check, _benchmark)

@@ -31,17 +31,17 @@ and, with CUDA, prints TFLOP/s against torch's bf16 matmul.
 from __future__ import annotations
 
 import os
-import sys
-import warnings
 
 import torch
 import triton
 import triton.language as tl
 
 try:  # installed as altgrad.kernels
-    from .quantize import SPECIALS, _scalar_tensor, check_format, fp32_to_bf16_rne, quantize_ref, round_fp32_to_format
+    from .quantize import (SPECIALS, _scalar_tensor, check_format, fp32_to_bf16_rne, main, quantize_ref,
+                           round_fp32_to_format)
 except ImportError:  # pasted next to quantize.py, or run as a script
-    from quantize import SPECIALS, _scalar_tensor, check_format, fp32_to_bf16_rne, quantize_ref, round_fp32_to_format
+    from quantize import (SPECIALS, _scalar_tensor, check_format, fp32_to_bf16_rne, main, quantize_ref,
+                          round_fp32_to_format)
 
 __all__ = ["scaled_matmul", "scaled_matmul_ref", "FP8_FORMATS"]
 
@@ -305,11 +305,4 @@ def _benchmark() -> None:
 
 
 if __name__ == "__main__":
-    if not torch.cuda.is_available() and not _INTERPRET:
-        sys.exit("no CUDA device: run with TRITON_INTERPRET=1 to check the kernel on the CPU")
-    # the interpreter's numpy warns on inf * x and inf - inf, which the check feeds on purpose
-    warnings.filterwarnings("ignore", category=RuntimeWarning)
-    passed = _self_check("cuda" if torch.cuda.is_available() and not _INTERPRET else "cpu")
-    if passed and torch.cuda.is_available() and not _INTERPRET:
-        _benchmark()
-    sys.exit(0 if passed else 1)
+    main(_self_check, _benchmark)

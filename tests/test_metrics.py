@@ -8,7 +8,6 @@ from torch import nn
 from torch.nn import functional as F
 
 from altgrad import metrics
-from altgrad.formats import get_format
 from altgrad.model import GPT, GPTConfig
 
 CFG = GPTConfig(block_size=16, vocab_size=29, n_layer=2, n_head=2, n_embd=24, dropout=0.0)

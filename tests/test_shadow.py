@@ -7,7 +7,7 @@ import torch
 
 from altgrad.metrics import DeadNeuronTracker, layer_parameters
 from altgrad.model import GPT, GPTConfig
-from altgrad.shadow import SNR_CAP_DB, FP32ShadowModel
+from altgrad.shadow import FP32ShadowModel
 
 CFG = GPTConfig(block_size=16, vocab_size=37, n_layer=2, n_head=2, n_embd=24, dropout=0.0)
 
