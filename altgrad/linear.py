@@ -110,8 +110,15 @@ def _matmul_triton(a, b, inv_a, inv_b, bias, out_dtype, **in_loop):
 class _QuantizedLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, mod: "QuantizedLinear"):
-        x2 = x.reshape(-1, x.shape[-1])
         out_dtype = _output_dtype(x)
+        # the products below are exact fp32 work on format-domain values: autocast must not
+        # turn them into bf16 matmuls (the output is cast to the autocast dtype at the end)
+        with torch.autocast(x.device.type, enabled=False):
+            return _QuantizedLinearFn._forward(ctx, x, bias, mod, out_dtype)
+
+    @staticmethod
+    def _forward(ctx, x, bias, mod, out_dtype):
+        x2 = x.reshape(-1, x.shape[-1])
         triton = mod._use_triton(x)
         q_w, inv_w = mod._quantized_weight(triton)
         if triton and not mod.training and not torch.is_grad_enabled():
@@ -127,7 +134,13 @@ class _QuantizedLinearFn(torch.autograd.Function):
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
+        with torch.autocast(dy.device.type, enabled=False):
+            return _QuantizedLinearFn._backward(ctx, dy)
+
+    @staticmethod
+    def _backward(ctx, dy):
         q_i, q_w, inv_i, inv_w = ctx.saved_tensors
         mod, triton = ctx.mod, ctx.triton
         dy2 = dy.reshape(-1, dy.shape[-1])

@@ -301,3 +301,14 @@ def test_evaluation_calls_leave_no_trace_in_training(scaling):
     assert u0 == u1
     assert torch.equal(w0, w1)
     assert s0.keys() == s1.keys() and all(torch.equal(s0[k], s1[k]) for k in s0)
+
+
+def test_autocast_does_not_reach_the_simulated_products():
+    """Under autocast the output has the autocast dtype, but the products stay exact fp32 work."""
+    lin, ql = make(in_f=64, out_f=48)
+    x = torch.randn(32, 64)
+    want = ql(x).detach()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ql(x)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, want.to(torch.bfloat16))
