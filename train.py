@@ -126,12 +126,15 @@ start_step = step
 if master:
     if resume_path is not None:
         print(f"resuming from {resume_path} at step {step}")
-    else:  # fresh run: stale checkpoints of an earlier run in this directory must not be resumed
-        for _, p in ckpt.list_checkpoints(run_dir):
-            p.unlink()
-        (run_dir / ckpt.CKPT_LAST).unlink(missing_ok=True)
+    else:
         if tc.resume:
             print(f"train.resume: no checkpoint in {run_dir}, starting from step 0")
+        elif (run_dir / "metrics.jsonl").exists() or ckpt.list_checkpoints(run_dir):
+            # a fresh run never overwrites an earlier one: its directory is kept beside, renamed
+            kept = run_dir.with_name(f"{run_dir.name}.{time.strftime('%Y%m%d-%H%M%S')}")
+            run_dir.rename(kept)
+            print(f"note: {run_dir} held an earlier run; moved it to {kept} (use --resume to continue one)")
+    run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     print(format_config(cfg), end="")
     if quant_config is not None:

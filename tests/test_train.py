@@ -230,3 +230,14 @@ def test_user_errors_exit_2_with_one_line(tmp_path, data_dir, args, message):
     proc = train(tmp_path, data_dir, *args)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith(message) and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_fresh_run_never_overwrites_an_earlier_one(tmp_path, data_dir):
+    ok(train(tmp_path, data_dir, "--train.max_steps=10", "--log.run_name=again", "--quant=null"))
+    first = (tmp_path / "again" / "metrics.jsonl").read_text()
+    proc = ok(train(tmp_path, data_dir, "--train.max_steps=10", "--log.run_name=again", "--quant=null",
+                    "--train.seed=7"))
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith("again.")]
+    assert len(kept) == 1 and "moved it to" in proc.stdout
+    assert (kept[0] / "metrics.jsonl").read_text() == first and list_checkpoints(kept[0])
+    assert (tmp_path / "again" / "metrics.jsonl").read_text() != first
