@@ -166,21 +166,57 @@ class RunLogger:
         return record
 
     def close(self, summary: dict | None = None, exit_code: int = 0) -> None:
-        """Close the metrics file; send the scalar entries of `summary` to W&B and finish it."""
+        """Close the metrics file; send the layer panels and the scalar entries of `summary` to
+        W&B and finish it."""
         if not self._file.closed:
             self._file.close()
         if self.wandb_run is not None:
+            self._log_layer_panels()
             if summary:
                 scalars = {k: v for k, v in summary.items() if isinstance(v, (int, float, str)) or v is None}
                 self.wandb_run.summary.update(scalars)
             self.wandb_run.finish(exit_code=exit_code)
             self.wandb_run = None
 
+    def _log_layer_panels(self) -> None:
+        """One W&B chart per per-layer metric, a line per layer (`layers/<metric>`): W&B's
+        automatic panels would show each layer's key on its own. The keys themselves stay those of
+        metrics.jsonl."""
+        import wandb
+
+        for metric, (xs, ys, layers) in layer_panels(read_metrics(self.metrics_path)).items():
+            chart = wandb.plot.line_series(xs=xs, ys=ys, keys=layers, title=metric, xname="step")
+            self.wandb_run.log({f"layers/{metric}": chart})
+
     def __enter__(self):
         return self
 
     def __exit__(self, exc_type, exc, tb):
         self.close(exit_code=0 if exc_type is None else 1)
+
+
+def _layer_key(key: str) -> tuple[str, str] | None:
+    """(metric, layer) of a per-layer key — `quant/<layer>/<role>/<stat>` or `<group>/<layer>/<stat>`
+    (update, mlp, grad, shadow) — else None (aggregates such as `quant/input/overflow`)."""
+    parts = key.split("/")
+    if len(parts) == (4 if parts[0] == "quant" else 3) and parts[0] in ("quant", "update", "mlp", "grad", "shadow"):
+        return "/".join([parts[0], *parts[2:]]), parts[1]
+    return None
+
+
+def layer_panels(records: list[dict]) -> dict[str, tuple[list[list[int]], list[list[float]], list[str]]]:
+    """Per-layer keys regrouped by metric: {metric: (steps per layer, values per layer, layer names)},
+    non-finite values (null in metrics.jsonl) left out."""
+    series: dict[str, dict[str, tuple[list, list]]] = {}
+    for rec in records:
+        for key, value in rec.items():
+            if (split := _layer_key(key)) is None or value is None:
+                continue
+            xs, ys = series.setdefault(split[0], {}).setdefault(split[1], ([], []))
+            xs.append(rec["step"])
+            ys.append(value)
+    return {metric: ([v[0] for v in by_layer.values()], [v[1] for v in by_layer.values()], list(by_layer))
+            for metric, by_layer in series.items()}
 
 
 # ----------------------------------------------------------------------------------------

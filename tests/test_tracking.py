@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from altgrad.tracking import RunLogger, git_commit, read_metrics, run_versions, write_json_atomic
+from altgrad.tracking import RunLogger, git_commit, layer_panels, read_metrics, run_versions, write_json_atomic
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -167,3 +167,32 @@ def test_run_versions_and_git_commit(tmp_path):
     if (REPO_ROOT / ".git").exists() and subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT,
                                                         capture_output=True).returncode == 0:
         assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", git_commit(REPO_ROOT))
+
+
+# ---- W&B layer panels ------------------------------------------------------------------------------
+
+
+def test_layer_panels_group_per_layer_keys_by_metric():
+    records = [
+        {"step": 0, "quant/h.0.fc/input/overflow": 0.1, "quant/h.1.fc/input/overflow": 0.2,
+         "quant/input/overflow": 0.15, "update/h.0.fc/bit_stall": 0.5, "train/loss": 3.0},
+        {"step": 10, "quant/h.0.fc/input/overflow": None, "quant/h.1.fc/input/overflow": 0.3,
+         "shadow/h.1.fc/grad_cos": 0.99, "shadow/grad_cos_mean": 0.99},
+    ]
+    panels = layer_panels(records)
+    assert set(panels) == {"quant/input/overflow", "update/bit_stall", "shadow/grad_cos"}
+    xs, ys, layers = panels["quant/input/overflow"]
+    assert layers == ["h.0.fc", "h.1.fc"] and xs == [[0], [0, 10]] and ys == [[0.1], [0.2, 0.3]]
+    assert panels["shadow/grad_cos"] == ([[10]], [[0.99]], ["h.1.fc"])
+
+
+def test_offline_run_logs_one_layer_panel_per_metric(tmp_path):
+    run = tmp_path / "run"
+    with RunLogger(run, project="altgrad", run_name="panels", wandb_mode="offline") as log:
+        for step in range(3):
+            log.log(step, {"quant/h.0.fc/input/overflow": 0.1 * step, "quant/h.1.fc/input/overflow": 0.2,
+                           "quant/input/overflow": 0.15, "train/loss": 3.0 - step})
+    _, history, _ = wandb_history(run)
+    panel_keys = {k for row in history for k in row if k.startswith("layers/")}
+    assert any(k.startswith("layers/quant/input/overflow") for k in panel_keys), panel_keys
+    assert not any("train/loss" in k for k in panel_keys)
