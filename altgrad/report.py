@@ -370,6 +370,8 @@ def make_plots(runs: list[Run], out_dir: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display needed
+    # a format sweep plots 10+ runs: 20 distinct colours instead of matplotlib's 10
+    matplotlib.rcParams["axes.prop_cycle"] = matplotlib.cycler(color=matplotlib.colormaps["tab20"].colors)
     made = [
         _line_plot(runs, [("train/loss", {"lw": 1, "alpha": 0.6}), ("val/loss", {"marker": "o", "ms": 3})],
                    "loss", "loss", out_dir / "loss.png"),
