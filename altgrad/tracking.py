@@ -184,9 +184,11 @@ class RunLogger:
         metrics.jsonl."""
         import wandb
 
-        for metric, (xs, ys, layers) in layer_panels(read_metrics(self.metrics_path)).items():
-            chart = wandb.plot.line_series(xs=xs, ys=ys, keys=layers, title=metric, xname="step")
-            self.wandb_run.log({f"layers/{metric}": chart})
+        records = read_metrics(self.metrics_path)
+        charts = {f"layers/{metric}": wandb.plot.line_series(xs=xs, ys=ys, keys=layers, title=metric, xname="step")
+                  for metric, (xs, ys, layers) in layer_panels(records).items()}
+        if charts:  # into the last step's row: W&B history keeps one row per metrics.jsonl record
+            self.wandb_run.log(charts, step=records[-1]["step"])
 
     def __enter__(self):
         return self

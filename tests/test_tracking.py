@@ -193,6 +193,8 @@ def test_offline_run_logs_one_layer_panel_per_metric(tmp_path):
             log.log(step, {"quant/h.0.fc/input/overflow": 0.1 * step, "quant/h.1.fc/input/overflow": 0.2,
                            "quant/input/overflow": 0.15, "train/loss": 3.0 - step})
     _, history, _ = wandb_history(run)
+    assert [row["_step"] for row in history] == [0, 1, 2]  # no extra row: the charts join step 2
     panel_keys = {k for row in history for k in row if k.startswith("layers/")}
+    assert panel_keys and all(k in history[-1] for k in panel_keys)
     assert any(k.startswith("layers/quant/input/overflow") for k in panel_keys), panel_keys
     assert not any("train/loss" in k for k in panel_keys)

@@ -111,7 +111,10 @@ def test_short_run_learns_and_writes_its_files(tmp_path, data_dir, combo):
         assert not any(k.startswith("quant/") for k in keys)
         _, history, config = wandb_history(run)
         assert [h.pop("_step") for h in history] == [r["step"] for r in records]
-        assert [set(h) for h in history] == [set(r) - {"step"} for r in records]
+        # the same keys, plus one chart per per-layer metric (a line per layer) in the last row
+        charts = {k for k in history[-1] if k.startswith("layers/")}
+        assert any(k.startswith("layers/grad/l2") for k in charts), charts
+        assert [{k for k in h if not k.startswith("layers/")} for h in history] == [set(r) - {"step"} for r in records]
         assert config["train"]["max_steps"] == 30
     else:
         assert {"quant/input/overflow", "quant/grad_output/underflow", "update/bit_stall"} <= keys
