@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from altgrad.tracking import temp_path
+from altgrad.tracking import atomic_path
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -54,35 +54,22 @@ def checkpoint_path(run_dir: str | os.PathLike, step: int) -> Path:
 def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
     """torch.save `state` (with `schema` added) to `path` atomically; returns the path."""
     path = Path(path)
-    tmp = temp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            torch.save({"schema": SCHEMA_VERSION, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save({"schema": SCHEMA_VERSION, **state}, f)
+        f.flush()
+        os.fsync(f.fileno())  # the bytes are on disk before the name points at them
     return path
 
 
 def _point_last_at(path: Path) -> Path:
     """Make ckpt_last.pt the same file as `path` (hard link; a copy where links fail)."""
     last = path.parent / CKPT_LAST
-    tmp = temp_path(last)
-    os.unlink(tmp)  # os.link needs a free name
-    try:
+    with atomic_path(last) as tmp:
+        os.unlink(tmp)  # os.link needs a free name
         try:
             os.link(path, tmp)
         except OSError:
             shutil.copyfile(path, tmp)
-        os.replace(tmp, last)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return last
 
 

@@ -11,6 +11,7 @@ JSON has no NaN or infinity, so non-finite values are written as `null` in metri
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import math
@@ -21,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-__all__ = ["RunLogger", "temp_path", "write_text_atomic", "write_json_atomic", "read_metrics", "run_versions",
+__all__ = ["RunLogger", "atomic_path", "temp_path", "write_text_atomic", "write_json_atomic", "read_metrics", "run_versions",
            "git_commit", "WANDB_MODES"]
 
 WANDB_MODES = ("online", "offline", "disabled")
@@ -56,17 +57,24 @@ def temp_path(path: str | os.PathLike) -> str:
     return tmp
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to `path` via a temp file and os.replace: readers see the old or the new file."""
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temp file name beside `path`; on success it replaces `path` (os.replace, atomic),
+    on any error it is removed: readers only ever see the old or the complete new file."""
     tmp = temp_path(path)
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to `path` atomically (see atomic_path)."""
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
 
 
 def write_json_atomic(path: str | os.PathLike, obj) -> None:
