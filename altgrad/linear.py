@@ -29,21 +29,22 @@ high precision (passed through in fp32). Decisions written down here:
   q·2**-k (k = log2(max) - 52, 10 for E7M0): rounding x·scale·2**-k to the same format with bias + k
   gives exactly q·2**-k, and inv_scale·2**k undoes it in the epilogue. Rounding, stats and results
   are unchanged; products stay inside fp32 (2**-146 .. 2**104 for E7M0 x E7M0, K < 2**23).
-- Stats per role, kept on device (no host sync): amax, scale, overflow, underflow, nan, nonzero,
-  numel and, when `full_stats` is on, rel_err = ||Q(x)·inv_s - x|| / ||x||.
+- Stats per role, kept on device (no host sync): amax, scale, overflow, underflow, nan, nonzero
+  (0-dim tensors), numel (an int) and, when `full_stats` is on, rel_err = ||Q(x)·inv_s - x|| / ||x||.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 
 import torch
 from torch import nn
 
 from altgrad.config import LayerQuantConfig, RoleConfig
 from altgrad.formats import FormatSpec
-from altgrad.quantize import _round, stats_from_masks
+from altgrad.quantize import QuantStats, _round, stats_from_masks
 from altgrad.scaling import TensorScaler
 
 __all__ = ["QuantizedLinear", "round_master_weights", "set_full_stats"]
@@ -82,8 +83,6 @@ def _cast_triton(x2: torch.Tensor, rc: RoleConfig, scale: torch.Tensor, inv_scal
     res = kq.quantize(x2, scale, inv_scale=inv_scale, exp_bits=f.exp_bits, man_bits=f.man_bits, bias=f.bias,
                       specials=f.specials, rounding=rc.rounding, saturate=rc.saturate, seed=seed,
                       out_q=True, out_dq=False, stats=True)
-    from altgrad.quantize import QuantStats
-
     return res.q, QuantStats(res.amax, *res.counts.unbind(0))
 
 
@@ -218,8 +217,6 @@ class QuantizedLinear(nn.Module):
                                  f"operand role (input, weight, grad_output); use backend='auto' or 'torch'")
             return True
         if x.is_cuda and not all_roles and not self._warned_fallback:
-            import warnings
-
             warnings.warn(f"{self.name or 'QuantizedLinear'}: a high-precision role runs on the torch path "
                           f"(the Triton path needs every operand role quantized)", stacklevel=3)
             self._warned_fallback = True
@@ -272,7 +269,7 @@ class QuantizedLinear(nn.Module):
 
     def _record(self, role, x2, q, st, scale, inv_scale):
         stats = {"amax": st.amax, "scale": scale, "overflow": st.overflow, "underflow": st.underflow,
-                 "nan": st.nan, "nonzero": st.nonzero, "numel": torch.tensor(x2.numel(), device=x2.device)}
+                 "nan": st.nan, "nonzero": st.nonzero, "numel": x2.numel()}  # numel: known on the host
         if self.full_stats:
             x32 = x2.detach().float()
             err = torch.linalg.vector_norm(q.float() * inv_scale - x32)

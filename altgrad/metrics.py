@@ -108,11 +108,12 @@ def _read_stats(model: nn.Module) -> list[tuple[str, str, dict[str, float]]]:
             if not stats:
                 continue
             fields = [f for f in _STAT_FIELDS if isinstance(stats.get(f), torch.Tensor)]
-            entries.append((name, role, fields))
+            plain = {f: float(stats[f]) for f in _STAT_FIELDS if isinstance(stats.get(f), (int, float))}
+            entries.append((name, role, fields, plain))
             tensors.extend(stats[f] for f in fields)
     values, out, i = _to_host(tensors), [], 0
-    for name, role, fields in entries:
-        out.append((name, role, dict(zip(fields, values[i:i + len(fields)]))))
+    for name, role, fields, plain in entries:
+        out.append((name, role, dict(zip(fields, values[i:i + len(fields)])) | plain))
         i += len(fields)
     return out
 
