@@ -120,8 +120,13 @@ def test_bad_seed(seed):
 
 
 def test_seed_accepts_the_range_ends():
+    draws = {}
     for seed in (0, 2**32 - 1, np.int64(5)):
-        set_seed_for_reproducibility(seed, deterministic=False)
+        for _ in range(2):  # accepted, and it really seeds: the same draws twice
+            set_seed_for_reproducibility(seed, deterministic=False)
+            draw = (torch.rand(3).tolist(), np.random.rand(), random.random())
+            assert draws.setdefault(int(seed), draw) == draw
+    assert len({str(d) for d in draws.values()}) == 3
 
 
 # ---------------------------------------------------------------- RNG state capture
