@@ -175,13 +175,18 @@ def test_matmul_in_loop(benchmark, shape_name, fmt, operands):
 _FP8 = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
 
 
-@pytest.mark.skipif(not _FP8, reason="FP8 tensor cores need sm_89+")
-@pytest.mark.parametrize("shape_name", MATMUL_SHAPES)
-def test_matmul_fp8_triton(benchmark, shape_name):
+def _fp8_operands(shape_name):
+    """E4M3 operands as real float8 tensors (x·scale cast by torch) and their inverse scales."""
     x, w = _operands(shape_name)
     sx, sw = _scales(x, w, "E4M3")
     x8, w8 = (x.float() * sx).to(torch.float8_e4m3fn), (w.float() * sw).to(torch.float8_e4m3fn)
-    ix, iw = torch.reciprocal(sx), torch.reciprocal(sw)
+    return x8, w8, torch.reciprocal(sx), torch.reciprocal(sw)
+
+
+@pytest.mark.skipif(not _FP8, reason="FP8 tensor cores need sm_89+")
+@pytest.mark.parametrize("shape_name", MATMUL_SHAPES)
+def test_matmul_fp8_triton(benchmark, shape_name):
+    x8, w8, ix, iw = _fp8_operands(shape_name)
     benchmark.group = f"matmul {shape_name}"
     _record(benchmark, shape_name, _bench(benchmark, lambda: ksm.scaled_matmul(x8, w8, ix, iw, fp8=True,
                                                                                out_dtype=torch.bfloat16)))
@@ -191,10 +196,7 @@ def test_matmul_fp8_triton(benchmark, shape_name):
 @pytest.mark.parametrize("shape_name", MATMUL_SHAPES)
 def test_matmul_fp8_torch_scaled_mm(benchmark, shape_name):
     """cuBLAS FP8 (torch._scaled_mm) for comparison: the real-hardware ceiling."""
-    x, w = _operands(shape_name)
-    sx, sw = _scales(x, w, "E4M3")
-    x8, w8 = (x.float() * sx).to(torch.float8_e4m3fn), (w.float() * sw).to(torch.float8_e4m3fn)
-    ix, iw = torch.reciprocal(sx), torch.reciprocal(sw)
+    x8, w8, ix, iw = _fp8_operands(shape_name)
     benchmark.group = f"matmul {shape_name}"
     fn = lambda: torch._scaled_mm(x8, w8.t(), scale_a=ix, scale_b=iw, out_dtype=torch.bfloat16)  # noqa: E731
     _record(benchmark, shape_name, _bench(benchmark, fn))
