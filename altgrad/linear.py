@@ -44,7 +44,7 @@ from torch import nn
 
 from altgrad.config import LayerQuantConfig, RoleConfig
 from altgrad.formats import FormatSpec
-from altgrad.quantize import QuantStats, _round, stats_from_masks
+from altgrad.quantize import QuantStats, _round, kernel_seed, stats_from_masks
 from altgrad.scaling import TensorScaler
 
 __all__ = ["QuantizedLinear", "round_master_weights", "set_full_stats"]
@@ -78,8 +78,7 @@ def _cast_triton(x2: torch.Tensor, rc: RoleConfig, scale: torch.Tensor, inv_scal
     from altgrad.kernels import quantize as kq
 
     f = rc.format
-    # the seed comes from torch's CPU generator: reproducible under a seed, no device sync
-    seed = int(torch.randint(0, 2**31 - 1, (1,))) if rc.rounding == "stochastic" else 0
+    seed = kernel_seed(rc.rounding)
     res = kq.quantize(x2, scale, inv_scale=inv_scale, exp_bits=f.exp_bits, man_bits=f.man_bits, bias=f.bias,
                       specials=f.specials, rounding=rc.rounding, saturate=rc.saturate, seed=seed,
                       out_q=True, out_dq=False, stats=True)

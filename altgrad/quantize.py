@@ -190,13 +190,18 @@ def _quantize_torch(x, fmt, scale, rounding, saturate, generator):
     return q.to(x.dtype), q, overflow, nan, v
 
 
+def kernel_seed(rounding: str, generator: torch.Generator | None = None) -> int:
+    """The Philox seed for a stochastic-rounding kernel call, drawn from a CPU generator (the
+    global one by default): reproducible under a seed and no device sync. 0 for nearest."""
+    if rounding != "stochastic":
+        return 0
+    return int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+
+
 def _quantize_triton(x, fmt, scale, rounding, saturate, generator, stats):
     from altgrad.kernels import quantize as kq
 
-    seed = 0
-    if rounding == "stochastic":
-        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator)) if generator is not None else \
-            int(torch.randint(0, 2**31 - 1, (1,)))
+    seed = kernel_seed(rounding, generator)
     s = scale if scale is not None else torch.ones((), dtype=torch.float32, device=x.device)
     return kq.quantize(x, s, exp_bits=fmt.exp_bits, man_bits=fmt.man_bits, bias=fmt.bias,
                        specials=fmt.specials, rounding=rounding, saturate=saturate, seed=seed,

@@ -241,3 +241,14 @@ def test_bad_input_errors(kwargs, err, msg):
 def test_ste_bad_mode():
     with pytest.raises(ValueError, match="ste must be one of"):
         quantize_ste(torch.ones(2), "E5M2", ste="none")
+
+
+def test_triton_backend_stochastic_is_seeded_by_the_generator():
+    """backend="triton" draws its Philox seed from `generator`: same seed, same bits."""
+    x = torch.randn(5000, generator=torch.Generator().manual_seed(0))
+    run = lambda s: quantize(x, "E4M3", rounding="stochastic", backend="triton",  # noqa: E731
+                             generator=torch.Generator().manual_seed(s))
+    a, b, c = run(1), run(1), run(2)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    near = quantize(x, "E4M3")
+    assert bool(((a - near).abs() <= get_format("E4M3").ulp(x)).all())  # one of the two neighbours
