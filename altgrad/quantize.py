@@ -22,10 +22,12 @@ import torch
 
 from altgrad.formats import FormatSpec, get_format
 
-__all__ = ["quantize", "quantize_ste", "quantize_with_stats", "round_to_format", "round_to_codes", "QuantStats"]
+__all__ = ["quantize", "quantize_ste", "quantize_with_stats", "quantize_operand", "round_to_format",
+           "round_to_codes", "QuantStats"]
 
 ROUNDING_MODES = ("nearest", "stochastic")
 BACKENDS = ("auto", "torch", "triton")
+OPERAND_BACKENDS = ("auto", "torch", "fast", "triton")
 _SR_BITS = 32  # random bits per stochastic rounding: P(round up) is exact to 2**-32 of a quantum
 
 
@@ -290,3 +292,35 @@ def quantize_ste(x: torch.Tensor, fmt: FormatSpec | str, scale=None, *, ste: str
     _as_fp32(x, "x")
     _check_rounding(rounding)
     return _QuantizeSTE.apply(x, fmt, scale, rounding, saturate, generator, backend, ste)
+
+
+def quantize_operand(x: torch.Tensor, fmt: FormatSpec | str, scale: torch.Tensor, *, rounding: str = "nearest",
+                     saturate: bool = True, seed: int = 0, stats: bool = True,
+                     backend: str = "auto") -> tuple[torch.Tensor, QuantStats | None]:
+    """Cast one matmul operand: q = round_fmt(x * scale) in bf16 (exact), plus its QuantStats.
+
+    x: fp32/bf16/fp16, any shape; scale: 0-dim fp32 tensor on x's device (finite, > 0, with a finite
+    reciprocal). Returns (q, stats): q has x's shape, dtype bfloat16; stats is QuantStats (see its
+    docstring) or None when stats=False. Zero-size x gives an empty q and amax 0, counts 0.
+    seed: stochastic rounding draws 32 Philox bits per element keyed by (seed, row-major index).
+    backend: "torch" (this module's reference), "fast" (a fused pass), "triton" (kernels/quantize.py),
+    "auto" (triton for CUDA tensors, else fast). Every backend returns the same bits.
+    """
+    fmt = get_format(fmt)
+    _as_fp32(x, "x")
+    _check_rounding(rounding)
+    if backend not in OPERAND_BACKENDS:
+        raise ValueError(f"backend must be one of {OPERAND_BACKENDS} (got {backend!r})")
+    if backend == "auto":
+        backend = "triton" if x.is_cuda else "fast"
+    s = _scale_tensor(scale, x.device)
+    if backend == "triton":
+        from altgrad.kernels import quantize as kq
+
+        res = kq.quantize(x, s, exp_bits=fmt.exp_bits, man_bits=fmt.man_bits, bias=fmt.bias,
+                          specials=fmt.specials, rounding=rounding, saturate=saturate, seed=seed,
+                          out_q=True, out_dq=False, stats=stats)
+        return res.q, (QuantStats(res.amax, *res.counts.unbind(0)) if stats else None)
+    v = x.float() * s
+    q, overflow, nan = _round(v, fmt, rounding, saturate, None)
+    return q.to(torch.bfloat16), (stats_from_masks(x, v, q, overflow, nan) if stats else None)
