@@ -78,42 +78,63 @@ def round_fp32_to_format(v, rbits, EXP_BITS: tl.constexpr, MAN_BITS: tl.constexp
     HAS_INF: tl.constexpr = SPECIALS == 0 or SPECIALS == 3
     HAS_NEG_ZERO: tl.constexpr = SPECIALS == 0 or SPECIALS == 1 or SPECIALS == 4
     EMIN: tl.constexpr = 1 - BIAS
-    # an exponent this large gives a code >= 2**(E+M), past every format's max: clamping e here
-    # keeps `wide` inside int32 without changing any result
+    # 2**E_HI is past every value of the format (one binade past the top exponent code)
     E_HI: tl.constexpr = (1 << EXP_BITS) - BIAS
+    # fp32 bits of the largest finite value
+    MAX_BITS: tl.constexpr = ((((MAX_CODE >> MAN_BITS) + (127 - BIAS)) << 23) | ((MAX_CODE & ((1 << MAN_BITS) - 1)) << (23 - MAN_BITS))) \
+        if MAX_CODE >= (1 << MAN_BITS) else 0
+    # the magic constant 1.5 * 2**(e - M + 23) must stay a finite fp32 number up to e = E_HI
+    MAGIC: tl.constexpr = ROUNDING == 0 and MAX_CODE >= (1 << MAN_BITS) and E_HI - MAN_BITS + 23 <= 127
 
     bits = v.to(tl.int32, bitcast=True)
     a = bits & 0x7FFFFFFF
     is_nan = a > 0x7F800000
-    fe = a >> 23
-    sig = (a & 0x7FFFFF) | tl.where(fe != 0, 0x800000, 0)
-    e = tl.minimum(tl.maximum(fe, 1) - 127, E_HI)  # fp32 subnormals share the smallest normal exponent
-    normal = e >= EMIN
-    wide = tl.where(normal, ((e + (BIAS - 1)) << 23) + sig, sig)
-    shift = tl.where(normal, 23 - MAN_BITS, 23 - MAN_BITS + (EMIN - e))
-    if ROUNDING == 1:
-        # keep at most 32 bits below the code's LSB (truncating the rest: bias < 2**-32 of a quantum),
-        # then add as many uniform random bits; shifts >= 56 give 0 either way, capping keeps them defined
-        shift = tl.minimum(shift, 60)
-        drop = tl.maximum(shift - 32, 0)
-        w64 = wide.to(tl.int64) >> drop
-        s2 = shift - drop
-        r = rbits.to(tl.int64) >> (32 - s2)  # uint32 -> int64 zero-extends
-        code = ((w64 + r) >> s2).to(tl.int32)
+    if MAGIC:
+        # nearest by the fp32 adder: C + m lies in a binade whose spacing is the format's quantum
+        # 2**(e - M) and C is an even multiple of it, so IEEE round-half-even rounds m to the
+        # nearest multiple, ties to the even code; inf and huge values are clamped to 2**E_HI first
+        mb = tl.minimum(a, (E_HI + 127) << 23)
+        e = (mb >> 23) - 127
+        c = ((tl.maximum(e, EMIN) + (150 - MAN_BITS)) << 23) | 0x400000
+        cf = c.to(tl.float32, bitcast=True)
+        r = (mb.to(tl.float32, bitcast=True) + cf) - cf
+        mag = r.to(tl.int32, bitcast=True)
+        if MAN_BITS == 0:
+            # codes are exponents: a tie 1.5 * 2**e goes to the even biased exponent, not always up
+            tie = ((mb & 0x7FFFFF) == 0x400000) & (e >= EMIN) & (((e + BIAS) & 1) == 0)
+            mag = tl.where(tie, mb & 0x7F800000, mag)
+        overflow = (mag > MAX_BITS) & (~is_nan)
+        if SATURATE:
+            mag = tl.where(overflow, MAX_BITS, mag)
     else:
-        # wide < 2**24 on the subnormal path, so any shift >= 25 rounds to 0: cap at 30 (int32-safe)
-        shift = tl.minimum(shift, 30)
-        code = (wide + ((1 << (shift - 1)) - 1) + ((wide >> shift) & 1)) >> shift
-    overflow = (code > MAX_CODE) & (~is_nan)
-    if SATURATE:
-        code = tl.minimum(code, MAX_CODE)
-
-    # code -> fp32 bits: normal codes map onto fp32's fields directly; subnormal codes are
-    # code * 2**(EMIN - MAN_BITS), built by adding to the exponent field of float(code)
-    mag_normal = (code << (23 - MAN_BITS)) + ((127 - BIAS) << 23)
-    c_bits = code.to(tl.float32).to(tl.int32, bitcast=True)
-    mag_sub = tl.where(code == 0, 0, c_bits + ((EMIN - MAN_BITS) << 23))
-    mag = tl.where(code >= (1 << MAN_BITS), mag_normal, mag_sub)
+        fe = a >> 23
+        sig = (a & 0x7FFFFF) | tl.where(fe != 0, 0x800000, 0)
+        e = tl.minimum(tl.maximum(fe, 1) - 127, E_HI)  # fp32 subnormals share the smallest normal exponent
+        normal = e >= EMIN
+        wide = tl.where(normal, ((e + (BIAS - 1)) << 23) + sig, sig)
+        shift = tl.where(normal, 23 - MAN_BITS, 23 - MAN_BITS + (EMIN - e))
+        if ROUNDING == 1:
+            # keep at most 32 bits below the code's LSB (truncating the rest: bias < 2**-32 of a
+            # quantum), then add as many uniform random bits; shifts >= 56 give 0 either way
+            shift = tl.minimum(shift, 60)
+            drop = tl.maximum(shift - 32, 0)
+            w64 = wide.to(tl.int64) >> drop
+            s2 = shift - drop
+            r = rbits.to(tl.int64) >> (32 - s2)  # uint32 -> int64 zero-extends
+            code = ((w64 + r) >> s2).to(tl.int32)
+        else:
+            # wide < 2**24 on the subnormal path, so any shift >= 25 rounds to 0: cap at 30 (int32-safe)
+            shift = tl.minimum(shift, 30)
+            code = (wide + ((1 << (shift - 1)) - 1) + ((wide >> shift) & 1)) >> shift
+        overflow = (code > MAX_CODE) & (~is_nan)
+        if SATURATE:
+            code = tl.minimum(code, MAX_CODE)
+        # code -> fp32 bits: normal codes map onto fp32's fields directly; subnormal codes are
+        # code * 2**(EMIN - MAN_BITS), built by adding to the exponent field of float(code)
+        mag_normal = (code << (23 - MAN_BITS)) + ((127 - BIAS) << 23)
+        c_bits = code.to(tl.float32).to(tl.int32, bitcast=True)
+        mag_sub = tl.where(code == 0, 0, c_bits + ((EMIN - MAN_BITS) << 23))
+        mag = tl.where(code >= (1 << MAN_BITS), mag_normal, mag_sub)
     if not SATURATE:
         mag = tl.where(overflow, 0x7F800000 if HAS_INF else 0x7FC00000, mag)
     # -0 only where the format has it; NaN stays (a positive quiet) NaN in every format
