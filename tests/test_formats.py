@@ -1,4 +1,5 @@
-"""FormatSpec and the registry against DESIGN §2, gfloat's decode and the research reference JSON."""
+"""FormatSpec and the registry against the format table of docs/design.md, gfloat's decode and a vendored
+gfloat/ml_dtypes table of extremal values (tests/fixtures/fp8-format-reference.json)."""
 
 import json
 import math
@@ -13,7 +14,9 @@ import torch
 from altgrad.formats import FORMAT_REGISTRY, get_format
 from oracles import gfloat_decode
 
-# DESIGN §2's table of default names: (specials, bias, max, min normal, min subnormal)
+FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+
+# docs/design.md's table of default names: (specials, bias, max, min normal, min subnormal)
 DEFAULTS = {
     "E5M2": ("ieee", 15, 57344.0, 2**-14, 2**-16),
     "E4M3": ("fn", 7, 448.0, 2**-6, 2**-9),
@@ -112,17 +115,23 @@ def test_ulp_is_gap_to_next_value(name):
     assert f.ulp(0.0) == f.min_subnormal if f.man_bits else True
 
 
-def test_reference_json_agrees():
-    """The research team's gfloat-generated table (shared/research) for the fnuz convention."""
-    path = pathlib.Path(__file__).parents[2] / "shared/research/fp8-format-reference.json"
-    if not path.exists():
-        pytest.skip("shared/research not beside this checkout")
-    table = json.loads(path.read_text())["conventions"]
-    for conv in ("ieee", "fn", "fnuz"):
-        for layout, row in table[conv]["formats"].items():
-            f = get_format(f"{layout}_{conv}_B{row['bias']}")
-            assert f.max == row["max_finite"] and f.min_subnormal == (row["min_subnormal"] or f.min_normal)
-            assert f.min_normal == row["min_normal"], (conv, layout)
+# (table key in the fixture, altgrad's specials name) for every convention altgrad implements
+REFERENCE_CONVENTIONS = [("ieee", "ieee"), ("fn", "fn"), ("fnuz", "fnuz"), ("p3109_extended", "p3109"),
+                         ("allfinite", "none")]
+
+
+@pytest.mark.parametrize("table_key,specials", REFERENCE_CONVENTIONS)
+def test_reference_json_agrees(table_key, specials):
+    """Extremal values of every E1M6..E7M0 layout under each convention, as tabulated by gfloat 0.5.2
+    and cross-checked with ml_dtypes 0.6 (tests/fixtures/fp8-format-reference.json)."""
+    table = json.loads((FIXTURES / "fp8-format-reference.json").read_text())["conventions"][table_key]
+    assert len(table["formats"]) == 7
+    for layout, row in table["formats"].items():
+        f = get_format(f"{layout}_{specials}_B{row['bias']}")
+        assert f.max == row["max_finite"], (table_key, layout)
+        assert f.min_subnormal == (row["min_subnormal"] or f.min_normal), (table_key, layout)
+        assert f.min_normal == row["min_normal"], (table_key, layout)
+        assert f.has_neg_zero == row["has_negative_zero"], (table_key, layout)
 
 
 def test_main_prints_table():
