@@ -90,6 +90,37 @@ def test_encode_decode_round_trip(name):
         assert f.decode(back) == v and math.copysign(1, f.decode(back)) == math.copysign(1, v), (code, v, back)
 
 
+def _encode_probe_values(f) -> torch.Tensor:
+    """Every finite value, every midpoint between neighbours and one fp32 ulp either side, values
+    past max, fresh log-spread random values, and the specials; both signs."""
+    pos = f.values()[f.values() >= 0].double()
+    grid = torch.cat([pos, torch.tensor([f.code_value(f.max_code + 1)], dtype=torch.float64)])
+    mids = ((grid[1:] + grid[:-1]) / 2).float()
+    around = torch.cat([mids, torch.nextafter(mids, torch.tensor(0.0)), torch.nextafter(mids, torch.tensor(math.inf))])
+    rand = torch.exp2(torch.empty(2000).uniform_(math.log2(f.min_subnormal) - 4, math.log2(f.max) + 2))
+    specials = torch.tensor([0.0, math.inf, math.nan, f.max * 4, 1e-45])
+    v = torch.cat([pos.float(), around, rand, specials])
+    return torch.cat([v, -v])
+
+
+@pytest.mark.parametrize("name", list(FORMAT_REGISTRY))
+@pytest.mark.parametrize("saturate", [True, False])
+def test_scalar_encode_equals_vectorised_quantizer(name, saturate):
+    """FormatSpec.encode (scalar, formats.py) and quantize.round_to_codes (vectorised) are written
+    independently; they must give the same code for every probe value."""
+    from altgrad.quantize import round_to_codes
+
+    f = get_format(name)
+    v = _encode_probe_values(f)
+    if not f.has_nan:  # NaN, and overflow without saturation, have no code here: checked elsewhere
+        keep = ~torch.isnan(v) & (saturate | (v.abs() <= f.max))
+        v = v[keep]
+    want = round_to_codes(v, f, saturate=saturate).tolist()
+    got = [f.encode(x, saturate=saturate) for x in v.tolist()]
+    bad = [(x, g, w) for x, g, w in zip(v.tolist(), got, want) if g != w]
+    assert not bad, bad[:5]
+
+
 def test_encode_specials():
     e5m2, e4m3 = get_format("E5M2"), get_format("E4M3")
     assert e5m2.encode(1e9, saturate=False) == 0x7C and e5m2.encode(-1e9, saturate=False) == 0xFC
