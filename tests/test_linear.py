@@ -386,3 +386,133 @@ def test_autocast_does_not_reach_the_simulated_products():
         y = ql(x)
     assert y.dtype == torch.bfloat16
     assert torch.equal(y, want.to(torch.bfloat16))
+
+
+# -- stochastic rounding: the layer's own random stream -----------------------------------------
+def sr_model(seed=11):
+    from altgrad.surgery import quantize_model
+
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(24, 40), nn.GELU(), nn.Linear(40, 8))
+    cfg = {"default_format": "E4M3", "grad_output_format": "E5M2", "weight_grad_format": "E5M2",
+           "rounding": "stochastic", "scaling": "delayed"}
+    return quantize_model(model, config=cfg, backend="torch")
+
+
+def sr_batches(n):
+    g = torch.Generator().manual_seed(5)
+    return [(torch.randn(6, 24, generator=g) * 3, torch.randn(6, 8, generator=g)) for _ in range(n)]
+
+
+def sr_train(model, opt, batches, evals=None):
+    losses = []
+    for x, t in batches:
+        if evals is not None:  # an evaluation forward between steps, as train.py's eval_interval
+            model.eval()
+            with torch.no_grad():
+                model(evals)
+            model.train()
+        loss = (model(x) - t).pow(2).mean()
+        loss.backward()
+        opt.step(), opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def test_stochastic_rounding_resumes_bit_for_bit():
+    """N steps straight == N/2 + state_dict save/load into a fresh model + N/2, bit for bit, even
+    when the global RNG is disturbed in between (the stream lives in each layer's sr_state)."""
+    batches = sr_batches(6)
+    model = sr_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    straight = sr_train(model, opt, batches)
+
+    first = sr_model()
+    opt1 = torch.optim.AdamW(first.parameters(), lr=1e-2)
+    half = sr_train(first, opt1, batches[:3])
+    saved = {"model": {k: v.clone() for k, v in first.state_dict().items()}, "opt": opt1.state_dict()}
+    torch.manual_seed(999), torch.rand(17)  # a resumed process has a different global RNG
+    resumed = sr_model(seed=3)  # other initial weights: everything must come from the checkpoint
+    opt2 = torch.optim.AdamW(resumed.parameters(), lr=1e-2)
+    resumed.load_state_dict(saved["model"])
+    opt2.load_state_dict(saved["opt"])
+    rest = sr_train(resumed, opt2, batches[3:])
+    assert half + rest == straight
+    assert model.state_dict().keys() == resumed.state_dict().keys()
+    assert all(torch.equal(v, resumed.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_stochastic_rounding_draws_differ_per_step_and_role():
+    model = sr_model()
+    x = torch.randn(6, 24)
+    model(x)
+    q1 = model[0].stats["input"]["amax"].clone()
+    outs = [model(x).detach() for _ in range(3)]  # the same input, fresh draws each training forward
+    assert not torch.equal(outs[0], outs[1]) and not torch.equal(outs[1], outs[2])
+    assert model[0].sr_state[1].item() == 4 and model[0].sr_state[0] != model[2].sr_state[0]
+    assert q1.item() == x.abs().max().item()
+
+
+def test_evaluation_between_steps_does_not_change_training():
+    batches = sr_batches(5)
+    runs = []
+    for evals in (None, torch.randn(9, 24)):
+        model = sr_model()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        runs.append((sr_train(model, opt, batches, evals), model.state_dict()))
+    (l0, s0), (l1, s1) = runs
+    assert l0 == l1 and all(torch.equal(v, s1[k]) for k, v in s0.items())
+
+
+@pytest.mark.parametrize("backend", ["torch", "fast"])
+def test_quantized_step_leaves_the_global_rng_untouched(backend):
+    model = sr_model()
+    for m in model.modules():
+        if isinstance(m, QuantizedLinear):
+            m.backend = backend
+    x = torch.randn(6, 24)
+    state = torch.get_rng_state()
+    model(x).sum().backward()
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+# -- the fast path equals the reference through the whole layer ---------------------------------
+@pytest.mark.parametrize("fmts,rounding,saturate", [
+    (("E4M3", "E4M3", "E5M2"), "nearest", True),
+    (("E3M4", "E7M0", "E2M5"), "nearest", False),
+    (("E0M7", "E6M1", "E1M6"), "stochastic", True),
+    (("E5M2", "E5M2", "E5M2"), "stochastic", False),
+])
+def test_fast_path_equals_reference_bit_for_bit(fmts, rounding, saturate):
+    torch.manual_seed(6)
+    base = nn.Linear(45, 19)
+    layers = []
+    for backend in ("torch", "fast"):
+        lin = nn.Linear(45, 19)
+        lin.load_state_dict(base.state_dict())
+        rcs = [RoleConfig(f, scaling="delayed", rounding=rounding, saturate=saturate) for f in fmts]
+        wg = RoleConfig("E5M2", scaling="current", rounding=rounding)
+        layers.append(QuantizedLinear(lin, LayerQuantConfig(*rcs, weight_grad=wg), backend=backend, seed=77))
+        layers[-1].full_stats = True
+    for step in range(3):
+        x = torch.randn(3, 7, 45) * 10.0 ** (step - 1)
+        x[0, 0, :3] = torch.tensor([0.0, -0.0, 1e-30])
+        dy = torch.randn(3, 7, 19)
+        grads = []
+        for ql in layers:
+            xi = x.clone().requires_grad_()
+            y = ql(xi)
+            y.backward(dy)
+            grads.append((y.detach(), xi.grad, ql.weight.grad.clone(), ql.bias.grad.clone()))
+            ql.zero_grad()
+        for a, b in zip(*grads):
+            assert torch.equal(a, b) or (a.isnan().any() and torch.equal(a.nan_to_num(), b.nan_to_num()))
+        for role in layers[0].stats:
+            for k, v in layers[0].stats[role].items():
+                w = layers[1].stats[role][k]
+                assert torch.equal(v, w) or (v.isnan() and w.isnan()), (step, role, k)
+    s0, s1 = layers[0].state_dict(), layers[1].state_dict()
+    assert all(torch.equal(v, s1[k]) for k, v in s0.items())
