@@ -145,10 +145,11 @@ def _quantize_operand(x, fmt, scale, rounding, saturate, seed, backend):
 def _cast_operand(x: torch.Tensor, scale: torch.Tensor, inv_scale: torch.Tensor, history: Optional[torch.Tensor],
                   count: Optional[torch.Tensor], filled: Optional[torch.Tensor], stats: torch.Tensor,
                   sr_state: torch.Tensor, plan: str, update: bool, advance: bool,
-                  full_stats: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                  full_stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(q bf16 with x's shape, inv_scale·2**k 0-dim fp32) for one operand; in training (`update`) also
     stores the scale used and pushes x's amax into the delayed history; `advance` counts one
-    training forward in sr_state after this cast's draws."""
+    training forward in sr_state after this cast's draws. full_stats: a 0-dim CPU bool tensor (so
+    turning rel_err on for a logging step changes no compiled graph)."""
     with torch.autocast(x.device.type, enabled=False):
         return _cast_operand_impl(x, scale, inv_scale, history, count, filled, stats, sr_state, _plan(plan), update,
                                   advance, full_stats)
@@ -184,7 +185,7 @@ def _cast_operand_impl(x, scale, inv_scale, history, count, filled, stats, sr_st
     if advance:
         sr_state[1] += 1
     rel_err = torch.full((), math.nan, dtype=torch.float32, device=x.device)
-    if full_stats:
+    if bool(full_stats):
         x32 = x.detach().float()
         err = torch.linalg.vector_norm(q.float() * q_inv - x32)
         rel_err = err / torch.linalg.vector_norm(x32).clamp(min=torch.finfo(torch.float32).tiny)
@@ -361,7 +362,7 @@ class QuantizedLinear(nn.Module):
         # plan strings per cast backend (torch / fast / triton) and role
         self._plans = {b: tuple(_plan_key(self.role_configs[r], r, b) if r in self.role_configs else None
                                 for r in (*OPERAND_ROLES, "weight_grad")) for b in ("torch", "fast", "triton")}
-        self.full_stats = False
+        self._full_stats = torch.zeros((), dtype=torch.bool)  # CPU flag read inside the cast op
         self.weight_cache = False
         self._weight_cast = None
         self._warned_fallback = False
@@ -373,6 +374,15 @@ class QuantizedLinear(nn.Module):
         lin = self._linear
         lin.weight, lin.bias = self.weight, self.bias
         return lin
+
+    @property
+    def full_stats(self) -> bool:
+        """Whether casts also compute rel_err (an extra pass per operand; off by default)."""
+        return bool(self._full_stats)
+
+    @full_stats.setter
+    def full_stats(self, enabled: bool) -> None:
+        self._full_stats.fill_(bool(enabled))
 
     @property
     def formats(self) -> dict[str, FormatSpec | None]:
@@ -423,7 +433,7 @@ class QuantizedLinear(nn.Module):
         key = (cast_backend, update, self.weight.device)
         if self._weight_cast is None or self._weight_cast[0] != key:
             with torch.no_grad():
-                q = _cast(self.weight, self._state("weight"), plan, update, False, self.full_stats)
+                q = _cast(self.weight, self._state("weight"), plan, update, False, self._full_stats)
             self._weight_cast = (key, q)
         return self._weight_cast[1]
 
@@ -445,7 +455,7 @@ class QuantizedLinear(nn.Module):
         i_state, w_state, g_state, wg_state = states
         return _QuantizedLinearFn.apply(x, self.weight, self.bias, self._cached_weight(cast_backend, plans[1], update),
                                         (i_state, w_state, g_state, wg_state), plans, mm_backend,
-                                        (update, self.full_stats))
+                                        (update, self._full_stats))
 
     @torch.no_grad()
     def round_master_weights(self) -> None:

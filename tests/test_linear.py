@@ -516,3 +516,54 @@ def test_fast_path_equals_reference_bit_for_bit(fmts, rounding, saturate):
                 assert torch.equal(v, w) or (v.isnan() and w.isnan()), (step, role, k)
     s0, s1 = layers[0].state_dict(), layers[1].state_dict()
     assert all(torch.equal(v, s1[k]) for k, v in s0.items())
+
+
+# -- torch.compile -------------------------------------------------------------------------------
+def test_compiled_quantized_gpt_trains_like_eager_bit_for_bit():
+    """torch.compile(fullgraph=True) traces a quantized GPT (custom ops, in-place scaling state,
+    stochastic rounding) and trains bit-identically to eager, with no recompile across steps,
+    rel_err toggles or evaluation calls. The aot_eager backend runs the traced graph with eager
+    kernels; inductor additionally fuses the non-quantized ops (LayerNorm, softmax, GELU, loss),
+    whose fp32 results then differ from eager in the last bits."""
+    from altgrad.linear import set_full_stats
+    from altgrad.model import GPT, GPTConfig
+    from altgrad.surgery import quantize_model
+
+    def build():
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(block_size=16, vocab_size=32, n_layer=1, n_head=2, n_embd=16))
+        cfg = {"default_format": "E4M3", "grad_output_format": "E5M2", "weight_grad_format": "E3M4",
+               "rounding": "stochastic"}
+        return quantize_model(model, config=cfg, backend="fast")
+
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randint(0, 32, (2, 16), generator=g), torch.randint(0, 32, (2, 16), generator=g)) for _ in range(4)]
+    runs = []
+    torch._dynamo.reset()
+    for compiled in (False, True):
+        model = build()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        fwd = torch.compile(model, fullgraph=True, backend="aot_eager") if compiled else model
+        losses = []
+        torch._dynamo.utils.counters.clear()
+        for step, (x, y) in enumerate(data):
+            set_full_stats(model, step == 2)  # a logging step: rel_err too
+            _, loss = fwd(x, y)
+            loss.backward()
+            opt.step(), opt.zero_grad()
+            losses.append(loss.item())
+            if step in (1, 2):  # evaluation calls between steps
+                model.eval()
+                with torch.no_grad():
+                    fwd(x, y)
+                model.train()
+        if compiled:  # one graph for training, one for evaluation (no_grad), whatever the step
+            assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+        stats = {n: {r: {k: v.clone() for k, v in s.items()} for r, s in m.stats.items()}
+                 for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+        runs.append((losses, model.state_dict(), stats))
+    (l0, s0, st0), (l1, s1, st1) = runs
+    assert l0 == l1
+    assert all(torch.equal(v, s1[k]) for k, v in s0.items())
+    assert all(torch.equal(v, st1[n][r][k]) or (v.isnan() and st1[n][r][k].isnan())
+               for n in st0 for r in st0[n] for k, v in st0[n][r].items())
