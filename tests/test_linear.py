@@ -621,3 +621,31 @@ def test_data_parallel_ranks_share_the_max_amax(tmp_path):
     assert s0[0]["input"] != s1[0]["input"]  # the data really differ in magnitude across ranks
     # step 1 scales from the max over both ranks' step-0 amaxes: rank 1's (larger) one
     assert s0[1]["input"] == s1[1]["input"] == min(s0[0]["input"], s1[0]["input"])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_stochastic_rounding_draws_agree_between_torch_and_triton(device):
+    """The same sr_state gives the same Philox draws on the reference and the kernel path: equal
+    stats and state after forward and backward (outputs differ only by accumulation order)."""
+    torch.manual_seed(4)
+    base = nn.Linear(45, 19).to(device)
+    layers = []
+    for backend in ("torch", "triton"):
+        lin = nn.Linear(45, 19).to(device)
+        lin.load_state_dict(base.state_dict())
+        rcs = [RoleConfig(f, scaling="delayed", rounding="stochastic") for f in ("E4M3", "E3M4", "E5M2")]
+        layers.append(QuantizedLinear(lin, LayerQuantConfig(*rcs), backend=backend, seed=123))
+    x = torch.randn(3, 7, 45, device=device)
+    dy = torch.randn(3, 7, 19, device=device)
+    outs = []
+    for ql in layers:
+        for _ in range(2):
+            y = ql(x)
+            y.backward(dy)
+        outs.append(y.detach())
+    for role in ("input", "weight", "grad_output"):
+        for k, v in layers[0].stats[role].items():
+            assert torch.equal(v, layers[1].stats[role][k]), (role, k)
+    s0, s1 = layers[0].state_dict(), layers[1].state_dict()
+    assert all(torch.equal(v, s1[k]) for k, v in s0.items())
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
