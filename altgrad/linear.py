@@ -121,22 +121,34 @@ def _sr_seed(sr_state: torch.Tensor, role: str) -> int:
     base, count = (int(v) for v in sr_state.tolist())
     h = (base * 0x9E3779B97F4A7C15 + count * 0xBF58476D1CE4E5B9 + _ROLE_ID[role] * 0x94D049BB133111EB) % 2**64
     h ^= h >> 31
-    return h % (2**31 - 1)
+    return h % 2**63
 
 
 def _quantize_operand(x, fmt, scale, rounding, saturate, seed, backend):
-    """altgrad.quantize.quantize_operand: (bf16 format-domain values, QuantStats)."""
-    try:
-        from altgrad.quantize import quantize_operand
-    except ImportError:  # pragma: no cover - older quantize module: the reference cast, seeded locally
-        v = x.float() * scale
-        gen = None
-        if rounding == "stochastic":
-            gen = torch.Generator(x.device).manual_seed(seed)
-        q, overflow, nan = _round(v, fmt, rounding, saturate, gen)
-        return q.to(torch.bfloat16), stats_from_masks(x, v, q, overflow, nan)
-    return quantize_operand(x, fmt, scale, rounding=rounding, saturate=saturate, seed=seed, stats=True,
-                            backend=backend)
+    """(bf16 format-domain values round_fmt(x·scale), QuantStats): altgrad.quantize.quantize_operand
+    when this altgrad has it, else the same contract built here from the reference and the kernel."""
+    from altgrad import quantize as aq
+
+    if hasattr(aq, "quantize_operand"):
+        return aq.quantize_operand(x, fmt, scale, rounding=rounding, saturate=saturate, seed=seed, stats=True,
+                                   backend=backend)
+    if backend == "triton":
+        from altgrad.kernels import quantize as kq
+
+        res = kq.quantize(x, scale, exp_bits=fmt.exp_bits, man_bits=fmt.man_bits, bias=fmt.bias,
+                          specials=fmt.specials, rounding=rounding, saturate=saturate, seed=seed,
+                          out_q=True, out_dq=False, stats=True)
+        return res.q, QuantStats(res.amax, *res.counts.unbind(0))
+    # without quantize_operand's fused cast, "fast" is the reference itself (same bits, its speed)
+    q, *stats = _reference_cast(x, scale, fmt, rounding, saturate, seed)
+    return q, QuantStats(*stats)
+
+
+def _reference_cast(x, scale, fmt, rounding, saturate, seed):
+    """The reference rounding of x·scale (Philox draws keyed by seed) with its stats, as one function."""
+    v = x.float() * scale
+    q, overflow, nan = _round(v, fmt, rounding, saturate, seed=seed if rounding == "stochastic" else None)
+    return (q.to(torch.bfloat16), *stats_from_masks(x, v, q, overflow, nan))
 
 
 # -- the cast op: scale from the state, round, stats, history push -----------------------------
