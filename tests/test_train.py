@@ -441,3 +441,37 @@ def test_a_layer_rule_that_matches_nothing_is_a_loud_warning(tmp_path, data_dir)
     proc = ok(train(tmp_path, data_dir, "--train.max_steps=2", "--log.run_name=rules", "--quant.default_format=E5M2",
                     "--quant.layer_rules=[{pattern: 'mlp\\.c_fcc', format: E4M3}]"))
     assert "warning: quant.layer_rules pattern 'mlp\\\\.c_fcc' matches no Linear layer" in proc.stderr
+
+
+# ---- stochastic rounding: its stream travels in the checkpoint, evaluation stays out of it -------------
+
+SR = ["--quant.default_format=E5M2", "--quant.rounding=stochastic", "--train.shadow_interval=0",
+      "--train.lr_decay_steps=20"]
+
+
+def _same_weights(a, b):
+    ca, cb = load_checkpoint(a / CKPT_LAST), load_checkpoint(b / CKPT_LAST)
+    assert ca["model"].keys() == cb["model"].keys()
+    for key in ca["model"]:
+        assert torch.equal(ca["model"][key], cb["model"][key]), key
+
+
+def test_stochastic_rounding_resumes_bit_for_bit(tmp_path, data_dir):
+    ok(train(tmp_path / "straight", data_dir, *SR, "--train.max_steps=20", "--log.run_name=sr"))
+    ok(train(tmp_path / "split", data_dir, *SR, "--train.max_steps=10", "--log.run_name=sr"))
+    ok(train(tmp_path / "split", data_dir, *SR, "--train.max_steps=20", "--log.run_name=sr", "--resume"))
+    a, b = tmp_path / "straight" / "sr", tmp_path / "split" / "sr"
+    assert losses(a) == losses(b) and sorted(losses(a)) == list(range(1, 21))
+    assert val_losses(a) == val_losses(b)
+    _same_weights(a, b)
+
+
+def test_evaluating_more_often_does_not_change_training(tmp_path, data_dir):
+    ok(train(tmp_path / "often", data_dir, *SR, "--train.max_steps=20", "--train.eval_interval=3",
+             "--log.run_name=ev"))
+    ok(train(tmp_path / "rarely", data_dir, *SR, "--train.max_steps=20", "--train.eval_interval=20",
+             "--log.run_name=ev"))
+    a, b = tmp_path / "often" / "ev", tmp_path / "rarely" / "ev"
+    assert sorted(val_losses(a)) == [0, 3, 6, 9, 12, 15, 18, 20] and sorted(val_losses(b)) == [0, 20]
+    assert losses(a) == losses(b) and val_losses(a)[20] == val_losses(b)[20]
+    _same_weights(a, b)
