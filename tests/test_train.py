@@ -475,3 +475,37 @@ def test_evaluating_more_often_does_not_change_training(tmp_path, data_dir):
     assert sorted(val_losses(a)) == [0, 3, 6, 9, 12, 15, 18, 20] and sorted(val_losses(b)) == [0, 20]
     assert losses(a) == losses(b) and val_losses(a)[20] == val_losses(b)[20]
     _same_weights(a, b)
+
+
+# ---- smaller things a user sees -------------------------------------------------------------------------
+
+
+def test_resuming_a_finished_run_keeps_its_final_losses(tmp_path, data_dir):
+    ok(train(tmp_path, data_dir, "--train.max_steps=10", "--log.run_name=done"))
+    before = json.loads((tmp_path / "done" / "summary.json").read_text())
+    assert isinstance(before["final_train_loss"], float) and before["final_val_step"] == 10
+    proc = ok(train(tmp_path, data_dir, "--train.max_steps=10", "--log.run_name=done", "--resume"))
+    after = json.loads((tmp_path / "done" / "summary.json").read_text())
+    for key in ("final_train_loss", "final_val_loss", "final_val_step", "best_val_loss", "steps", "status"):
+        assert after[key] == before[key], key
+    assert f"completed at step 10 in " in proc.stdout and "@ step 10 (best" in proc.stdout
+
+
+def test_a_stopped_runs_last_line_says_which_step_its_val_loss_is_from(tmp_path, data_dir):
+    proc = start(tmp_path, data_dir, "--log.run_name=stop2", "--train.max_steps=100000", "--train.eval_interval=4")
+    wait_for_steps(proc, tmp_path / "stop2" / "metrics.jsonl", 6)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    summary = json.loads((tmp_path / "stop2" / "summary.json").read_text())
+    last = out.strip().splitlines()[-1]
+    val_step = summary["final_val_step"]
+    assert val_step % 4 == 0 and val_step <= summary["steps"]
+    assert last.startswith(f"stopped at step {summary['steps']} in ")
+    assert f"val loss {summary['final_val_loss']:.4f} @ step {val_step} (best" in last
+
+
+def test_summary_says_what_the_unsimulated_matmuls_ran_in(tmp_path, data_dir):
+    proc = ok(train(tmp_path, data_dir, "--train.max_steps=2", "--log.run_name=prec"))
+    summary = json.loads((tmp_path / "prec" / "summary.json").read_text())
+    assert summary["dtype"] == "fp32" and summary["high_precision_matmul"] == "fp32"
+    assert "high-precision matmuls fp32" in proc.stdout
