@@ -13,6 +13,7 @@ from altgrad.formats import FORMAT_REGISTRY, FormatSpec, get_format
 from altgrad.linear import QuantizedLinear, round_master_weights, set_full_stats
 from altgrad.model import GPT, GPTConfig
 from altgrad.quantize import QuantStats, quantize, quantize_ste, quantize_with_stats, round_to_format
+from altgrad.blockwise import quantize_blockwise, quantize_blockwise_cast  # after quantize, which re-exports it
 from altgrad.reproducibility import get_rng_state, set_rng_state, set_seed_for_reproducibility
 from altgrad.scaling import AmaxHistory, TensorScaler, compute_scale
 from altgrad.surgery import dequantize_model, describe_quantization, quantize_model, quantized_layers
@@ -24,6 +25,7 @@ __all__ = [
     "FormatSpec", "FORMAT_REGISTRY", "get_format",
     # quantization
     "quantize", "quantize_ste", "quantize_with_stats", "round_to_format", "QuantStats",
+    "quantize_blockwise", "quantize_blockwise_cast",
     # scaling
     "AmaxHistory", "TensorScaler", "compute_scale",
     # layers and models

@@ -290,3 +290,6 @@ def quantize_ste(x: torch.Tensor, fmt: FormatSpec | str, scale=None, *, ste: str
     _as_fp32(x, "x")
     _check_rounding(rounding)
     return _QuantizeSTE.apply(x, fmt, scale, rounding, saturate, generator, backend, ste)
+
+
+from altgrad.blockwise import quantize_blockwise  # noqa: E402
