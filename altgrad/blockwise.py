@@ -43,6 +43,7 @@ from typing import NamedTuple
 
 import torch
 
+from altgrad.config import BLOCK_SIZES, GRANULARITIES, SCALE_FORMATS, SCALE_ROUNDINGS
 from altgrad.formats import FormatSpec, get_format
 from altgrad.quantize import _as_fp32, _check_rounding, _resolve_backend, _round
 from altgrad.scaling import compute_scale
@@ -59,10 +60,6 @@ __all__ = [
     "quantize_blockwise_cast",
 ]
 
-GRANULARITIES = ("tensor", "row", "block")
-BLOCK_SIZES = (16, 32, 64, 128)
-SCALE_FORMATS = ("fp32", "e8m0")
-SCALE_ROUNDINGS = ("floor", "ceil")
 E8M0_MIN_EXP, E8M0_MAX_EXP = -127, 127  # OCP E8M0: 2**-127 .. 2**127, 0xFF is NaN
 
 
