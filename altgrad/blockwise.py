@@ -45,7 +45,6 @@ import torch
 
 from altgrad.config import BLOCK_SIZES, GRANULARITIES, SCALE_FORMATS, SCALE_ROUNDINGS
 from altgrad.formats import FormatSpec, get_format
-from altgrad.quantize import _as_fp32, _check_rounding, _resolve_backend, _round
 from altgrad.scaling import compute_scale
 
 __all__ = [
@@ -162,6 +161,8 @@ def _check_tensor_layout(x: torch.Tensor, axis: int, block_2d: bool) -> int:
 # -- the reference -------------------------------------------------------------------------------
 def _cast_torch(x, fmt, block_size, axis, scale_format, scale_rounding, rounding, saturate, block_2d,
                 generator) -> BlockCast:
+    from altgrad.quantize import _round  # local: altgrad.quantize re-exports this module
+
     v = x.float()
     blocks, undo = _blocked(v, axis, block_size, block_2d)
     amax_dims = (1, 3) if block_2d else (-1,)
@@ -202,6 +203,8 @@ def quantize_blockwise_cast(x: torch.Tensor, fmt: FormatSpec | str, block_size: 
         ValueError: an unknown format, block_size, axis, scale_format, scale_rounding, rounding
             or backend, or block_2d on a tensor that is not 2-D.
     """
+    from altgrad.quantize import _as_fp32, _check_rounding, _resolve_backend, kernel_seed  # see _cast_torch
+
     fmt = get_format(fmt)
     _as_fp32(x, "x")
     _check_args(block_size, scale_format, scale_rounding, block_2d)
@@ -211,7 +214,6 @@ def quantize_blockwise_cast(x: torch.Tensor, fmt: FormatSpec | str, block_size: 
     kernel_ok = x.dim() == 2 and axis == 1 and not block_2d
     if want == "triton" and kernel_ok:
         from altgrad.kernels import block_quantize as kbq
-        from altgrad.quantize import kernel_seed
 
         res = kbq.block_quantize(x, exp_bits=fmt.exp_bits, man_bits=fmt.man_bits, bias=fmt.bias,
                                  specials=fmt.specials, block_size=block_size or x.shape[1],

@@ -44,6 +44,7 @@ from torch import nn
 
 from altgrad.config import LayerQuantConfig, RoleConfig
 from altgrad.formats import FormatSpec
+from altgrad.linear_blockwise import blockwise_linear, needs_blockwise
 from altgrad.quantize import QuantStats, _round, kernel_seed, stats_from_masks
 from altgrad.scaling import TensorScaler
 
@@ -285,6 +286,9 @@ class QuantizedLinear(nn.Module):
                              f"{self.weight.device} (got {x.dtype} on {x.device})")
         if not any(r in self.role_configs for r in OPERAND_ROLES) and "weight_grad" not in self.role_configs:
             return self.linear(x)
+        # -- row / block scales: each GEMM casts along its own K (altgrad/linear_blockwise.py) --
+        if needs_blockwise(self.role_configs):
+            return blockwise_linear(x, self.weight, self.bias, self)
         return _QuantizedLinearFn.apply(x, self.weight, self.bias, self)
 
     @torch.no_grad()
