@@ -195,7 +195,7 @@ def quantize_blockwise_cast(x: torch.Tensor, fmt: FormatSpec | str, block_size: 
     x: float32 / bfloat16 / float16, any shape (2-D for block_2d). block_size: elements per
     block along `axis`, or None for one scale per slice along `axis` (row-wise). backend:
     "torch" (this reference), "triton" (kernels/block_quantize.py; CUDA, or CPU under
-    TRITON_INTERPRET=1; 2-D x with axis -1 and block_2d=False), "auto" (triton on CUDA where
+    TRITON_INTERPRET=1; 2-D x, axis -1, e8m0 scales, no block_2d), "auto" (triton on CUDA where
     supported). Both give identical results for rounding="nearest".
 
     Raises:
@@ -211,7 +211,7 @@ def quantize_blockwise_cast(x: torch.Tensor, fmt: FormatSpec | str, block_size: 
     _check_rounding(rounding)
     axis = _check_tensor_layout(x, axis, block_2d)
     want = _resolve_backend(backend, x)
-    kernel_ok = x.dim() == 2 and axis == 1 and not block_2d
+    kernel_ok = x.dim() == 2 and axis == 1 and not block_2d and scale_format == "e8m0"
     if want == "triton" and kernel_ok:
         from altgrad.kernels import block_quantize as kbq
 
@@ -222,8 +222,8 @@ def quantize_blockwise_cast(x: torch.Tensor, fmt: FormatSpec | str, block_size: 
                                  seed=kernel_seed(rounding, generator))
         return BlockCast(res.q, res.scale, res.inv_scale, res.overflow, res.nan)
     if backend == "triton":
-        raise ValueError("backend='triton' casts 2-D tensors along their last axis without block_2d; "
-                         "use backend='torch' or 'auto' for other layouts")
+        raise ValueError("backend='triton' casts 2-D tensors along their last axis with e8m0 scales and no "
+                         "block_2d; use backend='torch' or 'auto' for other layouts and fp32 scales")
     return _cast_torch(x, fmt, block_size, axis, scale_format, scale_rounding, rounding, saturate, block_2d,
                        generator)
 
