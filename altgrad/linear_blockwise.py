@@ -79,7 +79,7 @@ def _block_cast(mod, rc: RoleConfig, use: str, mat: torch.Tensor, block_2d: bool
     bs = rc.block_size if rc.granularity == "block" else None
     c = quantize_blockwise_cast(mat, _domain(rc), bs, scale_format=rc.scale_format,
                                 scale_rounding=rc.scale_rounding, rounding=rc.rounding, saturate=rc.saturate,
-                                block_2d=block_2d, backend="torch")
+                                block_2d=block_2d, backend="auto")
     inv_full = expand_scales(c.inv_scale, mat.shape, -1, bs, block_2d)
     _record(mod, use, mat, c, inv_full)
     return c.q, c.inv_scale, bs or mat.shape[1]
