@@ -156,3 +156,32 @@ def test_delayed_scaling_with_block_granularity_is_refused():
 
 def test_e8m0_floor_emax_used_for_the_scale():
     assert [emax_elem(n) for n in ("E4M3", "E5M2", "E0M7", "E7M0")] == [8, 15, -1, 62]
+
+
+def test_weight_grad_block_scaling_quantizes_dw_along_in_features(seeded):
+    m, lin = layer(64, 16, weight_grad_format="E4M3", granularity="block")
+    x = torch.randn(40, 64)
+    m(x).backward(torch.randn(40, 16))
+    g = lin.weight.grad
+    # dW is already on the E4M3 block grid: casting it again changes nothing
+    assert torch.equal(quantize_blockwise(g, "E4M3", 32, backend="torch"), g)
+    assert "weight_grad" in m.stats and m.stats["weight_grad"]["numel"] == g.numel()
+
+
+def test_a_gpt_trains_one_step_with_block_scales_and_reports_metrics(seeded):
+    from altgrad.metrics import quant_metrics
+    from altgrad.model import GPT, GPTConfig
+    from altgrad.surgery import describe_quantization, quantize_model
+
+    model = GPT(GPTConfig(block_size=16, vocab_size=32, n_layer=1, n_head=2, n_embd=32, bias=False))
+    cfg = QuantizationConfig("E2M5", grad_output_format="E5M2", scaling="current",
+                             granularity={"input": "block", "weight": "block", "grad_output": "row"},
+                             block_size=16, block_2d={"weight": True})
+    quantize_model(model, config=cfg)
+    assert "w:E2M5/b16x16-e8m0" in describe_quantization(model)
+    idx = torch.randint(0, 32, (2, 16))
+    _, loss = model(idx, idx)
+    loss.backward()
+    assert math.isfinite(loss.item()) and all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    metrics = quant_metrics(model)
+    assert any("/input:wgrad/rel_err" in k for k in metrics) and any("/grad_output/underflow" in k for k in metrics)
