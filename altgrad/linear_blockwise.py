@@ -25,9 +25,12 @@ E7M0-range formats with fp32 scales are rounded in the same format with bias + k
 2**-k lower, k = ceil(log2 max) - 52) so fp32 sums of products stay finite, as the per-tensor path
 does; e8m0 operands are dequantized to their true magnitudes and need no headroom.
 
-Stats per use (mod.stats): "input", "weight", "grad_output" for the first use of each role
-(forward, forward, dgrad), "input:wgrad", "weight:dgrad", "grad_output:wgrad" for the second;
-`scale` is the median block scale, the other fields are as for per-tensor roles.
+Stats per use: the first use of each role ("input", "weight": forward; "grad_output": dgrad) goes
+into QuantizedLinear's stats buffer for the role (so `mod.stats` and the metrics read it); every
+use, the second ones ("input:wgrad", "weight:dgrad", "grad_output:wgrad") included, is in
+`mod.blockwise_stats[use]`. `scale` is the median block scale; the other fields are as for
+per-tensor roles. Stochastic rounding draws from a generator keyed by the layer's sr_state and the
+use (never the global RNG); the weight is cast at every forward (weight_cache does not apply).
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ from altgrad.formats import FormatSpec
 __all__ = ["blockwise_linear", "blockwise_matmul", "needs_blockwise"]
 
 _HEADROOM_LOG2 = 52
+_STAT_FIELDS = ("amax", "scale", "overflow", "underflow", "nan", "nonzero", "numel", "rel_err")
+_ROLE_INDEX = {"input": 0, "weight": 1, "grad_output": 2, "weight_grad": 3}
 
 
 class Operand(NamedTuple):
@@ -73,30 +78,55 @@ def _domain(rc: RoleConfig) -> FormatSpec:
     return fmt if k == 0 else FormatSpec(f"{fmt.name}>>{k}", fmt.exp_bits, fmt.man_bits, fmt.bias + k, fmt.specials)
 
 
+_USES = ("input", "weight", "grad_output", "weight_grad", "input:wgrad", "weight:dgrad", "grad_output:wgrad")
+
+
+def _generator(mod, role: str, use: str, device) -> torch.Generator:
+    """Stochastic-rounding draws keyed by the layer's sr_state (base seed, training-forward count)
+    and the use, as QuantizedLinear's per-tensor casts are: the global RNG is never touched."""
+    from altgrad.linear import _sr_seed  # local: altgrad.linear imports this module
+
+    seed = (_sr_seed(mod.sr_state, role) * len(_USES) + _USES.index(use)) % (2**63 - 1)
+    return torch.Generator(device).manual_seed(seed)
+
+
 def _block_cast(mod, rc: RoleConfig, use: str, mat: torch.Tensor, block_2d: bool):
-    """Blockwise cast of mat (rows, K) along K; records stats under `use`. Returns (q, inv) with
-    inv per (tile-row, K-block) for 2-D tiles, else (rows, nb)."""
+    """Blockwise cast of mat (rows, K) along K; records stats under `use`. Returns (q, inv, block)
+    with inv per (tile-row, K-block) for 2-D tiles, else (rows, nb)."""
     bs = rc.block_size if rc.granularity == "block" else None
+    role = use.split(":")[0]
+    gen = _generator(mod, role, use, mat.device) if rc.rounding == "stochastic" else None
     c = quantize_blockwise_cast(mat, _domain(rc), bs, scale_format=rc.scale_format,
                                 scale_rounding=rc.scale_rounding, rounding=rc.rounding, saturate=rc.saturate,
-                                block_2d=block_2d, backend="auto")
+                                block_2d=block_2d, generator=gen, backend="torch" if gen is not None else "auto")
     inv_full = expand_scales(c.inv_scale, mat.shape, -1, bs, block_2d)
     _record(mod, use, mat, c, inv_full)
     return c.q, c.inv_scale, bs or mat.shape[1]
 
 
 def _record(mod, use, mat, c, inv_full) -> None:
+    """Stats of one use in QuantizedLinear's field order (amax, scale, overflow, underflow, nan,
+    nonzero, numel, rel_err): a role's first use into its stats buffer (so `mod.stats` and the
+    metrics see it), every use into `mod.blockwise_stats[use]`."""
     x = mat.detach().float()
+    dev = x.device
     nonzero = (x != 0) & ~c.nan
     absx = torch.where(c.nan, 0.0, x.abs())
-    stats = {"amax": absx.amax() if x.numel() else torch.zeros((), device=x.device),
-             "scale": c.scale.flatten().nanmedian() if c.scale.numel() else torch.ones((), device=x.device),
-             "overflow": c.overflow.sum(), "underflow": (nonzero & (c.q == 0)).sum(),
-             "nan": c.nan.sum(), "nonzero": nonzero.sum(), "numel": x.numel()}
+    rel_err = torch.full((), math.nan, device=dev)
     if mod.full_stats:
         err = torch.linalg.vector_norm(c.q * inv_full - x)
-        stats["rel_err"] = err / torch.linalg.vector_norm(x).clamp(min=torch.finfo(torch.float32).tiny)
-    mod.stats[use] = stats
+        rel_err = err / torch.linalg.vector_norm(x).clamp(min=torch.finfo(torch.float32).tiny)
+    values = (absx.amax() if x.numel() else torch.zeros((), device=dev),
+              c.scale.flatten().nanmedian() if c.scale.numel() else torch.ones((), device=dev),
+              c.overflow.sum(), (nonzero & (c.q == 0)).sum(), c.nan.sum(), nonzero.sum(),
+              torch.tensor(x.numel(), device=dev), rel_err)
+    vec = torch.stack([v.to(torch.float64) for v in values])
+    if ":" not in use:
+        getattr(mod, f"_stats_{use}").copy_(vec)
+    fields = _STAT_FIELDS if mod.full_stats else _STAT_FIELDS[:-1]
+    if not hasattr(mod, "blockwise_stats"):
+        mod.blockwise_stats = {}
+    mod.blockwise_stats[use] = {f: vec[i] for i, f in enumerate(fields)}
 
 
 def _operand(mod, role: str, use: str, mat: torch.Tensor) -> Operand:
@@ -113,16 +143,28 @@ def _weight_operands(mod, w: torch.Tensor) -> tuple[Operand, Operand | None]:
     if rc is None:
         return Operand(w.float(), None, w.shape[1]), Operand(w.float().t(), None, w.shape[0])
     if rc.granularity == "tensor":
-        q, inv = mod._operand("weight", w, False)
-        op = Operand(q.float(), inv, w.shape[1])
+        q, inv = _tensor_cast(mod, "weight", w)
+        op = Operand(q, inv, w.shape[1])
         return op, op.t()
     if not rc.block_2d:
         return _operand(mod, "weight", "weight", w), None
     q, inv, bs = _block_cast(mod, rc, "weight", w, block_2d=True)
     fwd = Operand(q, inv.repeat_interleave(bs, 0)[: w.shape[0]], bs)
     dgrad = Operand(q.t(), inv.t().repeat_interleave(bs, 0)[: w.shape[1]], bs)
-    mod.stats["weight:dgrad"] = mod.stats["weight"]  # one cast serves both uses
+    mod.blockwise_stats["weight:dgrad"] = mod.blockwise_stats["weight"]  # one cast serves both uses
     return fwd, dgrad
+
+
+def _tensor_cast(mod, role: str, mat: torch.Tensor):
+    """(q fp32, inv 0-dim) of a per-tensor role through QuantizedLinear's own cast (its scaler,
+    delayed history and stats buffer)."""
+    from altgrad.linear import _cast  # local: altgrad.linear imports this module
+
+    backend = mod.backend if mod.backend in ("torch", "fast") else ("triton" if mat.is_cuda else "fast")
+    plan = mod._plans[backend][_ROLE_INDEX[role]]
+    update = mod.training and mat.numel() > 0
+    q, inv = _cast(mat, mod._state(role), plan, update, False, mod._full_stats)
+    return q.float(), inv
 
 
 def _role_operand(mod, role: str, use: str, mat: torch.Tensor) -> Operand:
@@ -131,8 +173,8 @@ def _role_operand(mod, role: str, use: str, mat: torch.Tensor) -> Operand:
     if rc is None:
         return Operand(mat.float(), None, mat.shape[1])
     if rc.granularity == "tensor":
-        q, inv = mod._operand(role, mat, False)
-        return Operand(q.float(), inv, mat.shape[1])
+        q, inv = _tensor_cast(mod, role, mat)
+        return Operand(q, inv, mat.shape[1])
     return _operand(mod, role, use, mat)
 
 
@@ -190,6 +232,8 @@ class _BlockwiseLinearFn(torch.autograd.Function):
         a = _role_operand(mod, "input", "input", x2)
         b, b_dgrad = _weight_operands(mod, w)
         y = blockwise_matmul(a, b, _pow2(mod, "input"), _pow2(mod, "weight"))
+        if mod.training and x.numel() > 0:
+            mod.sr_state[1] += 1  # one training forward: the next draws differ
         if bias is not None:
             y = y + bias.float()
         # per-tensor casts are reused transposed in backward; row / block roles re-cast x and W
@@ -229,8 +273,11 @@ class _BlockwiseLinearFn(torch.autograd.Function):
 
 def _quantize_weight_grad(mod, dw: torch.Tensor) -> torch.Tensor:
     rc = mod.role_configs.get("weight_grad")
-    if rc is None or rc.granularity == "tensor":
-        return mod._quantize_weight_grad(dw)
+    if rc is None or dw.numel() == 0:
+        return dw
+    if rc.granularity == "tensor":
+        q, inv = _tensor_cast(mod, "weight_grad", dw)
+        return q * inv
     q, inv, bs = _block_cast(mod, rc, "weight_grad", dw, block_2d=False)
     return q * expand_scales(inv, dw.shape, -1, bs if rc.granularity == "block" else None)
 

@@ -17,7 +17,9 @@ from altgrad.linear_blockwise import Operand, blockwise_matmul
 def layer(in_f, out_f, bias=True, **cfg):
     base = dict(default_format="E2M5", grad_output_format="E5M2", scaling="current")
     lin = torch.nn.Linear(in_f, out_f, bias=bias)
-    return QuantizedLinear(lin, QuantizationConfig(**(base | cfg)).layer_config("fc"), backend="torch"), lin
+    m = QuantizedLinear(lin, QuantizationConfig(**(base | cfg)).layer_config("fc"), backend="torch")
+    m.full_stats = True
+    return m, lin
 
 
 def fq(t, rc, axis, block_2d=False):
@@ -128,9 +130,9 @@ def test_operand_sqnr_above_the_format_bound(name, granularity, seeded):
         blocks = torch.nn.functional.pad(tt, (0, (-k) % (bs or k))).reshape(tt.shape[0], -1, bs or k)
         err_bound = (blocks.abs().amax(-1) * 2.0**-fmt.man_bits).pow(2) * blocks.shape[-1]
         bound_db = 10 * math.log10(float(t.double().pow(2).sum() / err_bound.double().sum()))
-        sqnr = -20 * math.log10(float(m.stats[use]["rel_err"]))
+        sqnr = -20 * math.log10(float(m.blockwise_stats[use]["rel_err"]))
         assert sqnr >= bound_db, (use, sqnr, bound_db)
-        assert int(m.stats[use]["overflow"]) == 0
+        assert int(m.blockwise_stats[use]["overflow"]) == 0
 
 
 @pytest.mark.parametrize("name, gain_db", [("E2M5", 10), ("E1M6", 10), ("E0M7", 10), ("E4M3", -1)])
@@ -145,7 +147,7 @@ def test_block_scaling_beats_tensor_scaling_on_an_outlier_channel(name, gain_db,
         m, _ = layer(256, 16, default_format=name, grad_output_format=name, granularity=gran,
                      scale_rounding="ceil")
         m(x)
-        stats[gran] = -20 * math.log10(float(m.stats["input"]["rel_err"]))
+        stats[gran] = -20 * math.log10(float(m.blockwise_stats["input"]["rel_err"]))
     assert stats["block"] > stats["tensor"] + gain_db, stats
 
 
@@ -165,7 +167,7 @@ def test_weight_grad_block_scaling_quantizes_dw_along_in_features(seeded):
     g = lin.weight.grad
     # dW is already on the E4M3 block grid: casting it again changes nothing
     assert torch.equal(quantize_blockwise(g, "E4M3", 32, backend="torch"), g)
-    assert "weight_grad" in m.stats and m.stats["weight_grad"]["numel"] == g.numel()
+    assert "weight_grad" in m.blockwise_stats and m.blockwise_stats["weight_grad"]["numel"] == g.numel()
 
 
 def test_a_gpt_trains_one_step_with_block_scales_and_reports_metrics(seeded):
@@ -184,4 +186,8 @@ def test_a_gpt_trains_one_step_with_block_scales_and_reports_metrics(seeded):
     loss.backward()
     assert math.isfinite(loss.item()) and all(p.grad is not None for p in model.parameters() if p.requires_grad)
     metrics = quant_metrics(model)
-    assert any("/input:wgrad/rel_err" in k for k in metrics) and any("/grad_output/underflow" in k for k in metrics)
+    assert any("/input/underflow" in k for k in metrics) and any("/grad_output/underflow" in k for k in metrics)
+    fc = model.transformer.h[0].mlp.c_fc
+    assert set(fc.blockwise_stats) == {"input", "weight", "grad_output", "input:wgrad", "weight:dgrad",
+                                       "grad_output:wgrad"}
+    assert float(fc.stats["input"]["numel"]) == 2 * 16 * 32
