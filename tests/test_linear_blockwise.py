@@ -67,7 +67,7 @@ def test_output_and_grads_match_the_analytic_formulas(case, seeded):
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_a_cast_that_saturates_everything_changes_the_result(case, seeded):
+def test_casting_x_along_the_wrong_axis_is_detected(case, seeded):
     """The analytic comparison above must be able to fail: quantizing x along the wrong axis
     (tokens instead of in_features) gives a visibly different forward on mixed-scale rows."""
     m, lin = layer(64, 8, **CASES[case])
