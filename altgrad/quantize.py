@@ -465,3 +465,6 @@ def quantize_operand(x: torch.Tensor, fmt: FormatSpec | str, scale: torch.Tensor
     v = x.float() * s
     q, overflow, nan = _round(v, fmt, rounding, saturate, seed=seed)
     return _to_bf16_canonical(q), (stats_from_masks(x, v, q, overflow, nan) if stats else None)
+
+
+from altgrad.blockwise import quantize_blockwise  # noqa: E402  (re-export; blockwise builds on this module)

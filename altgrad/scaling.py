@@ -12,9 +12,9 @@ history, uses the tensor's own amax), `current` (the tensor's own amax every cal
 finite — or a scale that would not be finite — keeps the previous scale.
 
 Scales and histories are module buffers on the tensor's device (no host sync per step) and travel
-in `state_dict()`, so checkpoints restore them exactly. DDP note: each rank keeps its own history
-(amaxes are not all-reduced), as in torchao's default; weights are identical across ranks so their
-scales agree.
+in `state_dict()`, so checkpoints restore them exactly. Data parallel: each rank pushes its own
+amaxes; `altgrad.linear.sync_amax_history` max-reduces the histories across the group (one
+all-reduce), so every rank quantizes with the same scale, as TransformerEngine does by default.
 """
 
 from __future__ import annotations
@@ -62,26 +62,28 @@ class AmaxHistory(nn.Module):
         self.length, self.algo = length, algo
         self.register_buffer("history", torch.zeros(length, dtype=torch.float32))
         self.register_buffer("count", torch.zeros((), dtype=torch.int64))
-        self._filled = 0  # host mirror of `count`, so emptiness needs no device sync
+        # host (CPU) mirror of `count`, so emptiness needs no device sync; a tensor, so a compiled
+        # QuantizedLinear updates it in place like the buffers
+        self.filled = torch.zeros((), dtype=torch.int64)
 
     def push(self, amax: torch.Tensor) -> None:
         # roll in place: newest at index 0, as TransformerEngine keeps its amax_history
         self.history.copy_(torch.roll(self.history, 1))
         self.history[0] = amax.detach().to(self.history)
         self.count.add_(1).clamp_(max=self.length)
-        self._filled = min(self._filled + 1, self.length)
+        self.filled.add_(1).clamp_(max=self.length)
 
     @property
     def empty(self) -> bool:
-        return self._filled == 0
+        return int(self.filled) == 0
 
     def get(self) -> torch.Tensor:
-        valid = self.history[: max(self._filled, 1)]
+        valid = self.history[: max(int(self.filled), 1)]
         return valid.amax() if self.algo == "max" else valid[0]
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._filled = int(self.count)
+        self.filled = torch.tensor(int(self.count), dtype=torch.int64)
 
     def extra_repr(self) -> str:
         return f"length={self.length}, algo={self.algo}"
