@@ -19,7 +19,8 @@ so "even" is the even code. Three fix-ups on the integer bits complete it:
     while the addition always rounds it up: ties in binades with an even biased exponent go down.
   - overflow is r > max (inf is clamped to 2**(t+1) first); saturate or write inf / NaN.
   - the sign is copied on the bits (inductor compiles with -fno-signed-zeros, so no float negation),
-    dropped on zero where the format has no -0; NaN becomes the canonical bf16 NaN 0x7FC0.
+    dropped on zero where the format has no -0; NaN becomes the canonical bf16 NaN 0x7FC0 (in a
+    second pass that runs only when the fused pass counted a NaN result).
 The construction needs C to be a finite fp32 number: t + 24 - M <= 127, true for every registered
 format; a format past that (an extreme custom bias) uses the integer path.
 
@@ -62,26 +63,31 @@ def _params(fmt_key: tuple, saturate: bool, device: torch.device) -> tuple[torch
 
 
 def _finish(x, v, bits, nan, overflow, r, ip, fp, with_stats: bool):
-    """Shared tail: saturate or mark overflow, sign, canonical NaN, bf16 bits, stats."""
+    """Shared tail: saturate or mark overflow, sign, bf16, stats. Returns (q bf16, amax bits,
+    counts, NaN-output count); NaN lanes of q are fixed up by the caller (see cast)."""
     negzero, sat = ip[4], ip[5]
     fmax, ovf = fp[0], fp[1]
     mag = torch.where(overflow, torch.where(sat != 0, fmax, ovf), r)
     mag_bits = mag.view(torch.int32)
     keep_sign = (mag_bits != 0) | (negzero != 0)
     q_bits = torch.where(keep_sign, mag_bits | (bits & _INT32_SIGN), mag_bits)
-    q_bits = torch.where(nan | (mag_bits > 0x7F800000), CANONICAL_NAN_BF16 << 16, q_bits)
-    q = (q_bits >> 16).to(torch.int16).view(torch.bfloat16)  # exact: format values fit in bf16
+    nan_out = nan | (mag_bits > 0x7F800000)
+    q_bits = torch.where(nan_out, CANONICAL_NAN_BF16 << 16, q_bits)
+    # exact for every format value; a NaN converts to a NaN whose bits depend on the vector lane
+    # (so the caller rewrites NaN lanes); an int32 -> int16 narrowing instead would not vectorize
+    q = q_bits.view(torch.float32).to(torch.bfloat16)
+    n_nan_out = nan_out.sum()
     if not with_stats:
-        return q, None, None
+        return q, None, None, n_nan_out
     nonzero = (v != 0) & ~nan
     underflow = nonzero & (r == 0)
     counts = torch.stack([overflow.sum(), underflow.sum(), nonzero.sum(), nan.sum()])
     abs_bits = torch.where(nan, 0, x.float().view(torch.int32) & 0x7FFFFFFF)
-    return q, abs_bits.amax(), counts
+    return q, abs_bits.amax(), counts, n_nan_out
 
 
 def _cast_nearest(x, scale, ip, fp, with_stats: bool):
-    """x: 1-D, non-empty. Returns (q bf16, amax bits int32 or None, counts int64[4] or None)."""
+    """x: 1-D, non-empty. Returns _finish's tuple."""
     m_, emin, bias, lim = ip[0], ip[1], ip[2], ip[3]
     v = x.float() * scale
     bits = v.view(torch.int32)
@@ -148,6 +154,11 @@ def _stochastic_plain(x, scale, k0, k1, ip, fp):
 _VARIANTS = {("nearest", True): _nearest_stats, ("nearest", False): _nearest_plain,
              ("stochastic", True): _stochastic_stats, ("stochastic", False): _stochastic_plain}
 _COMPILED: dict[object, object] = {}
+
+
+@functools.lru_cache(maxsize=None)
+def _canonical_nan(device: torch.device) -> torch.Tensor:
+    return torch.tensor(CANONICAL_NAN_BF16, dtype=torch.int16, device=device).view(torch.bfloat16)
 COMPILE = True  # set False to run the cast eagerly (same bits, slower)
 
 
@@ -184,11 +195,14 @@ def cast(x: torch.Tensor, fmt: FormatSpec, scale: torch.Tensor, *, rounding: str
     if rounding == "stochastic":
         k0 = torch.tensor(seed & 0xFFFFFFFF, dtype=torch.int64, device=x.device)
         k1 = torch.tensor(seed >> 32, dtype=torch.int64, device=x.device)
-        q, amax_bits, counts = _run(_VARIANTS[rounding, stats], flat, scale, k0, k1, ip, fp)
+        q, amax_bits, counts, n_nan = _run(_VARIANTS[rounding, stats], flat, scale, k0, k1, ip, fp)
     elif magic_supported(fmt):
-        q, amax_bits, counts = _run(_VARIANTS[rounding, stats], flat, scale, ip, fp)
+        q, amax_bits, counts, n_nan = _run(_VARIANTS[rounding, stats], flat, scale, ip, fp)
     else:
         return None  # the caller falls back to the reference
+    # NaN results become the canonical bf16 NaN; on the CPU reading the count is free, and NaNs are rare
+    if x.device.type != "cpu" or n_nan.item():
+        q = torch.where(torch.isnan(q), _canonical_nan(x.device), q)
     q = q.view(x.shape)
     if not stats:
         return q, None
