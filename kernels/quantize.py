@@ -33,7 +33,8 @@ Dequantized output (dq) under SATURATE is clamped to the output dtype's largest 
 format value times inv_scale can exceed fp16/bf16 (E6M1's max is 2**31).
 
 Run `python kernels/quantize.py` for a self-check against `quantize_ref` on every format (CPU: set
-TRITON_INTERPRET=1) and, with CUDA, a bandwidth benchmark.
+TRITON_INTERPRET=1) and, with CUDA, a bandwidth benchmark; `python kernels/quantize.py --sass` prints
+the sm_90 SASS instructions per element (compiled without a GPU).
 """
 
 from __future__ import annotations
@@ -511,5 +512,47 @@ def main(self_check, benchmark) -> None:
     sys.exit(0 if passed else 1)
 
 
+def sass_per_element(rounding: str = "nearest", stats: bool = True, block: int = 2048, warps: int = 8):
+    """(instructions in the tile loop per element, instructions outside it) of the sm_90 SASS of the
+    E4M3 bf16 -> bf16 cast, compiled with Triton's bundled ptxas and nvdisasm (no GPU needed; run
+    without TRITON_INTERPRET). Static counts: the loop body divided by the elements per thread."""
+    import re
+
+    from triton.backends.compiler import GPUTarget
+
+    const = dict(EXP_BITS=4, MAN_BITS=3, BIAS=7, SPECIALS=SPECIALS["fn"], SATURATE=True,
+                 ROUNDING=ROUNDING[rounding], CONTIGUOUS=True, WRITE_Q=True, WRITE_DQ=False, STATS=stats,
+                 X_BF16=True, DQ_BF16=True, DQ_MAX=torch.finfo(torch.bfloat16).max, BLOCK=block)
+    ptrs = dict(x_ptr="*i16", q_ptr="*bf16", dq_ptr="*bf16", scale_ptr="*fp32", inv_scale_ptr="*fp32",
+                amax_ptr="*i32", counts_ptr="*i64")
+    names = _quantize_kernel.arg_names
+    sig = {n: "constexpr" if n in const else ptrs.get(n, "i32") for n in names}
+    src = triton.compiler.ASTSource(fn=_quantize_kernel, signature=sig,
+                                    constexprs={(names.index(n),): v for n, v in const.items()})
+    sass = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps)).asm["sass"]
+    lines = sass.splitlines()
+    is_ins = [bool(re.match(r"^[0-9a-f-]{2}:[^\t]*\t\s*[@A-Z]", ln)) and "NOP" not in ln for ln in lines]
+    labels = {ln[:-1]: i for i, ln in enumerate(lines) if re.match(r"^\w+:$", ln)}
+    body = 0
+    for j, ln in enumerate(lines):  # the tile loop: a label and the backward branch to it
+        m = re.search(r"BRA (\w+);", ln)
+        if m and labels.get(m.group(1), j) < j:
+            body = sum(is_ins[labels[m.group(1)]:j + 1])
+            break
+    per_thread = block // (32 * warps)
+    return body / per_thread, sum(is_ins) - body
+
+
+def _print_sass_counts() -> None:
+    for rounding in ROUNDING:
+        for stats in (False, True):
+            per_element, once = sass_per_element(rounding, stats)
+            print(f"{rounding:<10} stats={stats!s:<5} {per_element:5.1f} SASS instructions per element "
+                  f"in the tile loop, {once} once per program")
+
+
 if __name__ == "__main__":
-    main(_self_check, _benchmark)
+    if sys.argv[1:] == ["--sass"]:
+        _print_sass_counts()
+    else:
+        main(_self_check, _benchmark)
