@@ -69,6 +69,11 @@ from altgrad.formats import FormatSpec
 from altgrad.quantize import QuantStats, _round, stats_from_masks
 from altgrad.scaling import TensorScaler, compute_scale
 
+try:
+    from altgrad.quantize import quantize_operand as _quantize_operand_lib
+except ImportError:  # an altgrad.quantize without it: _quantize_operand builds the same contract
+    _quantize_operand_lib = None
+
 __all__ = ["QuantizedLinear", "round_master_weights", "set_full_stats", "set_weight_cache", "weight_updated",
            "sync_amax_history"]
 
@@ -127,11 +132,9 @@ def _sr_seed(sr_state: torch.Tensor, role: str) -> int:
 def _quantize_operand(x, fmt, scale, rounding, saturate, seed, backend):
     """(bf16 format-domain values round_fmt(x·scale), QuantStats): altgrad.quantize.quantize_operand
     when this altgrad has it, else the same contract built here from the reference and the kernel."""
-    from altgrad import quantize as aq
-
-    if hasattr(aq, "quantize_operand"):
-        return aq.quantize_operand(x, fmt, scale, rounding=rounding, saturate=saturate, seed=seed, stats=True,
-                                   backend=backend)
+    if _quantize_operand_lib is not None:
+        return _quantize_operand_lib(x, fmt, scale, rounding=rounding, saturate=saturate, seed=seed, stats=True,
+                                     backend=backend)
     if backend == "triton":
         from altgrad.kernels import quantize as kq
 
