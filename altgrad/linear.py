@@ -178,10 +178,10 @@ def _cast_operand_impl(x, scale, inv_scale, history, count, filled, stats, sr_st
     if p.scaling == "none":
         s = scale.clone()
     else:
-        if p.scaling == "current" or int(filled) == 0:  # filled is a CPU mirror of count: no device sync
+        n = 0 if p.scaling == "current" else int(filled)  # filled: a CPU mirror of count, no device sync
+        if n == 0:  # current scaling, or a delayed history still empty: the tensor's own amax
             amax = x.detach().abs().amax().float()
         else:
-            n = int(filled)
             amax = history[:n].amax() if p.amax_algo == "max" else history[0]
         s = compute_scale(amax, p.fmt, p.margin, p.pow2, prev_scale=scale)
     inv = torch.reciprocal(s)
@@ -199,14 +199,14 @@ def _cast_operand_impl(x, scale, inv_scale, history, count, filled, stats, sr_st
             filled.add_(1).clamp_(max=history.numel())
     if advance:
         sr_state[1] += 1
-    rel_err = torch.full((), math.nan, dtype=torch.float32, device=x.device)
+    # stats: [amax, scale | overflow, underflow, nan, nonzero | numel, rel_err] (copy_ converts dtypes)
+    stats[:2].copy_(torch.stack([st.amax, s]))
+    stats[2:6].copy_(torch.stack([st.overflow, st.underflow, st.nan, st.nonzero]))
+    stats[6] = x.numel()
     if bool(full_stats):
         x32 = x.detach().float()
         err = torch.linalg.vector_norm(q.float() * q_inv - x32)
-        rel_err = err / torch.linalg.vector_norm(x32).clamp(min=torch.finfo(torch.float32).tiny)
-    numel = torch.full((), x.numel(), dtype=torch.float64, device=x.device)
-    stats.copy_(torch.stack([t.to(torch.float64) for t in (st.amax, s, st.overflow, st.underflow, st.nan,
-                                                           st.nonzero, numel, rel_err)]))
+        stats[7] = err / torch.linalg.vector_norm(x32).clamp(min=torch.finfo(torch.float32).tiny)
     return q, q_inv
 
 
