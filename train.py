@@ -33,6 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from altgrad import checkpoint as ckpt
 from altgrad import metrics as diag
 from altgrad.data import DataError, DataNotFoundError, TokenBatches, check_data
+from altgrad import inference
 from altgrad.model import GPT, GPTConfig
 from altgrad.reproducibility import get_rng_state, set_rng_state, set_seed_for_reproducibility
 from altgrad.rundir import RunLock, RunLockedError, clean_partial_files, move_aside
@@ -256,17 +257,9 @@ def save(numbered):
 @torch.no_grad()
 def evaluate():
     """Mean val loss over eval_iters batches: the same batches at every eval (fixed seed), so
-    curves and formats compare without sampling noise, and the training RNG is untouched."""
-    raw_model.eval()
-    val = TokenBatches(cfg.data_dir, "val", cfg.model.block_size, tc.batch_size, device,
-                       seed=tc.seed, rank=rank, world_size=world_size)
-    total = torch.zeros((), device=device)
-    for _ in range(tc.eval_iters):
-        x, y = val.next_batch()
-        with autocast:
-            _, loss = raw_model(x, y)
-        total += loss.float()
-    raw_model.train()
+    curves and formats compare without sampling noise, and the training RNG is untouched
+    (altgrad.inference.loss_sum, which sample.py --eval runs too)."""
+    total = inference.loss_sum(raw_model, cfg, "val", device, rank=rank, world_size=world_size)
     if ddp:
         dist.all_reduce(total)
     return (total / (tc.eval_iters * world_size)).item()

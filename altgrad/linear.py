@@ -66,6 +66,7 @@ from torch import nn
 
 from altgrad.config import LayerQuantConfig, RoleConfig
 from altgrad.formats import FormatSpec
+from altgrad.linear_blockwise import blockwise_linear, needs_blockwise
 from altgrad.quantize import QuantStats, _round, stats_from_masks
 from altgrad.scaling import TensorScaler, compute_scale
 
@@ -462,6 +463,9 @@ class QuantizedLinear(nn.Module):
                              f"{self.weight.device} (got {x.dtype} on {x.device})")
         if not self.role_configs:
             return nn.functional.linear(x, self.weight, self.bias)
+        # -- row / block scales: each GEMM casts along its own K (altgrad/linear_blockwise.py) --
+        if needs_blockwise(self.role_configs):
+            return blockwise_linear(x, self.weight, self.bias, self)
         cast_backend, mm_backend = self._backends(x)
         # an empty batch is no training step: it observes nothing and advances nothing
         update = self.training and x.numel() > 0

@@ -159,7 +159,7 @@ def _quantize_kernel(x_ptr, q_ptr, dq_ptr, scale_ptr, inv_scale_ptr, amax_ptr, c
                      EXP_BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr,
                      SPECIALS: tl.constexpr, SATURATE: tl.constexpr, ROUNDING: tl.constexpr,
                      CONTIGUOUS: tl.constexpr, WRITE_Q: tl.constexpr, WRITE_DQ: tl.constexpr,
-                     STATS: tl.constexpr, DQ_BF16: tl.constexpr, DQ_MAX: tl.constexpr, BLOCK: tl.constexpr):
+                     STATS: tl.constexpr, X_BF16: tl.constexpr, DQ_BF16: tl.constexpr, DQ_MAX: tl.constexpr, BLOCK: tl.constexpr):
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # logical (row-major) index
     mask = idx < N
     if CONTIGUOUS:
@@ -171,7 +171,12 @@ def _quantize_kernel(x_ptr, q_ptr, dq_ptr, scale_ptr, inv_scale_ptr, amax_ptr, c
         i2 = rest % S2
         rest = rest // S2
         src = (rest // S1) * T0 + (rest % S1) * T1 + i2 * T2 + i3 * T3
-    x = tl.load(x_ptr + src, mask=mask, other=0.0).to(tl.float32)
+    if X_BF16:
+        # bf16 arrives as its int16 bits: widening by a shift is exact for subnormals on every backend
+        # (the interpreter's bf16 -> fp32 conversion flushes them)
+        x = (tl.load(x_ptr + src, mask=mask, other=0).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    else:
+        x = tl.load(x_ptr + src, mask=mask, other=0.0).to(tl.float32)
     v = x * tl.load(scale_ptr)  # one fp32 multiply, as the reference
     if ROUNDING == 1:
         rbits = philox_u32(seed_lo, seed_hi, idx)  # keyed by the element's 64-bit index: reproducible
@@ -315,11 +320,12 @@ def quantize(x: torch.Tensor, scale=None, *, exp_bits: int, man_bits: int, bias:
         xs, contiguous, sizes, strides = _strided_args(x)
         block, warps = (65536, 1) if _INTERPRET else (2048, 8)
         _quantize_kernel[(triton.cdiv(n, block),)](
-            xs, q if out_q else amax_bits, dq if out_dq else amax_bits, s, inv, amax_bits, counts,
+            xs.view(torch.int16) if x.dtype == torch.bfloat16 else xs, q if out_q else amax_bits, dq if out_dq else amax_bits, s, inv, amax_bits, counts,
             seed & 0xFFFFFFFF, seed >> 32, n, *sizes, *strides,
             EXP_BITS=exp_bits, MAN_BITS=man_bits, BIAS=bias, SPECIALS=SPECIALS[specials],
             SATURATE=saturate, ROUNDING=ROUNDING[rounding], CONTIGUOUS=contiguous,
-            WRITE_Q=out_q, WRITE_DQ=out_dq, STATS=stats, DQ_BF16=x.dtype == torch.bfloat16,
+            WRITE_Q=out_q, WRITE_DQ=out_dq, STATS=stats, X_BF16=x.dtype == torch.bfloat16,
+            DQ_BF16=x.dtype == torch.bfloat16,
             DQ_MAX=torch.finfo(x.dtype).max,
             BLOCK=block, num_warps=warps)
     if not stats:
