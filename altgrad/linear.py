@@ -31,7 +31,9 @@ high precision (passed through in fp32). Decisions written down here:
   mixed from the layer's `sr_state` buffer [base seed, training-forward count] and the role, so
   the stream is saved in checkpoints with the model's state_dict and evaluation (which does not
   advance the count), logging and shadow models never consume it. The base seed defaults to a
-  hash of `torch.initial_seed()` (the run seed) and the layer's name.
+  hash of `torch.initial_seed()` (the run seed) and the layer's name. Every data-parallel rank
+  draws the same stream (the weight's draws must agree across ranks). The seed is read on the
+  host: on CUDA a stochastic cast costs one device sync (nearest rounding none).
 - Empty batches (zero-size inputs) give empty outputs like nn.Linear and leave every scaling state
   unchanged.
 - Distributed data parallel: `sync_amax_history(model, group)` max-reduces every delayed history
