@@ -8,9 +8,10 @@ list) against cuBLAS bf16 (`torch.mm`, fp32 output) on the same format-domain op
 exact products with fp32 accumulation, so the faster one can serve the shape; plus in-loop
 quantization and real FP8 (Triton, and cuBLAS `torch._scaled_mm`) for the forward GEMM.
 
-Same clock everywhere: `triton.testing.do_bench` (CUDA events, L2 flushed, median). extra_info holds
-the device time, its ratio to the cuBLAS bf16 side of the same GEMM (or the GB/s), measured in the
-same run; pytest-benchmark's columns are wall-clock per synchronized call (launch overhead included).
+Same clock everywhere: `triton.testing.do_bench` (CUDA events, L2 flushed, median). extra_info (also
+printed as a RESULT line as soon as it is measured) holds the device time and its ratio to the cuBLAS
+bf16 side of the same GEMM (or the GB/s), measured in the same run; pytest-benchmark's columns are
+wall-clock per synchronized call (launch overhead included).
 """
 
 import pytest
@@ -63,7 +64,13 @@ def _gbs(benchmark, n_bytes, fn):
     ms = _device_ms(fn)
     benchmark.extra_info["device_ms"] = round(ms, 4)
     benchmark.extra_info["GB/s"] = round(n_bytes / ms / 1e6)
+    _print(benchmark)
     _wall(benchmark, fn)
+
+
+def _print(benchmark):
+    """The result line, as soon as it is measured (`pytest -s` keeps it if the run is cut off)."""
+    print(f"\nRESULT {benchmark.name} {benchmark.extra_info}", flush=True)
 
 
 @pytest.mark.parametrize("fmt,rounding,stats", [
@@ -127,6 +134,7 @@ def _ratio(benchmark, key, ms):
     benchmark.extra_info["ratio_vs_cublas_bf16"] = round(ms / _CUBLAS_MS[key], 3)
     M, N, K = key_mnk(key)
     benchmark.extra_info["TFLOP/s"] = round(2 * M * N * K / ms / 1e9, 1)
+    _print(benchmark)
 
 
 def key_mnk(key):

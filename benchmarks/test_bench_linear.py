@@ -10,9 +10,9 @@ under bf16 autocast, as nanoGPT trains:
 
 Shapes: 4096^3 and GPT-small's (M = 12 x 256 = 3072 tokens; 384->1536 c_fc, 1536->384 c_proj,
 384->1152 c_attn). Every side is timed with the same clock: `triton.testing.do_bench` (CUDA events,
-L2 flushed between calls, median). Each test's extra_info holds its device time and its ratio to
-the bf16 side of the same shape, measured in the same run; pytest-benchmark's own columns are the
-wall-clock time per synchronized call (launch overhead included), for the host-bound picture.
+L2 flushed between calls, median), all three in the same test: extra_info holds each side's device
+time and the ratios; pytest-benchmark's own columns are the simulated side's wall-clock time per
+synchronized call (launch overhead included), for the host-bound picture.
 """
 
 import pytest
@@ -32,9 +32,6 @@ SHAPES = {  # name: (tokens M, in_features, out_features)
     "gpt-small c_proj 1536->384": (3072, 1536, 384),
     "gpt-small c_attn 384->1152": (3072, 384, 1152),
 }
-_BF16_MS = {}  # shape -> device ms of the bf16 side, this run
-
-
 def _device_ms(fn) -> float:
     """Median device time of fn() in ms (CUDA events, L2 flushed), after one untimed call."""
     fn()
@@ -66,36 +63,6 @@ def _fwd_bwd(module, x, dy):
     return step
 
 
-def _record(benchmark, shape, ms):
-    benchmark.extra_info["device_ms"] = round(ms, 4)
-    if shape not in _BF16_MS:
-        lin, x, dy = _problem(shape)
-        _BF16_MS[shape] = _device_ms(_fwd_bwd(lin, x, dy))
-    benchmark.extra_info["ratio_vs_bf16"] = round(ms / _BF16_MS[shape], 3)
-
-
-@pytest.mark.parametrize("shape", SHAPES)
-def test_linear_bf16(benchmark, shape):
-    lin, x, dy = _problem(shape)
-    benchmark.group = f"linear fwd+bwd {shape}"
-    step = _fwd_bwd(lin, x, dy)
-    _BF16_MS[shape] = _device_ms(step)
-    _record(benchmark, shape, _BF16_MS[shape])
-    _wall(benchmark, step)
-
-
-@pytest.mark.parametrize("shape", SHAPES)
-def test_linear_simulated_e4m3_e5m2(benchmark, shape):
-    lin, x, dy = _problem(shape)
-    cfg = LayerQuantConfig(RoleConfig("E4M3"), RoleConfig("E4M3"), RoleConfig("E5M2"))
-    ql = QuantizedLinear(lin, cfg, name=shape, backend="triton")
-    ql.full_stats = False  # what train.py does between logging steps
-    benchmark.group = f"linear fwd+bwd {shape}"
-    step = _fwd_bwd(ql, x, dy)
-    _record(benchmark, shape, _device_ms(step))
-    _wall(benchmark, step)
-
-
 def _fake_quant(t, fmax, dtype):
     """Current scaling + the native float8 round trip: (format-domain bf16 values, inv_scale)."""
     scale = fmax / t.abs().amax().float().clamp(min=1e-12)
@@ -114,11 +81,23 @@ def _fake_quant_fwd_bwd(x, w, dy):
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_linear_fake_quant_compiled(benchmark, shape):
+def test_linear_fwd_bwd(benchmark, shape):
+    """All three sides of one shape in one test (same clock, same run); the result line is printed
+    as soon as it is measured (`pytest -s` keeps it even if the run is cut off)."""
     lin, x, dy = _problem(shape)
-    w = lin.weight.detach()
-    xd = x.detach()
-    benchmark.group = f"linear fwd+bwd {shape}"
-    step = lambda: _fake_quant_fwd_bwd(xd, w, dy)  # noqa: E731
-    _record(benchmark, shape, _device_ms(step))
-    _wall(benchmark, step)
+    cfg = LayerQuantConfig(RoleConfig("E4M3"), RoleConfig("E4M3"), RoleConfig("E5M2"))
+    ql = QuantizedLinear(lin, cfg, name=shape, backend="triton")
+    ql.full_stats = False  # what train.py does between logging steps
+    sides = {"bf16": _fwd_bwd(lin, x, dy), "simulated": _fwd_bwd(ql, x, dy)}
+    w, xd = lin.weight.detach(), x.detach()
+    sides["fake_quant_compiled"] = lambda: _fake_quant_fwd_bwd(xd, w, dy)
+    ms = {}
+    for name, step in sides.items():
+        ms[name] = _device_ms(step)
+        print(f"\nRESULT linear fwd+bwd {shape}: {name} {ms[name]:.4f} ms (ratio to bf16 "
+              f"{ms[name] / ms['bf16']:.3f})", flush=True)
+    benchmark.group = "linear fwd+bwd, simulated E4M3/E5M2 (wall clock)"
+    benchmark.extra_info.update({f"{k}_ms": round(v, 4) for k, v in ms.items()})
+    benchmark.extra_info["simulated_vs_bf16"] = round(ms["simulated"] / ms["bf16"], 3)
+    benchmark.extra_info["fake_quant_vs_simulated"] = round(ms["fake_quant_compiled"] / ms["simulated"], 3)
+    _wall(benchmark, sides["simulated"])
