@@ -1,14 +1,20 @@
-"""Train nanoGPT with its matmuls in a simulated low-precision format (DESIGN §7).
+"""Train nanoGPT with its matmuls in a simulated low-precision format.
 
     python train.py configs/e5m2_fp8.yaml [--section.key=value ...] [--resume]
-    torchrun --standalone --nproc_per_node=2 train.py configs/e5m2_fp8.yaml   # DDP
+    torchrun --standalone --nproc_per_node=2 train.py configs/e5m2_fp8.yaml --train.grad_accum=2   # DDP
+    python train.py --help          # every section and key with its type and default
 
 Outputs in out/<run_name>/: config.yaml (resolved), metrics.jsonl, summary.json, checkpoints
 (ckpt_<step>.pt, at most train.max_checkpoints, and ckpt_last.pt) and W&B files when enabled.
-Exit codes: 0 completed, 2 bad config / missing data / unusable checkpoint, 3 diverged
-(train.nan_patience consecutive non-finite steps), 130 stopped by Ctrl-C.
+While a run lives, out/.<run_name>.lock holds its PID and host: a second run of the same name
+stops before touching anything. Every check of the config, the data and the checkpoint to resume
+runs before the run directory is created or an earlier run's directory is moved aside.
+Exit codes: 0 completed, 1 failed (an exception: summary.json says `failed` and why),
+2 bad config / data / checkpoint or a run directory in use, 3 diverged (train.nan_patience
+consecutive non-finite steps), 130 stopped by Ctrl-C / SIGTERM.
 """
 
+import atexit
 import dataclasses
 import hashlib
 import math
@@ -16,6 +22,8 @@ import os
 import signal
 import sys
 import time
+import re
+import traceback
 from contextlib import nullcontext
 
 import torch
@@ -24,14 +32,16 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from altgrad import checkpoint as ckpt
 from altgrad import metrics as diag
-from altgrad.data import DataNotFoundError, TokenBatches, load_meta
+from altgrad.data import DataError, DataNotFoundError, TokenBatches, check_data
+from altgrad import inference
 from altgrad.model import GPT, GPTConfig
 from altgrad.reproducibility import get_rng_state, set_rng_state, set_seed_for_reproducibility
+from altgrad.rundir import RunLock, RunLockedError, clean_partial_files, move_aside
 from altgrad.runconfig import ConfigError, build_quant_config, format_config, load_config, parse_args, save_config
 from altgrad.shadow import FP32ShadowModel
 from altgrad.tracking import RunLogger, git_commit, run_versions, write_json_atomic
 
-EXIT_USAGE, EXIT_DIVERGED, EXIT_STOPPED = 2, 3, 130
+EXIT_FAILED, EXIT_USAGE, EXIT_DIVERGED, EXIT_STOPPED = 1, 2, 3, 130
 
 
 def fail(message, code=EXIT_USAGE):
@@ -72,69 +82,144 @@ dtype = tc.dtype if tc.dtype != "auto" else ("bf16" if device_type == "cuda" els
 if dtype == "bf16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
     fail("train.dtype=bf16 needs a GPU with bf16 (Ampere or newer); use --train.dtype=fp32")
 autocast = nullcontext() if dtype == "fp32" else torch.autocast(device_type, dtype=torch.bfloat16)
-if device_type == "cuda":
-    torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast (nanoGPT)
-    torch.backends.cudnn.allow_tf32 = True
+# TF32 only when asked (train.tf32): an "fp32" matmul here means fp32, and the FP32 shadow
+# model always runs without it (altgrad.shadow)
+torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tc.tf32 and device_type == "cuda"
+# what the matmuls that are not simulated (unquantized roles and layers, attention) run in
+hp_matmul = "bf16 (autocast)" if dtype == "bf16" else ("tf32" if tc.tf32 and device_type == "cuda" else "fp32")
 
 # ---------------------------------------------------------------------------------------
 # data and model: the same seed gives every format the same init and the same batches
-set_seed_for_reproducibility(tc.seed)
-try:
-    meta = load_meta(cfg.data_dir)
-    train_data = TokenBatches(cfg.data_dir, "train", cfg.model.block_size, tc.batch_size, device,
-                              seed=tc.seed, rank=rank, world_size=world_size)
-except DataNotFoundError as e:
+try:  # sizes, token ids against the vocabulary, meta.pkl: all before anything is written
+    meta = check_data(cfg.data_dir, cfg.model.block_size, cfg.model.vocab_size)
+except (DataNotFoundError, DataError) as e:
     fail(e)
 if cfg.model.vocab_size is None:  # resolve from meta.pkl so config.yaml records the real size
-    vocab = meta["vocab_size"] if meta else 50304  # GPT-2's 50257 padded to a multiple of 64
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=meta["vocab_size"]))
+set_seed_for_reproducibility(tc.seed)
+train_data = TokenBatches(cfg.data_dir, "train", cfg.model.block_size, tc.batch_size, device,
+                          seed=tc.seed, rank=rank, world_size=world_size)
 model = GPT(GPTConfig(**dataclasses.asdict(cfg.model)))
 quant_config = build_quant_config(cfg)
 if quant_config is not None:
-    from altgrad.linear import round_master_weights, set_full_stats
-    from altgrad.surgery import describe_quantization, quantize_model
+    from altgrad.linear import round_master_weights, set_full_stats, set_weight_cache, sync_amax_history, weight_updated
+    from altgrad.surgery import describe_quantization, quantize_model, quantized_layers
 
+    linear_names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     quantize_model(model, config=quant_config)
-model.to(device)
-raw_model = model  # state_dict, diagnostics and shadow use the unwrapped module
-optimizer = raw_model.configure_optimizers(tc.weight_decay, tc.lr, tc.betas, device_type)
-params = [p for p in raw_model.parameters() if p.requires_grad]
+    set_weight_cache(model, accum > 1 and not tc.compile)  # cast each weight once per step (eager)
+    # a pattern that matches no layer is almost always a typo: say so; quantizing nothing is an error
+    for kind, patterns in (("quant.layer_rules", [r.pattern for r in quant_config.layer_rules]),
+                           ("quant.skip_patterns", list(quant_config.skip_patterns))):
+        for pattern in patterns:
+            if master and not any(re.search(pattern, n) for n in linear_names):
+                print(f"warning: {kind} pattern {pattern!r} matches no Linear layer "
+                      f"(layers: {', '.join(linear_names[:4])}, ...)", file=sys.stderr)
+    if not any(True for _ in quantized_layers(model)):
+        fail("quant: this config quantizes none of the model's Linear layers; use quant: null for the "
+             "high-precision baseline, or fix quant.default_format / layer_rules / skip_patterns")
 
 # ---------------------------------------------------------------------------------------
-# run directory, resume
+# run directory: lock it (rank 0), then resume from its newest readable checkpoint, or move an
+# earlier run aside. Nothing is written or moved until every check has passed.
 run_dir = cfg.run_dir
-step, best_val, best_val_step, last_val, streak, skipped, wall_before = 0, None, None, None, 0, 0, 0.0
-resume_path = ckpt.latest_checkpoint(run_dir) if tc.resume else None
-if resume_path is not None:
+if master:
+    lock = RunLock(run_dir)
     try:
-        state = ckpt.load_checkpoint(resume_path, map_location="cpu")
+        stale = lock.acquire()
+    except (RunLockedError, OSError) as e:
+        fail(e)
+    atexit.register(lock.release)
+    if stale:
+        print(f"note: took over the stale lock of pid {stale.get('pid')} on host {stale.get('host')} "
+              f"(that run is gone)")
+step, best_val, best_val_step, last_val, last_val_step, streak, skipped, wall_before = 0, None, None, None, None, 0, 0, 0.0
+train_loss = None
+resume_path = state = None
+if tc.resume:
+    try:  # a damaged newest checkpoint falls back to the next older one, with a warning
+        resume_path, state = ckpt.load_latest_checkpoint(
+            run_dir, map_location="cpu", warn=lambda msg: print(msg, file=sys.stderr) if master else None)
     except ckpt.CheckpointError as e:
         fail(e)
+if state is not None:
     for section in ("model", "quant"):  # train/log may change on resume (e.g. more steps)
         if state["config"][section] != cfg.to_dict()[section]:
             fail(f"{section}: differs from the checkpoint's {resume_path} ({state['config'][section]}); "
                  f"resume with the same {section} section or use another log.run_name")
-    raw_model.load_state_dict(state["model"])  # QuantizedLinear scales/AmaxHistory are buffers
-    optimizer.load_state_dict(state["optimizer"])
+    saved_seed = state["config"]["train"]["seed"]
+    if saved_seed != tc.seed:  # the seed chose the initial weights and the data order
+        fail(f"train.seed={tc.seed} differs from the checkpoint's {resume_path} seed {saved_seed}; "
+             f"resume with --train.seed={saved_seed} or use another log.run_name")
+    raw_model_state = state["model"]
+    model.load_state_dict(raw_model_state)  # QuantizedLinear scales/AmaxHistory are buffers
     train_data.load_state_dict(state["data"])
     set_rng_state(state["rng"])
     step, streak, skipped, wall_before = state["step"], state["nonfinite_streak"], state["skipped_steps"], \
         state["wall_time_s"]
     best_val, best_val_step, last_val = state["best_val_loss"], state["best_val_step"], state["last_val_loss"]
-    del state
+    last_val_step, train_loss = state.get("last_val_step"), state.get("last_train_loss")
 start_step = step
 if master:
+    removed = clean_partial_files(run_dir)  # temp files of writes killed mid-way (we hold the lock)
+    if removed:
+        print(f"note: removed {len(removed)} partial file(s) of an interrupted write: "
+              f"{', '.join(p.name for p in removed)}")
     if resume_path is not None:
         print(f"resuming from {resume_path} at step {step}")
     else:
         if tc.resume:
             print(f"train.resume: no checkpoint in {run_dir}, starting from step 0")
-        elif (run_dir / "metrics.jsonl").exists() or ckpt.list_checkpoints(run_dir):
+        elif (run_dir / "metrics.jsonl").exists() or ckpt.list_checkpoints(run_dir) \
+                or (run_dir / ckpt.CKPT_LAST).exists():
             # a fresh run never overwrites an earlier one: its directory is kept beside, renamed
-            kept = run_dir.with_name(f"{run_dir.name}.{time.strftime('%Y%m%d-%H%M%S')}")
-            run_dir.rename(kept)
+            kept = move_aside(run_dir)
             print(f"note: {run_dir} held an earlier run; moved it to {kept} (use --resume to continue one)")
     run_dir.mkdir(parents=True, exist_ok=True)
+model.to(device)
+raw_model = model  # state_dict, diagnostics and shadow use the unwrapped module
+optimizer = raw_model.configure_optimizers(tc.weight_decay, tc.lr, tc.betas, device_type)
+params = [p for p in raw_model.parameters() if p.requires_grad]
+if state is not None:
+    optimizer.load_state_dict(state["optimizer"])
+    del state, raw_model_state
+tokens_per_step = tc.batch_size * cfg.model.block_size * tc.grad_accum
+versions, commit = run_versions(), git_commit()
+device_name = torch.cuda.get_device_name(device) if device_type == "cuda" else f"{torch.get_num_threads()} threads"
+t_start = time.time()
+logger = None
+
+
+def write_summary(status, diverged_step=None, **extra):
+    write_json_atomic(run_dir / "summary.json", extra | {
+        "run_name": cfg.log.run_name, "status": status, "steps": step, "diverged_step": diverged_step,
+        "final_train_loss": train_loss, "final_val_loss": last_val, "final_val_step": last_val_step,
+        "best_val_loss": best_val, "best_val_step": best_val_step, "skipped_steps": skipped,
+        "wall_time_s": wall_before + time.time() - t_start, "num_params": raw_model.get_num_params(),
+        "tokens_per_step": tokens_per_step, "versions": versions, "device": f"{device} ({device_name})",
+        "dtype": dtype, "high_precision_matmul": hp_matmul, "world_size": world_size, "git_commit": commit,
+        "pid": os.getpid(), "host": os.uname().nodename, "config": cfg.to_dict()})
+
+
+def on_crash(exc_type, exc, tb):
+    """Any exception that ends the run: the traceback, then summary.json `failed` with the reason."""
+    if issubclass(exc_type, KeyboardInterrupt):
+        return sys.__excepthook__(exc_type, exc, tb)
+    traceback.print_exception(exc_type, exc, tb)
+    text = str(exc).strip()
+    reason = f"{exc_type.__name__}: {text.splitlines()[0]}" if text else exc_type.__name__
+    if master:
+        try:
+            write_summary("failed", error=reason)
+            if logger is not None:
+                logger.close({"status": "failed"}, exit_code=EXIT_FAILED)
+        except Exception as e:  # e.g. the disk is still full
+            print(f"could not record the failure in {run_dir / 'summary.json'}: {e}", file=sys.stderr)
+        print(f"failed at step {step}: {reason} -> {run_dir}", file=sys.stderr)
+
+
+if master:
+    sys.excepthook = on_crash  # from here on a crash is recorded (exit code 1, Python's own)
     save_config(cfg, run_dir / "config.yaml")
     print(format_config(cfg), end="")
     if quant_config is not None:
@@ -145,7 +230,9 @@ if master:
 if tc.compile:
     model = torch.compile(model)
 if ddp:
-    model = DDP(model, device_ids=[torch.cuda.current_device()] if device_type == "cuda" else None)
+    # quantized: amax histories are max-reduced by sync_amax_history, not copied from rank 0
+    model = DDP(model, device_ids=[torch.cuda.current_device()] if device_type == "cuda" else None,
+                broadcast_buffers=quant_config is None)
 
 # ---------------------------------------------------------------------------------------
 # diagnostics (rank 0): quantization stats, update effect, dead MLP units, FP32 shadow
@@ -158,26 +245,11 @@ if master and tc.shadow_interval:
         print("note: train.shadow_interval is ignored under DDP")
     else:
         shadow = FP32ShadowModel(raw_model)
-tokens_per_step = tc.batch_size * cfg.model.block_size * tc.grad_accum
-versions, commit = run_versions(), git_commit()
-device_name = torch.cuda.get_device_name(device) if device_type == "cuda" else f"{torch.get_num_threads()} threads"
-t_start = time.time()
-
-
-def write_summary(status, diverged_step=None, final_train_loss=None, **extra):
-    write_json_atomic(run_dir / "summary.json", extra | {
-        "run_name": cfg.log.run_name, "status": status, "steps": step, "diverged_step": diverged_step,
-        "final_train_loss": final_train_loss, "final_val_loss": last_val, "best_val_loss": best_val,
-        "best_val_step": best_val_step, "skipped_steps": skipped, "wall_time_s": wall_before + time.time() - t_start,
-        "num_params": raw_model.get_num_params(), "tokens_per_step": tokens_per_step, "versions": versions,
-        "device": f"{device} ({device_name})", "world_size": world_size, "git_commit": commit,
-        "config": cfg.to_dict()})
-
-
 def save(numbered):
     state = {"step": step, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
              "rng": get_rng_state(), "data": train_data.state_dict(), "best_val_loss": best_val,
-             "best_val_step": best_val_step, "last_val_loss": last_val, "nonfinite_streak": streak,
+             "best_val_step": best_val_step, "last_val_loss": last_val, "last_val_step": last_val_step,
+             "last_train_loss": train_loss, "nonfinite_streak": streak,
              "skipped_steps": skipped, "wall_time_s": wall_before + time.time() - t_start, "config": cfg.to_dict()}
     ckpt.save_run_checkpoint(state, run_dir, step, max_checkpoints=tc.max_checkpoints, numbered=numbered)
 
@@ -185,17 +257,9 @@ def save(numbered):
 @torch.no_grad()
 def evaluate():
     """Mean val loss over eval_iters batches: the same batches at every eval (fixed seed), so
-    curves and formats compare without sampling noise, and the training RNG is untouched."""
-    raw_model.eval()
-    val = TokenBatches(cfg.data_dir, "val", cfg.model.block_size, tc.batch_size, device,
-                       seed=tc.seed, rank=rank, world_size=world_size)
-    total = torch.zeros((), device=device)
-    for _ in range(tc.eval_iters):
-        x, y = val.next_batch()
-        with autocast:
-            _, loss = raw_model(x, y)
-        total += loss.float()
-    raw_model.train()
+    curves and formats compare without sampling noise, and the training RNG is untouched
+    (altgrad.inference.loss_sum, which sample.py --eval runs too)."""
+    total = inference.loss_sum(raw_model, cfg, "val", device, rank=rank, world_size=world_size)
     if ddp:
         dist.all_reduce(total)
     return (total / (tc.eval_iters * world_size)).item()
@@ -203,8 +267,8 @@ def evaluate():
 
 def eval_and_record(record):
     """Evaluate (every rank), track the best, add val/* to rank 0's record for this step."""
-    global last_val, best_val, best_val_step
-    last_val = evaluate()
+    global last_val, last_val_step, best_val, best_val_step
+    last_val, last_val_step = evaluate(), step
     if master:
         if best_val is None or last_val < best_val:
             best_val, best_val_step = last_val, step
@@ -229,8 +293,8 @@ def fmt_time(seconds):
 # training loop: `step` counts finished optimizer steps (skipped ones included)
 if master:
     print(f"{raw_model.get_num_params() / 1e6:.2f}M parameters | {tokens_per_step} tokens/step | "
-          f"{device} ({device_name}) {dtype} | world {world_size} | run dir {run_dir}")
-status, diverged_step, train_loss, exit_code, aborted = "completed", None, None, 0, False
+          f"{device} ({device_name}) | high-precision matmuls {hp_matmul} | world {world_size} | run dir {run_dir}")
+status, diverged_step, exit_code, aborted = "completed", None, 0, False
 train_time, timed_steps, loop_t0, alert_shown = 0.0, 0, time.time(), {}
 stop_signal = None
 
@@ -278,6 +342,8 @@ try:
                 loss = loss / accum
             loss_sum += loss.detach().float()
             loss.backward()
+            if ddp and quant_config is not None:  # every rank scales with the group's max amax
+                sync_amax_history(raw_model)
         if ddp:  # mean loss, and whether any rank was asked to stop: ranks must stop together
             flags = torch.stack([loss_sum, torch.tensor(float(stop_signal is not None), device=device)])
             dist.all_reduce(flags)
@@ -298,6 +364,7 @@ try:
             optimizer.step()
             if quant_config is not None:  # master_weights: store the weights in their format
                 round_master_weights(raw_model)
+                weight_updated(raw_model)  # the next forward casts the new weights
             if log_now and tracker is not None:
                 record.update(tracker.after_step())
             streak = 0
@@ -370,13 +437,14 @@ if master:
     saved_here = tc.checkpoint_interval and step % tc.checkpoint_interval == 0
     if step > start_step and not saved_here and not aborted:
         save(numbered=False)
-    write_summary(status, diverged_step, train_loss, **extra)
+    write_summary(status, diverged_step, **extra)
     logger.close({"status": status, "best_val_loss": best_val, "final_val_loss": last_val}, exit_code=exit_code)
     if status == "diverged":
         print(f"diverged: {tc.nan_patience} consecutive non-finite steps from step {diverged_step}; "
               f"state saved in {run_dir} (exit code {EXIT_DIVERGED})", file=sys.stderr)
     else:
-        val_text = f"val loss {last_val:.4f} (best {best_val:.4f} @ {best_val_step})" if last_val is not None else ""
+        val_text = (f"val loss {last_val:.4f} @ step {last_val_step} (best {best_val:.4f} @ {best_val_step})"
+                    if last_val is not None else "no evaluation yet")
         print(f"{status} at step {step} in {fmt_time(wall_before + time.time() - t_start)}: {val_text} -> {run_dir}")
 if ddp:
     dist.destroy_process_group()

@@ -34,6 +34,8 @@ __all__ = [
     "list_checkpoints",
     "rotate_checkpoints",
     "latest_checkpoint",
+    "checkpoint_candidates",
+    "load_latest_checkpoint",
     "load_checkpoint",
 ]
 
@@ -118,6 +120,32 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
         return last
     found = list_checkpoints(run_dir)
     return found[-1][1] if found else None
+
+
+def checkpoint_candidates(run_dir: str | os.PathLike) -> list[Path]:
+    """Every checkpoint of `run_dir`, newest first: ckpt_last.pt, then numbered ones by step."""
+    last = Path(run_dir) / CKPT_LAST
+    return ([last] if last.is_file() else []) + [p for _, p in reversed(list_checkpoints(run_dir))]
+
+
+def load_latest_checkpoint(run_dir: str | os.PathLike, map_location="cpu", warn=None) -> tuple[Path | None, dict | None]:
+    """(path, state) of the newest checkpoint of `run_dir` that loads, or (None, None) when there is none.
+
+    ckpt_last.pt is a hard link to the newest numbered file, so one damaged file can ruin both
+    names: an unreadable checkpoint is reported through `warn(message)` and the next older one is
+    tried. Raises CheckpointError (naming the newest failure) when checkpoints exist but none loads.
+    """
+    errors = []
+    for path in checkpoint_candidates(run_dir):
+        try:
+            return path, load_checkpoint(path, map_location=map_location)
+        except CheckpointError as e:
+            errors.append(e)
+            if warn is not None:
+                warn(f"warning: {e}; trying an older checkpoint")
+    if errors:
+        raise CheckpointError(f"no readable checkpoint in {run_dir} (newest: {errors[0]})")
+    return None, None
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:

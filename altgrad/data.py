@@ -22,13 +22,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["DataNotFoundError", "TokenBatches", "load_meta", "prepare_command"]
+__all__ = ["DataError", "DataNotFoundError", "TokenBatches", "check_data", "load_meta", "prepare_command"]
 
 SPLITS = ("train", "val")
 
 
 class DataNotFoundError(FileNotFoundError):
     """A data directory or one of its .bin files is missing; the message says how to make it."""
+
+
+class DataError(ValueError):
+    """Data that exists but cannot be trained on (sizes, token ids, meta.pkl); one-line message."""
 
 
 def prepare_command(data_dir) -> str:
@@ -53,8 +57,9 @@ def _bin_path(data_dir, split) -> Path:
 def load_meta(data_dir) -> dict | None:
     """meta.pkl of a data directory ({vocab_size, itos, stoi}), or None when it has none.
 
-    None is what BPE data looks like (nanoGPT writes meta.pkl only for
-    char-level sets); the caller then uses GPT-2's padded vocabulary.
+    None is what BPE data looks like (nanoGPT writes meta.pkl only for char-level sets).
+    Raises DataNotFoundError without the directory, DataError when meta.pkl is not a pickled
+    dict with a positive int `vocab_size`.
     """
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
@@ -62,8 +67,64 @@ def load_meta(data_dir) -> dict | None:
     path = data_dir / "meta.pkl"
     if not path.is_file():
         return None
-    with open(path, "rb") as f:
-        return pickle.load(f)
+    try:
+        with open(path, "rb") as f:
+            meta = pickle.load(f)
+    except Exception as e:  # truncated, not a pickle, ...
+        raise DataError(f"{path}: not a readable meta.pkl ({type(e).__name__}: {str(e).strip()[:80]}); "
+                        f"rewrite it with `{prepare_command(data_dir)}`") from None
+    vocab = meta.get("vocab_size") if isinstance(meta, dict) else None
+    if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab < 1:
+        raise DataError(f"{path}: expected a pickled dict with an int vocab_size >= 1 (as prepare.py writes), "
+                        f"got {type(meta).__name__}" + (f" with vocab_size={vocab!r}" if isinstance(meta, dict) else ""))
+    return meta
+
+
+_SCAN_CHUNK = 1 << 26  # tokens per chunk when scanning a split for its largest id (128 MB of uint16)
+
+
+def _max_token(path: Path, num_tokens: int, dtype) -> int:
+    data = np.memmap(path, dtype=dtype, mode="r", shape=(num_tokens,))
+    return max(int(data[i:i + _SCAN_CHUNK].max()) for i in range(0, num_tokens, _SCAN_CHUNK))
+
+
+def check_data(data_dir, block_size: int, vocab_size: int | None, dtype=np.uint16) -> dict | None:
+    """Check a data directory before a run writes anything; returns its meta.pkl (or None).
+
+    Every split must exist, hold whole tokens (a size that is a multiple of the token size) and
+    more than `block_size` of them (one window plus its shifted target), and no token id may
+    reach the vocabulary: `vocab_size`, or meta.pkl's when `vocab_size` is None. Without
+    meta.pkl the vocabulary must be given (GPT-2 BPE data: model.vocab_size: 50304, GPT-2's
+    50257 padded to a multiple of 64): a silent default would change the model's size.
+    Each split is read once in chunks to find its largest token id (seconds for billions of tokens).
+
+    Raises DataNotFoundError (a directory or split is missing) or DataError (one-line messages).
+    """
+    data_dir = Path(data_dir)
+    meta = load_meta(data_dir)
+    paths = [_bin_path(data_dir, split) for split in SPLITS]  # missing data first: its message says how to make it
+    if vocab_size is None:
+        if meta is None:
+            raise DataError(f"{data_dir} has no meta.pkl, so the vocabulary size is unknown: set model.vocab_size "
+                            f"(50304 for GPT-2 BPE tokens), or write meta.pkl with `{prepare_command(data_dir)}`")
+        vocab_size, vocab_from = meta["vocab_size"], f"meta.pkl's vocab_size={meta['vocab_size']}"
+    else:
+        vocab_from = f"model.vocab_size={vocab_size}"
+    itemsize = np.dtype(dtype).itemsize
+    for path in paths:
+        size = os.path.getsize(path)
+        if size % itemsize:
+            raise DataError(f"{path}: {size} bytes is not a whole number of {itemsize}-byte tokens "
+                            f"(a truncated write?); rewrite it with `{prepare_command(data_dir)}`")
+        num_tokens = size // itemsize
+        if num_tokens <= block_size:
+            raise DataError(f"{path} holds {num_tokens} tokens; model.block_size={block_size} needs at least "
+                            f"{block_size + 1}: use a smaller block_size or more data")
+        top = _max_token(path, num_tokens, dtype)
+        if top >= vocab_size:
+            raise DataError(f"{path} holds token id {top}, outside {vocab_from}: the vocabulary must be larger "
+                            f"than every token id (set model.vocab_size >= {top + 1}, or fix meta.pkl)")
+    return meta
 
 
 class TokenBatches:

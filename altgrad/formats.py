@@ -16,11 +16,12 @@ order like the values they encode:
     none   every code finite (NaN inputs still propagate, as a simulation convenience)
 
 A bare name means the most widely deployed definition of that bit layout; where none exists,
-IEEE P3109's (DESIGN §2). `python -m altgrad.formats` prints the table.
+IEEE P3109's (docs/design.md §2). `python -m altgrad.formats` prints the table.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -140,11 +141,62 @@ class FormatSpec:
         return torch.tensor([self.decode(c) for c in range(2**self.bits)], dtype=torch.float32)
 
     def encode(self, value: float, *, saturate: bool = True) -> int:
-        """Code of `value` rounded to nearest (ties to even code), as the quantizer rounds it."""
-        from altgrad.quantize import round_to_codes  # local: quantize imports this module
+        """The `bits`-wide code of `value` rounded to nearest, ties to the even code — the scalar twin
+        of the vectorised quantizer (tests check the two agree), written for reading.
 
-        v = torch.tensor([value], dtype=torch.float32)
-        return int(round_to_codes(v, self, saturate=saturate)[0])
+        `value` is first rounded to fp32, as the quantizer sees it. A value that rounds above max
+        (or ±inf) is an overflow: ±max with `saturate`, else the ±inf code where the format has one,
+        else its NaN code. NaN gets the NaN code: the all-ones magnitude with the input's sign
+        (ieee, fn) or the -0 pattern (fnuz, p3109). Negative values that round to 0 give -0 only
+        where the format has -0.
+
+        Raises:
+            ValueError: the result is NaN (NaN input, or overflow with saturate=False in a format
+                without inf) and the format has no NaN code (E0M7 and the other `none` formats).
+        """
+        v = torch.tensor(float(value), dtype=torch.float32).item()
+        width = self.exp_bits + self.man_bits
+        top = (1 << width) - 1
+        negative = math.copysign(1.0, v) < 0
+        nan = math.isnan(v)
+        code = 0 if nan else self._nearest_code(abs(v))
+        if not nan and code > self.max_code:  # an overflow
+            if saturate:
+                code = self.max_code
+            elif self.has_inf:
+                code = top if self.specials == "p3109" else (top >> self.man_bits) << self.man_bits
+            else:
+                nan = True
+        if nan:
+            if not self.has_nan:
+                raise ValueError(f"{self.name} has no NaN code (NaN input, or overflow with saturate=False)")
+            if self.specials in ("fnuz", "p3109"):
+                return 1 << width
+            return top | (int(negative) << width)
+        sign = negative and (code != 0 or self.has_neg_zero)
+        return code | (int(sign) << width)
+
+    def _nearest_code(self, a: float) -> int:
+        """Magnitude code nearest to a >= 0 (ties to the even code), on the grid extended by one code
+        past max (max_code + 1, its value as if the exponent were unbounded), so that a result above
+        max_code means "rounds above max". Neighbouring values differ by at most 2x, so the two
+        distances below are exact in float64 (Sterbenz)."""
+        grid = self._magnitude_grid
+        if math.isinf(a) or a >= grid[-1]:
+            return len(grid) - 1
+        lo, hi = 0, len(grid) - 1  # grid[lo] <= a < grid[hi]
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if grid[mid] <= a else (lo, mid)
+        below, above = a - grid[lo], grid[hi] - a
+        if below != above:
+            return lo if below < above else hi
+        return lo if lo % 2 == 0 else hi
+
+    @functools.cached_property
+    def _magnitude_grid(self) -> tuple[float, ...]:
+        """Values of magnitude codes 0 .. max_code + 1, increasing."""
+        return tuple(self.code_value(c) for c in range(self.max_code + 2))
 
     def values(self) -> torch.Tensor:
         """Sorted fp32 tensor of every finite value (zero once)."""

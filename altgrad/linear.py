@@ -1,4 +1,4 @@
-"""QuantizedLinear: an nn.Linear whose three matmuls run on simulated-format operands (DESIGN §5).
+"""QuantizedLinear: an nn.Linear whose three matmuls run on simulated-format operands.
 
     y  = (Q_i(x·s_i) @ Q_w(W·s_w)^T) · inv_s_i · inv_s_w + b
     dx = (Q_g(dy·s_g) @ Q_w(W·s_w))  · inv_s_g · inv_s_w
@@ -9,82 +9,212 @@ Q_r(·) are format-domain values (x·scale rounded), exact in bf16, so the produ
 only fp32 accumulation order differs between backends. A role whose format is None is
 high precision (passed through in fp32). Decisions written down here:
 
-- Backends. "triton" (CUDA, or CPU under TRITON_INTERPRET=1) casts each operand once with
-  kernels/quantize.py — which also yields the role's stats in the same pass — and multiplies with
-  kernels/scaled_matmul.py; "torch" is the reference (altgrad.quantize) with fp32 matmuls; "auto"
-  is triton on CUDA tensors when all three operand roles have a format, else torch.
-- Cast-then-matmul vs in-loop quantization: in training each quantized operand is used twice
-  (forward and a backward product) and the cast pass gives the exact stats and the amax for
-  delayed scaling, so training always casts once. In-loop quantization re-rounds each tile once
-  per N-tile, which only pays when the operand is used once and no stats are wanted: evaluation
-  forwards (module.eval() under no_grad) use it for the input. GPU measurements that would refine
-  this per shape are still owed (benchmarks/RESULTS.md).
+- Backends. Each operand is cast once by `altgrad.quantize.quantize_operand`, which also yields
+  the role's stats in the same pass. "torch" uses the reference rounding and fp32 matmuls (the
+  oracle); "fast" uses the fused exact cast (bit-identical to the reference) and fp32 matmuls;
+  "triton" casts with kernels/quantize.py and multiplies with kernels/scaled_matmul.py (CUDA, or
+  CPU under TRITON_INTERPRET=1); "auto" is triton on CUDA tensors when all three operand roles have
+  a format, else fast. Training uses "auto".
+- Evaluation forwards cast the input and then multiply, like training. In-loop quantization (the
+  matmul rounding each tile as it loads it) re-rounds every tile once per N-tile and measured
+  4-15x slower than a separate cast at GPT-small shapes; until GPU measurements say otherwise for
+  some shape, the cast is used everywhere.
 - Saved for backward are the quantized operands (bf16 format-domain values) and 0-dim scales.
-- The quantized weight is cached and recomputed only when the Parameter changes (its version
-  counter or storage), i.e. once per optimizer step, however many micro-batches run.
-- Scaling state (delayed histories and last scales) is updated by training-mode calls only, so
-  evaluation frequency does not change the training trajectory.
+- The weight is cast at every forward by default, so any change of its values (optimizer step,
+  `.data` writes, `copy_`, `load_state_dict`, `nn.init`, EMA code) is seen at the next forward.
+  `weight_cache = True` (see `set_weight_cache`) is an explicit opt-in for gradient accumulation:
+  the cast is reused until `weight_updated(model)` is called (train.py calls it after each
+  optimizer step); eager only, a compiled forward always casts.
+- Scaling state (delayed histories, last scales, the stochastic-rounding counter) is updated by
+  training-mode calls only, so evaluation frequency does not change the training trajectory.
+- Stochastic rounding never touches the global RNG: each cast draws Philox bits keyed by a seed
+  mixed from the layer's `sr_state` buffer [base seed, training-forward count] and the role, so
+  the stream is saved in checkpoints with the model's state_dict and evaluation (which does not
+  advance the count), logging and shadow models never consume it. The base seed defaults to a
+  hash of `torch.initial_seed()` (the run seed) and the layer's name.
+- Empty batches (zero-size inputs) give empty outputs like nn.Linear and leave every scaling state
+  unchanged.
+- Distributed data parallel: `sync_amax_history(model, group)` max-reduces every delayed history
+  across the group in one all-reduce, so all ranks compute the same scales (TransformerEngine's
+  default semantics); see its docstring for when to call it.
 - Accumulation headroom: E7M0 values reach 2**62, so a product of two reaches 2**124 and an fp32
   sum of 16 overflows. Operands of formats whose max exceeds 2**52 are therefore carried as
   q·2**-k (k = log2(max) - 52, 10 for E7M0): rounding x·scale·2**-k to the same format with bias + k
   gives exactly q·2**-k, and inv_scale·2**k undoes it in the epilogue. Rounding, stats and results
   are unchanged; products stay inside fp32 (2**-146 .. 2**104 for E7M0 x E7M0, K < 2**23).
-- Stats per role, kept on device (no host sync): amax, scale, overflow, underflow, nan, nonzero
-  (0-dim tensors), numel (an int) and, when `full_stats` is on, rel_err = ||Q(x)·inv_s - x|| / ||x||.
+- Stats per role, kept on device (no host sync) in one float64 vector per role: amax, scale,
+  overflow, underflow, nan, nonzero, numel and, when `full_stats` is on, rel_err =
+  ||Q(x)·inv_s - x|| / ||x|| (off by default: an extra pass per operand).
+- torch.compile: every cast and matmul is a `torch.library` custom op (`altgrad::cast_operand`,
+  `altgrad::scaled_mm`) with a fake implementation; the casts mutate the scaling buffers in place,
+  the autograd function holds no module, and per-role options travel as constant strings, so
+  `torch.compile(model, fullgraph=True)` traces a quantized model once.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import warnings
+import zlib
+from typing import Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from altgrad.config import LayerQuantConfig, RoleConfig
 from altgrad.formats import FormatSpec
-from altgrad.quantize import QuantStats, _round, kernel_seed, stats_from_masks
-from altgrad.scaling import TensorScaler
+from altgrad.linear_blockwise import blockwise_linear, needs_blockwise
+from altgrad.quantize import QuantStats, _round, stats_from_masks
+from altgrad.scaling import TensorScaler, compute_scale
 
-__all__ = ["QuantizedLinear", "round_master_weights", "set_full_stats"]
+__all__ = ["QuantizedLinear", "round_master_weights", "set_full_stats", "set_weight_cache", "weight_updated",
+           "sync_amax_history"]
 
 OPERAND_ROLES = ("input", "weight", "grad_output")
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "fast", "triton")
+_ROLE_ID = {"input": 1, "weight": 2, "grad_output": 3, "weight_grad": 4}
+_STAT_FIELDS = ("amax", "scale", "overflow", "underflow", "nan", "nonzero", "numel", "rel_err")
 
 
-# -- one operand: cast to the format-domain (bf16) + stats -----------------------------------
+# -- one operand's plan: everything a cast needs that is not a tensor, as one constant string ----
 _HEADROOM_LOG2 = 52  # operands are carried below 2**52 so fp32 sums of their products stay finite
 
 
-def _accumulation_domain(rc: RoleConfig) -> tuple[RoleConfig, int]:
-    """(rc rounding to its format with bias + k, k): the same rounding, values carried 2**-k lower
-    (see the module docstring)."""
-    fmt = rc.format
-    k = max(0, math.ceil(math.log2(fmt.max)) - _HEADROOM_LOG2)
-    if k == 0:
-        return rc, 0
-    shifted = FormatSpec(f"{fmt.name}>>{k}", fmt.exp_bits, fmt.man_bits, fmt.bias + k, fmt.specials)
-    return dataclasses.replace(rc, format=shifted), k
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    fmt: FormatSpec  # the role's format (scale computation)
+    domain: FormatSpec  # the format rounded to: fmt with bias + k
+    k: int
+    rounding: str
+    saturate: bool
+    scaling: str
+    margin: int
+    pow2: bool
+    amax_algo: str
+    role: str
+    backend: str  # cast backend: torch / fast / triton
 
 
-def _cast_torch(x2: torch.Tensor, rc: RoleConfig, scale: torch.Tensor):
-    v = x2.float() * scale
-    q, overflow, nan = _round(v, rc.format, rc.rounding, rc.saturate, None)
-    return q.to(torch.bfloat16), stats_from_masks(x2, v, q, overflow, nan)
+def _accumulation_shift(fmt: FormatSpec) -> int:
+    return max(0, math.ceil(math.log2(fmt.max)) - _HEADROOM_LOG2)
 
 
-def _cast_triton(x2: torch.Tensor, rc: RoleConfig, scale: torch.Tensor, inv_scale: torch.Tensor):
-    from altgrad.kernels import quantize as kq
-
+def _plan_key(rc: RoleConfig, role: str, backend: str) -> str:
     f = rc.format
-    seed = kernel_seed(rc.rounding)
-    res = kq.quantize(x2, scale, inv_scale=inv_scale, exp_bits=f.exp_bits, man_bits=f.man_bits, bias=f.bias,
-                      specials=f.specials, rounding=rc.rounding, saturate=rc.saturate, seed=seed,
-                      out_q=True, out_dq=False, stats=True)
-    return res.q, QuantStats(res.amax, *res.counts.unbind(0))
+    return "|".join(map(str, (f.name, f.exp_bits, f.man_bits, f.bias, f.specials, rc.rounding, int(rc.saturate),
+                              rc.scaling, rc.margin, int(rc.pow2), rc.amax_algo, role, backend)))
 
 
+@functools.lru_cache(maxsize=None)
+def _plan(key: str) -> _Plan:
+    name, e, m, bias, specials, rounding, sat, scaling, margin, pow2, algo, role, backend = key.split("|")
+    fmt = FormatSpec(name, int(e), int(m), int(bias), specials)
+    k = _accumulation_shift(fmt)
+    domain = FormatSpec(f"{name}>>{k}", fmt.exp_bits, fmt.man_bits, fmt.bias + k, fmt.specials) if k else fmt
+    return _Plan(fmt, domain, k, rounding, bool(int(sat)), scaling, int(margin), bool(int(pow2)), algo, role, backend)
+
+
+def _sr_seed(sr_state: torch.Tensor, role: str) -> int:
+    """Philox seed of one stochastic cast: (base seed, training-forward count, role) mixed into 31 bits."""
+    base, count = (int(v) for v in sr_state.tolist())
+    h = (base * 0x9E3779B97F4A7C15 + count * 0xBF58476D1CE4E5B9 + _ROLE_ID[role] * 0x94D049BB133111EB) % 2**64
+    h ^= h >> 31
+    return h % 2**63
+
+
+def _quantize_operand(x, fmt, scale, rounding, saturate, seed, backend):
+    """(bf16 format-domain values round_fmt(x·scale), QuantStats): altgrad.quantize.quantize_operand
+    when this altgrad has it, else the same contract built here from the reference and the kernel."""
+    from altgrad import quantize as aq
+
+    if hasattr(aq, "quantize_operand"):
+        return aq.quantize_operand(x, fmt, scale, rounding=rounding, saturate=saturate, seed=seed, stats=True,
+                                   backend=backend)
+    if backend == "triton":
+        from altgrad.kernels import quantize as kq
+
+        res = kq.quantize(x, scale, exp_bits=fmt.exp_bits, man_bits=fmt.man_bits, bias=fmt.bias,
+                          specials=fmt.specials, rounding=rounding, saturate=saturate, seed=seed,
+                          out_q=True, out_dq=False, stats=True)
+        return res.q, QuantStats(res.amax, *res.counts.unbind(0))
+    # without quantize_operand's fused cast, "fast" is the reference itself (same bits, its speed)
+    q, *stats = _reference_cast(x, scale, fmt, rounding, saturate, seed)
+    return q, QuantStats(*stats)
+
+
+def _reference_cast(x, scale, fmt, rounding, saturate, seed):
+    """The reference rounding of x·scale (Philox draws keyed by seed) with its stats, as one function."""
+    v = x.float() * scale
+    q, overflow, nan = _round(v, fmt, rounding, saturate, seed=seed if rounding == "stochastic" else None)
+    return (q.to(torch.bfloat16), *stats_from_masks(x, v, q, overflow, nan))
+
+
+# -- the cast op: scale from the state, round, stats, history push -----------------------------
+@torch.library.custom_op("altgrad::cast_operand",
+                         mutates_args=("scale", "inv_scale", "history", "count", "filled", "stats", "sr_state"))
+def _cast_operand(x: torch.Tensor, scale: torch.Tensor, inv_scale: torch.Tensor, history: Optional[torch.Tensor],
+                  count: Optional[torch.Tensor], filled: Optional[torch.Tensor], stats: torch.Tensor,
+                  sr_state: torch.Tensor, plan: str, update: bool, advance: bool,
+                  full_stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q bf16 with x's shape, inv_scale·2**k 0-dim fp32) for one operand; in training (`update`) also
+    stores the scale used and pushes x's amax into the delayed history; `advance` counts one
+    training forward in sr_state after this cast's draws. full_stats: a 0-dim CPU bool tensor (so
+    turning rel_err on for a logging step changes no compiled graph)."""
+    with torch.autocast(x.device.type, enabled=False):
+        return _cast_operand_impl(x, scale, inv_scale, history, count, filled, stats, sr_state, _plan(plan), update,
+                                  advance, full_stats)
+
+
+def _cast_operand_impl(x, scale, inv_scale, history, count, filled, stats, sr_state, p, update, advance, full_stats):
+    if x.numel() == 0:  # nothing to scale, round or observe: state unchanged, stats of nothing
+        stats.zero_()
+        stats[1] = scale
+        return torch.empty(x.shape, dtype=torch.bfloat16, device=x.device), inv_scale * 2.0**p.k
+    if p.scaling == "none":
+        s = scale.clone()
+    else:
+        if p.scaling == "current" or int(filled) == 0:  # filled is a CPU mirror of count: no device sync
+            amax = x.detach().abs().amax().float()
+        else:
+            n = int(filled)
+            amax = history[:n].amax() if p.amax_algo == "max" else history[0]
+        s = compute_scale(amax, p.fmt, p.margin, p.pow2, prev_scale=scale)
+    inv = torch.reciprocal(s)
+    seed = _sr_seed(sr_state, p.role) if p.rounding == "stochastic" else 0
+    q_inv = inv * 2.0**p.k if p.k else inv
+    q, st = _quantize_operand(x, p.domain, s * 2.0**-p.k if p.k else s, p.rounding, p.saturate, seed, p.backend)
+    if update:
+        scale.copy_(s)
+        inv_scale.copy_(inv)
+        if history is not None:
+            # roll in place: newest at index 0, as TransformerEngine keeps its amax_history
+            history.copy_(torch.roll(history, 1))
+            history[0] = st.amax
+            count.add_(1).clamp_(max=history.numel())
+            filled.add_(1).clamp_(max=history.numel())
+    if advance:
+        sr_state[1] += 1
+    rel_err = torch.full((), math.nan, dtype=torch.float32, device=x.device)
+    if bool(full_stats):
+        x32 = x.detach().float()
+        err = torch.linalg.vector_norm(q.float() * q_inv - x32)
+        rel_err = err / torch.linalg.vector_norm(x32).clamp(min=torch.finfo(torch.float32).tiny)
+    numel = torch.full((), x.numel(), dtype=torch.float64, device=x.device)
+    stats.copy_(torch.stack([t.to(torch.float64) for t in (st.amax, s, st.overflow, st.underflow, st.nan,
+                                                           st.nonzero, numel, rel_err)]))
+    return q, q_inv
+
+
+@_cast_operand.register_fake
+def _(x, scale, inv_scale, history, count, filled, stats, sr_state, plan, update, advance, full_stats):
+    return torch.empty(x.shape, dtype=torch.bfloat16, device=x.device), torch.empty((), dtype=torch.float32,
+                                                                                      device=x.device)
+
+
+# -- the matmul op: (a @ b^T) · inv_a · inv_b (+ bias) -----------------------------------------
 def _matmul_torch(a, b, inv_a, inv_b, bias, out_dtype):
     """(a @ b^T) · inv_a · inv_b (+ bias), fp32 accumulation; a, b may be any strided views."""
     c = a.float() @ b.float().t()
@@ -97,53 +227,70 @@ def _matmul_torch(a, b, inv_a, inv_b, bias, out_dtype):
     return c.to(out_dtype)
 
 
-def _matmul_triton(a, b, inv_a, inv_b, bias, out_dtype, **in_loop):
+@torch.library.custom_op("altgrad::scaled_mm", mutates_args=())
+def _scaled_mm(a: torch.Tensor, b: torch.Tensor, inv_a: Optional[torch.Tensor], inv_b: Optional[torch.Tensor],
+               bias: Optional[torch.Tensor], out_dtype: torch.dtype, backend: str) -> torch.Tensor:
+    """(a @ b^T) · inv_a · inv_b (+ bias) in out_dtype; backend "triton" uses kernels/scaled_matmul.py.
+    The products are exact fp32 work on format-domain values: autocast must not make them bf16."""
+    with torch.autocast(a.device.type, enabled=False):
+        return _scaled_mm_impl(a, b, inv_a, inv_b, bias, out_dtype, backend)
+
+
+def _scaled_mm_impl(a, b, inv_a, inv_b, bias, out_dtype, backend):
+    if backend != "triton" or 0 in (a.shape[0], b.shape[0], a.shape[1]):
+        return _matmul_torch(a, b, inv_a, inv_b, bias, out_dtype)
     from altgrad.kernels import scaled_matmul as ksm
 
     kernel_dtype = torch.bfloat16 if out_dtype == torch.bfloat16 else torch.float32
-    return ksm.scaled_matmul(a, b, inv_a, inv_b, bias=bias, out_dtype=kernel_dtype, **in_loop).to(out_dtype)
+    return ksm.scaled_matmul(a, b, inv_a, inv_b, bias=bias, out_dtype=kernel_dtype).to(out_dtype)
+
+
+@_scaled_mm.register_fake
+def _(a, b, inv_a, inv_b, bias, out_dtype, backend):
+    return a.new_empty((a.shape[0], b.shape[0]), dtype=out_dtype)
 
 
 # -- the autograd function ---------------------------------------------------------------------
+def _cast(x, state, plan, update, advance, full_stats):
+    """One operand through altgrad::cast_operand; plan None = high precision (x itself, no scale)."""
+    if plan is None:
+        return x, None
+    return torch.ops.altgrad.cast_operand(x, *state, plan, update, advance, full_stats)
+
+
 class _QuantizedLinearFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, mod: "QuantizedLinear"):
-        out_dtype = _output_dtype(x)
-        # the products below are exact fp32 work on format-domain values: autocast must not
-        # turn them into bf16 matmuls (the output is cast to the autocast dtype at the end)
-        with torch.autocast(x.device.type, enabled=False):
-            return _QuantizedLinearFn._forward(ctx, x, bias, mod, out_dtype)
+    """The forward casts W and x and multiplies, the backward casts dy and runs dgrad and wgrad.
+    Scaling state travels as tensor tuples and per-role options as plan strings (no module), so
+    torch.compile traces it; casts run inside (under no grad), so no operand needs a detach."""
 
     @staticmethod
-    def _forward(ctx, x, bias, mod, out_dtype):
-        x2 = x.reshape(-1, x.shape[-1])
-        triton = mod._use_triton(x)
-        q_w, inv_w = mod._quantized_weight(triton)
-        if triton and not mod.training and not torch.is_grad_enabled():
-            # evaluation: the input is used once and needs no stats, so quantize it in the loop
-            y = mod._in_loop_forward(x2, q_w, inv_w, bias, out_dtype)
-            return y.reshape(*x.shape[:-1], y.shape[-1])
-        q_i, inv_i = mod._operand("input", x2, triton)
-        mm = _matmul_triton if triton else _matmul_torch
-        y = mm(q_i, q_w, inv_i, inv_w, bias, out_dtype)
+    def forward(ctx, x, weight, bias, cached_w, states, plans, mm_backend, flags):
+        update, full_stats = flags
+        i_plan, w_plan, g_plan, wg_plan = plans
+        i_state, w_state, g_state, wg_state = states
+        # the last cast of a training forward counts it in sr_state (after its own draws)
+        adv_w, adv_i = update and i_plan is None, update and i_plan is not None
+        q_w, inv_w = cached_w if cached_w is not None else _cast(weight, w_state, w_plan, update, adv_w, full_stats)
+        q_i, inv_i = _cast(x, i_state, i_plan, update, adv_i, full_stats)
+        q_i = q_i.reshape(-1, x.shape[-1])
+        y = torch.ops.altgrad.scaled_mm(q_i, q_w, inv_i, inv_w, bias, _output_dtype(x), mm_backend)
         ctx.save_for_backward(q_i, q_w, inv_i, inv_w)
-        ctx.mod, ctx.triton, ctx.has_bias = mod, triton, bias is not None
+        ctx.g_state, ctx.wg_state, ctx.plans, ctx.mm_backend = g_state, wg_state, (g_plan, wg_plan), mm_backend
+        # no cast in this forward (only gradient roles quantized): the grad_output cast counts it
+        ctx.flags = (update, full_stats, update and i_plan is None and (w_plan is None or cached_w is not None))
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+        ctx.w_dtype, ctx.b_dtype = weight.dtype, None if bias is None else bias.dtype
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        with torch.autocast(dy.device.type, enabled=False):
-            return _QuantizedLinearFn._backward(ctx, dy)
-
-    @staticmethod
-    def _backward(ctx, dy):
         q_i, q_w, inv_i, inv_w = ctx.saved_tensors
-        mod, triton = ctx.mod, ctx.triton
+        g_plan, wg_plan = ctx.plans
+        update, full_stats, advance = ctx.flags
         dy2 = dy.reshape(-1, dy.shape[-1])
-        q_g, inv_g = mod._operand("grad_output", dy2, triton)
-        mm = _matmul_triton if triton else _matmul_torch
+        q_g, inv_g = _cast(dy2, ctx.g_state, g_plan, update, advance, full_stats)
+        mm = functools.partial(torch.ops.altgrad.scaled_mm, backend=ctx.mm_backend)
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
             # dx (M, in) = Q_g (M, out) @ Q_w (out, in): B = Q_w^T as a strided view
@@ -151,10 +298,13 @@ class _QuantizedLinearFn(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             # dW (out, in) = Q_g^T (out, M) @ Q_i (M, in): A = Q_g^T, B = Q_i^T as views
             dw = mm(q_g.t(), q_i.t(), inv_g, inv_i, None, torch.float32)
-            dw = mod._quantize_weight_grad(dw).to(mod.weight.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = dy2.float().sum(0).to(mod.bias.dtype)
-        return dx, dw, db, None
+            if wg_plan is not None and dy2.shape[0] > 0:  # an empty batch has no gradient to observe
+                q, inv = _cast(dw, ctx.wg_state, wg_plan, update, False, full_stats)
+                dw = q.float() * inv
+            dw = dw.to(ctx.w_dtype)
+        if ctx.b_dtype is not None and ctx.needs_input_grad[2]:
+            db = dy2.sum(0, dtype=torch.float32).to(ctx.b_dtype)
+        return dx, dw, db, None, None, None, None, None
 
 
 def _output_dtype(x: torch.Tensor) -> torch.dtype:
@@ -166,11 +316,33 @@ def _output_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 # -- the module --------------------------------------------------------------------------------
-class QuantizedLinear(nn.Module):
-    """Wraps an nn.Linear's own Parameters (optimizer state, weight tying and shadow models stay
-    attached); the original module stays reachable as `.linear` for dequantize_model."""
+def _default_seed(name: str) -> int:
+    """Base stochastic-rounding seed of a layer: the run seed (torch.initial_seed()) and its name."""
+    return (torch.initial_seed() * 1000003 + zlib.crc32(name.encode())) % 2**62
 
-    def __init__(self, linear: nn.Linear, layer_config: LayerQuantConfig, name: str = "", backend: str = "auto"):
+
+class QuantizedLinear(nn.Module):
+    """An nn.Linear computing with simulated-format operands (see the module docstring).
+
+    It owns the wrapped layer's own Parameters (same objects, same state_dict keys `weight`,
+    `bias`), so optimizer state, weight tying and shadow models stay attached; `.linear` returns
+    the original nn.Linear holding this module's current Parameters (one source of truth, also
+    after `load_state_dict(..., assign=True)`), which is what dequantize_model puts back.
+
+    Args:
+        linear: the nn.Linear to wrap.
+        layer_config: per-role formats and scaling options.
+        name: the layer's qualified name (messages, metrics, default seed).
+        backend: "auto", "torch", "fast" or "triton" (see the module docstring).
+        seed: base seed of the layer's stochastic-rounding stream (default: from the run seed
+            and `name`); stored in the `sr_state` buffer.
+    Raises:
+        TypeError: linear is not an nn.Linear, or layer_config not a LayerQuantConfig.
+        ValueError: unknown backend.
+    """
+
+    def __init__(self, linear: nn.Linear, layer_config: LayerQuantConfig, name: str = "", backend: str = "auto",
+                 seed: int | None = None):
         super().__init__()
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"QuantizedLinear wraps an nn.Linear (got {type(linear).__name__})")
@@ -178,102 +350,105 @@ class QuantizedLinear(nn.Module):
             raise TypeError(f"layer_config must be a LayerQuantConfig (got {type(layer_config).__name__})")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS} (got {backend!r})")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**62):
+            raise ValueError(f"seed must be an int in [0, 2**62) (got {seed!r})")
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight  # the same Parameter objects, under the same state_dict keys
         self.bias = linear.bias
-        object.__setattr__(self, "linear", linear)  # not a submodule: no duplicate parameter names
+        object.__setattr__(self, "_linear", linear)  # not a submodule: no duplicate parameter names
         self.layer_config, self.name, self.backend = layer_config, name, backend
         roles = {r: getattr(layer_config, r) for r in (*OPERAND_ROLES, "weight_grad")}
         self.role_configs = {r: rc for r, rc in roles.items() if rc is not None}
-        # the format each operand is rounded in for the matmul, and its power-of-two shift
-        self._domains = {r: _accumulation_domain(rc) for r, rc in self.role_configs.items()
-                         if r in OPERAND_ROLES}
+        device = linear.weight.device
         self.scalers = nn.ModuleDict({
             r: TensorScaler(rc.format, rc.scaling, rc.history_len, rc.amax_algo, rc.margin, rc.pow2)
             for r, rc in self.role_configs.items()
-        }).to(linear.weight.device)
+        }).to(device)
+        for r in self.role_configs:
+            self.register_buffer(f"_stats_{r}", torch.zeros(len(_STAT_FIELDS), dtype=torch.float64, device=device),
+                                 persistent=False)
+        self.register_buffer("sr_state", torch.tensor([_default_seed(name) if seed is None else seed, 0],
+                                                      dtype=torch.int64, device=device))
         if layer_config.master_weights is not None:
             # a power-of-two scale: the grid moves only when amax crosses a binade, not on every step
-            self.master_scaler = TensorScaler(layer_config.master_weights, "current", pow2=True).to(linear.weight.device)
-        self.full_stats = True
-        self.stats: dict[str, dict[str, torch.Tensor]] = {}
-        self._weight_cache = None
+            self.master_scaler = TensorScaler(layer_config.master_weights, "current", pow2=True).to(device)
+        # plan strings per cast backend (torch / fast / triton) and role
+        self._plans = {b: tuple(_plan_key(self.role_configs[r], r, b) if r in self.role_configs else None
+                                for r in (*OPERAND_ROLES, "weight_grad")) for b in ("torch", "fast", "triton")}
+        self._full_stats = torch.zeros((), dtype=torch.bool)  # CPU flag read inside the cast op
+        self.weight_cache = False
+        self._weight_cast = None
         self._warned_fallback = False
+        self._register_load_state_dict_pre_hook(_drop_weight_cast, with_module=True)
+
+    @property
+    def linear(self) -> nn.Linear:
+        """The wrapped nn.Linear, holding this module's current weight and bias Parameters."""
+        lin = self._linear
+        lin.weight, lin.bias = self.weight, self.bias
+        return lin
+
+    @property
+    def full_stats(self) -> bool:
+        """Whether casts also compute rel_err (an extra pass per operand; off by default)."""
+        return bool(self._full_stats)
+
+    @full_stats.setter
+    def full_stats(self, enabled: bool) -> None:
+        self._full_stats.fill_(bool(enabled))
 
     @property
     def formats(self) -> dict[str, FormatSpec | None]:
         return {r: (rc.format if (rc := getattr(self.layer_config, r)) else None)
                 for r in (*OPERAND_ROLES, "weight_grad")}
 
+    @property
+    def stats(self) -> dict[str, dict[str, torch.Tensor]]:
+        """{role: {amax, scale, overflow, underflow, nan, nonzero, numel[, rel_err]}} of the last cast
+        of each quantized role: 0-dim float64 views of device buffers (read them on logging steps)."""
+        fields = _STAT_FIELDS if self.full_stats else _STAT_FIELDS[:-1]
+        out = {}
+        for r in self.role_configs:
+            buf = getattr(self, f"_stats_{r}")
+            out[r] = {f: buf[i] for i, f in enumerate(fields)}
+        return out
+
     # -- backend choice --
-    def _use_triton(self, x: torch.Tensor) -> bool:
+    def _backends(self, x: torch.Tensor) -> tuple[str, str]:
+        """(cast backend, matmul backend) for this call."""
         all_roles = all(r in self.role_configs for r in OPERAND_ROLES)
-        if self.backend == "torch":
-            return False
+        if self.backend in ("torch", "fast"):
+            return self.backend, "torch"
         if self.backend == "triton":
             if not all_roles:
                 raise ValueError(f"{self.name or 'QuantizedLinear'}: backend='triton' needs a format for every "
                                  f"operand role (input, weight, grad_output); use backend='auto' or 'torch'")
-            return True
+            return "triton", "triton"
         if x.is_cuda and not all_roles and not self._warned_fallback:
-            warnings.warn(f"{self.name or 'QuantizedLinear'}: a high-precision role runs on the torch path "
+            warnings.warn(f"{self.name or 'QuantizedLinear'}: a high-precision role runs on the fast torch path "
                           f"(the Triton path needs every operand role quantized)", stacklevel=3)
             self._warned_fallback = True
-        return x.is_cuda and all_roles
+        return ("triton", "triton") if x.is_cuda and all_roles else ("fast", "torch")
 
-    # -- operands --
-    def _operand(self, role: str, x2: torch.Tensor, triton: bool):
-        """(format-domain operand, inv_scale) for role, updating its scaler and stats."""
-        rc = self.role_configs.get(role)
-        if rc is None:
-            return x2, None
-        scaler = self.scalers[role]
-        scale, inv_scale = scaler.scale_for(x2, update=self.training)
-        rc, k = self._domains.get(role, (rc, 0))
-        # exact power-of-two shifts (k = 0 but for huge formats): the same rounding, carried 2**-k lower
-        q_scale, q_inv = (scale * 2.0**-k, inv_scale * 2.0**k) if k else (scale, inv_scale)
-        q, st = _cast_triton(x2, rc, q_scale, q_inv) if triton else _cast_torch(x2, rc, q_scale)
-        if self.training:
-            scaler.observe(st.amax)
-        self._record(role, x2, q, st, scale, q_inv)
-        return q, q_inv
+    def _state(self, role: str):
+        """The tensors altgrad::cast_operand reads and updates for role (None if high precision)."""
+        if role not in self.role_configs:
+            return None
+        sc = self.scalers[role]
+        h = sc.amax_history
+        hist = (None, None, None) if h is None else (h.history, h.count, h.filled)
+        return (sc.scale, sc.inv_scale, *hist, getattr(self, f"_stats_{role}"), self.sr_state)
 
-    def _quantized_weight(self, triton: bool):
-        w = self.weight
-        # training mode is part of the key: the first training call after an eval must still push
-        # this step's weight amax into the delayed history (eval calls never do)
-        key = (w._version, w.data_ptr(), w.device, triton, self.training)
-        if self._weight_cache is None or self._weight_cache[0] != key:
-            q, inv = self._operand("weight", w.detach(), triton)
-            self._weight_cache = (key, q, inv)
-        return self._weight_cache[1], self._weight_cache[2]
-
-    def _in_loop_forward(self, x2, q_w, inv_w, bias, out_dtype):
-        rc, k = self._domains["input"]
-        f = rc.format
-        if rc.rounding != "nearest" or not rc.saturate:  # the in-loop path rounds nearest, saturating
-            q_i, inv_i = self._operand("input", x2, True)
-            return _matmul_triton(q_i, q_w, inv_i, inv_w, bias, out_dtype)
-        scale, inv_i = self.scalers["input"].scale_for(x2, update=False)
-        scale, inv_i = scale * 2.0**-k, inv_i * 2.0**k
-        return _matmul_triton(x2, q_w, inv_i, inv_w, bias, out_dtype,
-                              fmt_a=(f.exp_bits, f.man_bits, f.bias, f.specials), scale_a=scale)
-
-    def _quantize_weight_grad(self, dw: torch.Tensor) -> torch.Tensor:
-        rc = self.role_configs.get("weight_grad")
-        if rc is None:
-            return dw
-        q, inv = self._operand("weight_grad", dw, triton=False)
-        return q.float() * inv
-
-    def _record(self, role, x2, q, st, scale, inv_scale):
-        stats = {"amax": st.amax, "scale": scale, "overflow": st.overflow, "underflow": st.underflow,
-                 "nan": st.nan, "nonzero": st.nonzero, "numel": x2.numel()}  # numel: known on the host
-        if self.full_stats:
-            x32 = x2.detach().float()
-            err = torch.linalg.vector_norm(q.float() * inv_scale - x32)
-            stats["rel_err"] = err / torch.linalg.vector_norm(x32).clamp(min=torch.finfo(torch.float32).tiny)
-        self.stats[role] = stats
+    def _cached_weight(self, cast_backend: str, plan: str | None, update: bool):
+        """The opt-in cross-micro-batch weight cast (eager only), or None to cast in the forward."""
+        if not self.weight_cache or plan is None or torch.compiler.is_compiling():
+            return None
+        key = (cast_backend, update, self.weight.device)
+        if self._weight_cast is None or self._weight_cast[0] != key:
+            with torch.no_grad():
+                q = _cast(self.weight, self._state("weight"), plan, update, False, self._full_stats)
+            self._weight_cast = (key, q)
+        return self._weight_cast[1]
 
     # -- forward --
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -283,9 +458,20 @@ class QuantizedLinear(nn.Module):
         if not (x.is_floating_point() and x.device == self.weight.device):
             raise ValueError(f"{self.name or 'QuantizedLinear'}: input must be a float tensor on "
                              f"{self.weight.device} (got {x.dtype} on {x.device})")
-        if not any(r in self.role_configs for r in OPERAND_ROLES) and "weight_grad" not in self.role_configs:
-            return self.linear(x)
-        return _QuantizedLinearFn.apply(x, self.weight, self.bias, self)
+        if not self.role_configs:
+            return nn.functional.linear(x, self.weight, self.bias)
+        # -- row / block scales: each GEMM casts along its own K (altgrad/linear_blockwise.py) --
+        if needs_blockwise(self.role_configs):
+            return blockwise_linear(x, self.weight, self.bias, self)
+        cast_backend, mm_backend = self._backends(x)
+        # an empty batch is no training step: it observes nothing and advances nothing
+        update = self.training and x.numel() > 0
+        plans = self._plans[cast_backend]
+        states = tuple(self._state(r) for r in (*OPERAND_ROLES, "weight_grad"))
+        i_state, w_state, g_state, wg_state = states
+        return _QuantizedLinearFn.apply(x, self.weight, self.bias, self._cached_weight(cast_backend, plans[1], update),
+                                        (i_state, w_state, g_state, wg_state), plans, mm_backend,
+                                        (update, self._full_stats))
 
     @torch.no_grad()
     def round_master_weights(self) -> None:
@@ -302,15 +488,64 @@ class QuantizedLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, {self.layer_config.describe()}"
 
 
+def _drop_weight_cast(module, *args, **kwargs):
+    module._weight_cast = None
+
+
+def _layers(model: nn.Module):
+    return [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+
+
 def round_master_weights(model: nn.Module) -> None:
     """Apply every QuantizedLinear's master-weights format (a no-op where none is set)."""
-    for m in model.modules():
-        if isinstance(m, QuantizedLinear):
-            m.round_master_weights()
+    for m in _layers(model):
+        m.round_master_weights()
 
 
 def set_full_stats(model: nn.Module, enabled: bool) -> None:
-    """Turn rel_err (an extra pass per operand) on for logging steps, off otherwise."""
-    for m in model.modules():
-        if isinstance(m, QuantizedLinear):
-            m.full_stats = enabled
+    """Turn rel_err (an extra pass per operand) on for logging steps, off otherwise (the default)."""
+    for m in _layers(model):
+        m.full_stats = enabled
+
+
+def set_weight_cache(model: nn.Module, enabled: bool) -> None:
+    """Opt in (or out) of casting each weight once per optimizer step instead of once per forward.
+
+    With it on, the weight cast is reused by every forward until `weight_updated(model)` is
+    called (or the layer's mode, backend or state_dict changes): call that after every
+    `optimizer.step()` and after any other change of the weights' values. Eager only: a forward
+    under torch.compile always casts. Off (the default), every forward sees the current weights."""
+    for m in _layers(model):
+        m.weight_cache = bool(enabled)
+        m._weight_cast = None
+
+
+def weight_updated(model: nn.Module) -> None:
+    """The weights changed (optimizer step, EMA, manual edits): drop every cached weight cast."""
+    for m in _layers(model):
+        m._weight_cast = None
+
+
+def sync_amax_history(model: nn.Module, group=None) -> None:
+    """Max-reduce every delayed-scaling amax history of `model` across the data-parallel `group`.
+
+    Semantics (TransformerEngine's default): after the call every rank holds the same histories,
+    each entry the largest amax any rank saw, so every rank derives the same scale for the next
+    cast of each tensor; wrap the model in DDP with `broadcast_buffers=False` (DDP's buffer
+    broadcast would otherwise copy rank 0's histories over the others'). One all-reduce (MAX) of
+    all histories concatenated, whatever the number of layers. Call it after each backward (each
+    micro-batch): with one micro-batch per rank and step that is one reduction per optimizer step;
+    with several, the micro-batches of a step after the first quantize with local amaxes pushed
+    since the last call. The first forward (empty histories) uses each rank's own amax.
+    A no-op when torch.distributed is not initialised or the group has one rank.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return
+    hists = [sc.amax_history.history for m in _layers(model) for sc in m.scalers.values()
+             if sc.amax_history is not None]
+    if not hists:
+        return
+    flat = torch.cat(hists)
+    dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=group)
+    for h, v in zip(hists, flat.split([h.numel() for h in hists])):
+        h.copy_(v)

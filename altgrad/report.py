@@ -3,18 +3,30 @@
     python -m altgrad.report out/bf16_baseline out/e5m2_fp8 [more runs] [--baseline DIR] [--out DIR]
 
 Reads each run directory's `summary.json` and `metrics.jsonl` (written by train.py; W&B is not
-needed). The baseline is the first run unless `--baseline` names another. Columns:
+needed). The baseline is the first run unless `--baseline` names another.
 
-    run, format, final val loss, final ppl, ratio to the baseline (val loss at the last step both
-    runs evaluated), mean shadow grad cosine, mean bit-stall, max overflow (worst role, any step),
-    mean underflow (worst role's mean over steps), divergence step, verdict
+**One comparison step.** Every run is compared at the same step S: the last step at which all
+runs evaluated (validation loss; training loss when some run never evaluated), leaving out failed
+and diverged runs, which carry their own verdict. S is printed in the header. A run's final
+validation loss and the step it is from are shown beside, never used for the verdict, so a
+stopped or still-running run is compared on the same footing as a finished one.
 
-Verdicts: `DIVERGED` when the run's status is diverged; `PASS` when its loss is within 10 % of the
-baseline's at the same step; otherwise `INVESTIGATE` (also when there is no common step to compare).
-A run is compared with the baseline-config run of the same seed when the sweep produced one, so
-seed-matched runs (identical init and data order) differ only by precision. Missing metrics print
-as "—". Runs whose names differ only by a `_s<seed>` suffix form a seed group; groups with several
-seeds get a mean ± std line, so a reader can tell seed noise from a format effect.
+**Status** is summary.json's (`completed`, `diverged`, `stopped`, `running`) with two readings
+of its own: `FAILED` for a run that crashed (`failed`), and `INCOMPLETE` for a run that says
+`running` but whose process is gone (its run lock is free) or that has no summary at all.
+
+**Verdicts**, in this order: `FAILED`, `DIVERGED` (status diverged), `baseline` (the baseline's
+config), `NON-FINITE` (a NaN or infinite loss at S or at the end: never a pass), then
+- when the baseline config ran with two or more seeds, the seed-spread rule: PASS when
+  |loss(S) − mean of the baseline seeds' loss(S)| ≤ 3 σ, σ their sample standard deviation
+  (the column `Δ/σ`); with σ from a handful of seeds this flags only gaps well outside noise;
+- otherwise the fixed-percentage fallback: PASS when |loss(S) / baseline loss(S) − 1| ≤ 10 %;
+`INVESTIGATE` otherwise, or when there is no common step. The table's note names the rule used.
+
+The ratio column divides by the baseline-config run of the same seed when there is one
+(identical init and data order, so the two differ only by precision). Runs whose names differ
+only by a `_s<seed>` suffix form a seed group; groups with several seeds get a mean ± std line.
+Missing metrics print as "—".
 """
 
 from __future__ import annotations
@@ -29,8 +41,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROLES = ("input", "weight", "grad_output", "output", "grad_input", "grad_weight")
-PASS_TOLERANCE = 0.10  # |loss / baseline loss - 1| within 10 % at the same step
+PASS_TOLERANCE = 0.10  # fallback rule: |loss / baseline loss - 1| within 10 % at the same step
+PASS_SIGMAS = 3.0  # seed-spread rule: |loss - baseline mean| within 3 baseline standard deviations
 DASH = "—"
+LOSS_KEYS = ("val/loss", "train/loss")  # kept with their non-finite values (null -> nan)
 
 __all__ = ["Run", "Row", "load_run", "summarize", "format_table", "write_report", "main"]
 
@@ -65,6 +79,21 @@ class Run:
     @property
     def diverged(self) -> bool:
         return self.summary.get("status") == "diverged"
+
+    @property
+    def status(self) -> str:
+        """completed | diverged | stopped | running, or FAILED / INCOMPLETE (module docstring)."""
+        status = self.summary.get("status")
+        if status == "failed":
+            return "FAILED"
+        if status == "running":
+            from altgrad.rundir import lock_holder
+
+            holder = lock_holder(self.path)
+            pid = self.summary.get("pid")
+            alive = holder is not None and (pid is None or holder.get("pid") in (None, pid))
+            return "running" if alive else "INCOMPLETE"
+        return status if isinstance(status, str) and status else "INCOMPLETE"
 
     def values(self, key: str) -> list[float]:
         return [v for _, v in self.series.get(key, [])]
@@ -103,7 +132,10 @@ def _read_series(metrics_file: Path) -> dict[str, list[tuple[int, float]]]:
             continue
         step = int(rec["step"])
         for key, val in rec.items():
-            if key != "step" and isinstance(val, (int, float)) and not isinstance(val, bool) and math.isfinite(val):
+            if key in LOSS_KEYS and val is None:
+                val = math.nan  # a non-finite loss is a result: train.py writes it as null
+            if key != "step" and isinstance(val, (int, float)) and not isinstance(val, bool) and (
+                    math.isfinite(val) or key in LOSS_KEYS):
                 series.setdefault(key, []).append((step, float(val)))
     return series
 
@@ -115,17 +147,27 @@ def describe_format(run: Run) -> str:
     """Short precision description from the resolved config: "BF16", "E5M2", "i:E4M3 w:E4M3 go:E5M2"."""
     config = run.summary.get("config") or {}
     quant = config.get("quant")
-    if not quant:
-        if not config:
-            return DASH
-        dtype = (config.get("train") or {}).get("dtype") or "auto"
-        if dtype == "auto":  # train.py: bf16 autocast on CUDA, fp32 on the CPU
-            dtype = "bf16" if str(run.summary.get("device", "")).startswith("cuda") else "fp32"
-        return str(dtype).upper()
-    if not isinstance(quant, dict):
+    if not config:
+        return DASH
+    if not isinstance(quant, (dict, type(None))):
         return str(quant)
-    default = quant.get("default_format")
-    roles = {r: quant.get(f"{r}_format") or default for r in ("input", "weight", "grad_output")}
+
+    def fmt(name):  # "bf16" / "fp32" / "none" in a quant section mean high precision, as in altgrad.config
+        return None if name is None or str(name).strip().lower() in ("bf16", "fp32", "none") else name
+
+    quant = quant or {}
+    default = fmt(quant.get("default_format"))
+    roles = {r: fmt(quant.get(f"{r}_format", default)) for r in ("input", "weight", "grad_output")}
+    if not any(roles.values()) and not quant.get("layer_rules"):
+        # nothing simulated: say what actually ran (train.py records it), not what the config asked for
+        hp = run.summary.get("dtype")
+        if not hp:
+            hp = (config.get("train") or {}).get("dtype") or "auto"
+            if hp == "auto":  # train.py: bf16 autocast on CUDA, fp32 on the CPU
+                hp = "bf16" if str(run.summary.get("device", "")).startswith("cuda") else "fp32"
+        if hp == "fp32" and run.summary.get("high_precision_matmul") == "tf32":
+            hp = "tf32"
+        return str(hp).upper()
     abbrev = {"input": "i", "weight": "w", "grad_output": "go"}
     if len(set(map(str, roles.values()))) == 1:
         text = str(roles["input"]) if roles["input"] else "hp"
@@ -147,22 +189,84 @@ def describe_format(run: Run) -> str:
     return " ".join([text] + extras)
 
 
-def final_val_loss(run: Run) -> float | None:
+def final_val(run: Run) -> tuple[float | None, int | None]:
+    """(last validation loss, its step), non-finite included; (None, None) when it never evaluated."""
+    pts = run.series.get("val/loss", [])
+    if pts:
+        return pts[-1][1], pts[-1][0]
     val = run.summary.get("final_val_loss")
-    if isinstance(val, (int, float)) and math.isfinite(val):
-        return float(val)
-    return run.last("val/loss")
-
-
-def same_step_ratio(run: Run, ref: Run) -> tuple[float | None, int | None]:
-    """(loss / reference loss, step) at the last step both runs logged a loss: validation loss
-    when both evaluated at a common step, else training loss."""
-    for key in ("val/loss", "train/loss"):
-        mine, theirs = dict(run.series.get(key, [])), dict(ref.series.get(key, []))
-        common = sorted(set(mine) & set(theirs))
-        if common and theirs[common[-1]] != 0:
-            return mine[common[-1]] / theirs[common[-1]], common[-1]
+    if isinstance(val, (int, float)):
+        return float(val), run.summary.get("final_val_step")
     return None, None
+
+
+def final_val_loss(run: Run) -> float | None:
+    return final_val(run)[0]
+
+
+@dataclass
+class Comparison:
+    """Where and how runs are compared: the step, the loss key, and the rule."""
+
+    step: int | None
+    key: str
+    runs_sharing: int
+    spread: tuple[float, float, int] | None  # baseline seeds' (mean, std, n) of the loss at `step`
+
+    @property
+    def rule(self) -> str:
+        if self.step is None:
+            return "no step is shared by all runs: nothing can be compared (INVESTIGATE)"
+        if self.spread is not None:
+            mean, std, n = self.spread
+            return (f"PASS = |loss - baseline mean| <= {PASS_SIGMAS:g} sigma at step {self.step}; sigma = {std:.4f}, "
+                    f"the std of the baseline's {n} seeds (mean {mean:.4f}); seed-spread rule")
+        return (f"PASS = within {PASS_TOLERANCE:.0%} of the baseline's loss at step {self.step}; fixed-percentage "
+                f"fallback rule (run the baseline with 2 or more seeds for a noise-based verdict)")
+
+    @property
+    def header(self) -> str:
+        if self.step is None:
+            return "compared at: no common step"
+        what = "validation" if self.key == "val/loss" else "training (some run never evaluated)"
+        return (f"compared at step {self.step}: the last step at which all {self.runs_sharing} compared runs logged a "
+                f"{what} loss (failed and diverged runs left out); final values beside")
+
+
+def _excluded(run: Run) -> bool:
+    return run.status in ("FAILED", "diverged")
+
+
+def comparison(runs: list[Run], baseline: Run) -> Comparison:
+    """The common step of `runs` (module docstring) and the baseline's seed spread there."""
+    pool = [r for r in runs if not _excluded(r)] or list(runs)
+    key = "val/loss" if all(r.series.get("val/loss") for r in pool) else "train/loss"
+    step_sets = [{s for s, _ in r.series.get(key, [])} for r in pool]
+    common = set.intersection(*step_sets) if step_sets else set()
+    step = max(common) if common else None
+    spread = None
+    if step is not None:
+        base = [dict(r.series[key])[step] for r in runs if r.group == baseline.group and key in r.series
+                and step in dict(r.series[key]) and not _excluded(r)]
+        base = [v for v in base if math.isfinite(v)]
+        if len(base) >= 2 and statistics.stdev(base) > 0:
+            spread = (statistics.mean(base), statistics.stdev(base), len(base))
+    return Comparison(step, key, len(pool), spread)
+
+
+def loss_at(run: Run, key: str, step: int | None) -> float | None:
+    if step is None:
+        return None
+    return dict(run.series.get(key, [])).get(step)
+
+
+def same_step_ratio(run: Run, ref: Run, cmp: Comparison | None = None) -> tuple[float | None, int | None]:
+    """(loss / reference loss, step) at the comparison step (default: the two runs' own last common step)."""
+    cmp = cmp or comparison([run, ref], ref)
+    mine, theirs = loss_at(run, cmp.key, cmp.step), loss_at(ref, cmp.key, cmp.step)
+    if mine is None or theirs is None or theirs == 0 or not math.isfinite(theirs):
+        return None, cmp.step
+    return mine / theirs, cmp.step
 
 
 def _role_metric(run: Run, metric: str) -> dict[str, list[float]]:
@@ -182,11 +286,15 @@ def _mean(vals: list[float]) -> float | None:
 @dataclass
 class Row:
     run: str
+    status: str
     fmt: str
-    val_loss: float | None
-    ppl: float | None
+    loss: float | None  # at the comparison step
     ratio: float | None
     ratio_step: int | None
+    gap_sigma: float | None  # (loss - baseline mean) / baseline std, when the baseline has seeds
+    val_loss: float | None  # final
+    val_step: int | None
+    ppl: float | None  # of the final val loss
     grad_cos: float | None
     bit_stall: float | None
     max_overflow: float | None
@@ -203,37 +311,58 @@ def _reference(run: Run, baseline: Run, runs: list[Run]) -> Run:
     return baseline
 
 
-def summarize(runs: list[Run], baseline: Run) -> list[Row]:
-    """One Row per run, in the given order."""
+def _finite(x) -> bool:
+    return x is not None and math.isfinite(x)
+
+
+def _verdict(run: Run, baseline: Run, loss, ratio, gap_sigma, final, cmp: Comparison) -> str:
+    if run.status == "FAILED":
+        return "FAILED"
+    if run.status == "diverged":
+        return "DIVERGED"
+    if (loss is not None and not math.isfinite(loss)) or (final is not None and not math.isfinite(final)):
+        return "NON-FINITE"
+    if run.group == baseline.group:
+        return "baseline"
+    if loss is None:
+        return "INVESTIGATE"
+    if cmp.spread is not None:
+        return "PASS" if gap_sigma is not None and abs(gap_sigma) <= PASS_SIGMAS else "INVESTIGATE"
+    return "PASS" if ratio is not None and abs(ratio - 1.0) <= PASS_TOLERANCE else "INVESTIGATE"
+
+
+def summarize(runs: list[Run], baseline: Run, cmp: Comparison | None = None) -> list[Row]:
+    """One Row per run, in the given order, all compared at `cmp` (default: comparison(runs, baseline))."""
+    cmp = cmp or comparison(runs, baseline)
     rows = []
     for run in runs:
-        loss = final_val_loss(run)
+        final, final_step = final_val(run)
+        loss = loss_at(run, cmp.key, cmp.step)
         ref = _reference(run, baseline, runs)
-        ratio, step = same_step_ratio(run, ref) if run is not ref else (1.0, None)
+        ratio, _ = same_step_ratio(run, ref, cmp)
+        gap_sigma = None
+        if cmp.spread is not None and _finite(loss):
+            gap_sigma = (loss - cmp.spread[0]) / cmp.spread[1]
         overflow = [max(v) for v in _role_metric(run, "overflow").values()]
         underflow = [_mean(v) for v in _role_metric(run, "underflow").values()]
         diverged_step = run.summary.get("diverged_step")
-        if run.group == baseline.group and not run.diverged:
-            verdict = "baseline"
-        elif run.diverged:
-            verdict = "DIVERGED"
-        elif ratio is not None and abs(ratio - 1.0) <= PASS_TOLERANCE:
-            verdict = "PASS"
-        else:
-            verdict = "INVESTIGATE"
         rows.append(Row(
             run=run.name,
+            status=run.status,
             fmt=describe_format(run),
-            val_loss=loss,
-            ppl=math.exp(loss) if loss is not None and loss < 700 else run.last("val/ppl"),
+            loss=loss,
             ratio=ratio,
-            ratio_step=step,
+            ratio_step=cmp.step,
+            gap_sigma=gap_sigma,
+            val_loss=final,
+            val_step=final_step,
+            ppl=math.exp(final) if _finite(final) and final < 700 else None,
             grad_cos=_mean(run.values("shadow/grad_cos_mean")),
             bit_stall=_mean(run.values("update/bit_stall")),
             max_overflow=max(overflow) if overflow else None,
             mean_underflow=max(underflow) if underflow else None,
             diverged_step=diverged_step if isinstance(diverged_step, int) else None,
-            verdict=verdict,
+            verdict=_verdict(run, baseline, loss, ratio, gap_sigma, final, cmp),
         ))
     return rows
 
@@ -243,36 +372,39 @@ def seed_spread(runs: list[Run]) -> dict[str, tuple[float, float, int]]:
     groups: dict[str, list[float]] = {}
     for run in runs:
         loss = final_val_loss(run)
-        if loss is not None and not run.diverged:
+        if _finite(loss) and not _excluded(run):
             groups.setdefault(run.group, []).append(loss)
     return {g: (statistics.mean(v), statistics.stdev(v), len(v)) for g, v in groups.items() if len(v) >= 2}
 
 
 # ---- table -----------------------------------------------------------------------------------------
 
-COLUMNS = ("run", "format", "val loss", "ppl", "ratio", "grad cos", "bit-stall", "max overflow",
-           "mean underflow", "diverged at", "verdict")
+def _columns(sigma: bool) -> tuple[str, ...]:
+    return ("run", "status", "format", "loss@S", "ratio@S") + (("Δ/σ",) if sigma else ()) + (
+        "final val (step)", "grad cos", "bit-stall", "max overflow", "mean underflow", "diverged at", "verdict")
 
 
 def _fmt(val, spec: str) -> str:
     return DASH if val is None else format(val, spec)
 
 
-def _cells(row: Row) -> list[str]:
-    return [
-        row.run, row.fmt, _fmt(row.val_loss, ".4f"), _fmt(row.ppl, ".3f"), _fmt(row.ratio, ".4f"),
-        _fmt(row.grad_cos, ".4f"), _fmt(row.bit_stall, ".3f"), _fmt(row.max_overflow, ".2e"),
-        _fmt(row.mean_underflow, ".2e"), _fmt(row.diverged_step, "d"), row.verdict,
-    ]
+def _cells(row: Row, sigma: bool) -> list[str]:
+    final = DASH if row.val_loss is None else f"{row.val_loss:.4f} ({_fmt(row.val_step, 'd')})"
+    return [row.run, row.status, row.fmt, _fmt(row.loss, ".4f"), _fmt(row.ratio, ".4f")] + (
+        [_fmt(row.gap_sigma, "+.1f")] if sigma else []) + [
+        final, _fmt(row.grad_cos, ".4f"), _fmt(row.bit_stall, ".3f"), _fmt(row.max_overflow, ".2e"),
+        _fmt(row.mean_underflow, ".2e"), _fmt(row.diverged_step, "d"), row.verdict]
 
 
 def format_table(rows: list[Row], markdown: bool = False) -> str:
-    cells = [list(COLUMNS)] + [_cells(r) for r in rows]
+    sigma = any(r.gap_sigma is not None for r in rows)
+    columns = _columns(sigma)
+    cells = [list(columns)] + [_cells(r, sigma) for r in rows]
     if markdown:
         lines = ["| " + " | ".join(c) + " |" for c in cells]
-        lines.insert(1, "|" + "|".join("---" for _ in COLUMNS) + "|")
+        lines.insert(1, "|" + "|".join("---" for _ in columns) + "|")
         return "\n".join(lines)
-    widths = [max(len(r[i]) for r in cells) for i in range(len(COLUMNS))]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
@@ -396,18 +528,19 @@ def write_report(runs: list[Run], baseline: Run, out_dir: str | Path) -> tuple[s
     """Write report.md and the plots into out_dir; returns (terminal text, report path, plot paths)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = summarize(runs, baseline)
+    cmp = comparison(runs, baseline)
+    rows = summarize(runs, baseline, cmp)
     spread = _spread_lines(seed_spread(runs), baseline)
     plots = make_plots(runs, out_dir)
-    note = (f"baseline: {baseline.name}; ratio = val loss / baseline val loss at the last common step; "
-            f"PASS = within {PASS_TOLERANCE:.0%} of the baseline")
-    text = "\n".join([format_table(rows), "", note] + spread)
-    md = ["# altgrad report", "", format_table(rows, markdown=True), "", note, ""]
+    note = f"baseline: {baseline.name}; ratio@S = loss / the seed-matched baseline's loss at step S; {cmp.rule}"
+    text = "\n".join([cmp.header, "", format_table(rows), "", note] + spread)
+    md = ["# altgrad report", "", cmp.header, "", format_table(rows, markdown=True), "", note, ""]
     md += [f"- {line}" for line in spread] + ([""] if spread else [])
-    md += ["| run | compared at step | status | wall time (s) |", "|---|---|---|---|"]
-    for run, row in zip(runs, rows):
+    md += ["| run | status | steps | high-precision matmuls | wall time (s) |", "|---|---|---|---|---|"]
+    for run in runs:
         wall = run.summary.get("wall_time_s")
-        md.append(f"| {run.name} | {_fmt(row.ratio_step, 'd')} | {run.summary.get('status', DASH)} | "
+        md.append(f"| {run.name} | {run.status} | {_fmt(run.summary.get('steps'), 'd')} | "
+                  f"{run.summary.get('high_precision_matmul', DASH)} | "
                   f"{_fmt(wall, '.1f') if isinstance(wall, (int, float)) else DASH} |")
     md += [""] + [f"![{p.stem}]({p.name})" for p in plots]
     report = out_dir / "report.md"

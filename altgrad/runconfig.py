@@ -55,7 +55,7 @@ class ModelSection:
     """nanoGPT's GPTConfig fields (defaults: the 6L/6H/384 char-level Shakespeare model)."""
 
     block_size: int = 256
-    vocab_size: int | None = None  # None: read from the data's meta.pkl (50304 when it has none)
+    vocab_size: int | None = None  # null: the data's meta.pkl (data without one must set it, e.g. 50304)
     n_layer: int = 6
     n_head: int = 6
     n_embd: int = 384
@@ -68,17 +68,18 @@ class TrainSection:
     device: str = "auto"  # auto | cpu | cuda | cuda:N (auto picks CUDA when present)
     dtype: Literal["auto", "fp32", "bf16"] = "auto"  # autocast dtype; auto = bf16 on CUDA, fp32 on CPU
     compile: bool = False
+    tf32: bool = False  # let fp32 matmuls outside the simulated formats use TF32 on CUDA (nanoGPT does)
     batch_size: int = 12  # sequences per micro-batch per rank
     grad_accum: int = 1  # micro-batches per optimizer step, summed over all DDP ranks (nanoGPT)
     max_steps: int = 2000
     lr: float = 6e-4
-    min_lr: float | None = None  # None: lr / 10 (nanoGPT)
+    min_lr: float | None = None  # null: lr / 10 (nanoGPT's ratio)
     warmup: int = 100
-    lr_decay_steps: int | None = None  # None: max_steps
+    lr_decay_steps: int | None = None  # null: max_steps, so a shorter run decays to min_lr by its end
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0  # 0 disables clipping
-    seed: int = 42
+    seed: int = 42  # in [0, 2**32)
     eval_interval: int = 100
     eval_iters: int = 20
     log_interval: int = 10
@@ -105,13 +106,13 @@ class TrainSection:
 @dataclass(frozen=True)
 class DataSection:
     dataset: str = "shakespeare_char"
-    dir: str | None = None  # None: data/<dataset>
+    dir: str | None = None  # null: data/<dataset>
 
 
 @dataclass(frozen=True)
 class LogSection:
     out_dir: str = "out"
-    run_name: str | None = None  # None: the config file's name without .yaml
+    run_name: str | None = None  # null: the config file's name without .yaml
     wandb_mode: Literal["online", "offline", "disabled"] = "disabled"
     wandb_project: str = "altgrad"
     wandb_entity: str | None = None
@@ -270,6 +271,11 @@ def _require(ok: bool, where: str, what: str, value) -> None:
         raise ConfigError(f"{where}: must be {what}, got {value!r}")
 
 
+def _valid_run_name(name: str) -> bool:
+    # one directory under out_dir: not ".", "..", hidden (the run lock is out/.<run_name>.lock) or a path
+    return name.strip() != "" and not name.startswith(".") and not any(c in name for c in "/\\\0")
+
+
 def _check_values(cfg: RunConfig) -> None:
     m, t, lg = cfg.model, cfg.train, cfg.log
     for key in ("block_size", "n_layer", "n_head", "n_embd"):
@@ -285,16 +291,18 @@ def _check_values(cfg: RunConfig) -> None:
         _require(getattr(t, key) >= 1, f"train.{key}", ">= 1", getattr(t, key))
     for key in ("warmup", "checkpoint_interval", "shadow_interval"):
         _require(getattr(t, key) >= 0, f"train.{key}", ">= 0", getattr(t, key))
-    _require(t.lr > 0, "train.lr", "> 0", t.lr)
-    _require(t.min_lr is None or 0 <= t.min_lr <= t.lr, "train.min_lr", "in [0, train.lr] or null", t.min_lr)
+    _require(math.isfinite(t.lr) and t.lr > 0, "train.lr", "a finite number > 0", t.lr)
+    if t.min_lr is not None and not 0 <= t.min_lr <= t.lr:
+        raise ConfigError(f"train.min_lr: must be in [0, train.lr={t.lr:g}] or null (null: lr / 10), got "
+                          f"{t.min_lr!r}; set --train.min_lr=null or a smaller value")
     _require(t.lr_decay_steps is None or t.lr_decay_steps > t.warmup, "train.lr_decay_steps",
              "> train.warmup or null", t.lr_decay_steps)
     _require(t.weight_decay >= 0, "train.weight_decay", ">= 0", t.weight_decay)
     _require(all(0 <= b < 1 for b in t.betas), "train.betas", "two numbers in [0, 1)", list(t.betas))
     _require(t.grad_clip >= 0, "train.grad_clip", ">= 0 (0 disables clipping)", t.grad_clip)
-    _require(t.seed >= 0, "train.seed", ">= 0", t.seed)
-    _require(lg.run_name is None or (lg.run_name.strip() != "" and "/" not in lg.run_name),
-             "log.run_name", "a non-empty name without '/'", lg.run_name)
+    _require(0 <= t.seed < 2**32, "train.seed", "in [0, 2**32) (numpy's seed range)", t.seed)
+    _require(lg.run_name is None or _valid_run_name(lg.run_name), "log.run_name",
+             "a directory name: not empty, no '/', '\\' or NUL, not starting with '.'", lg.run_name)
     for key in ("overflow_threshold", "bit_stall_threshold"):
         _require(0 <= getattr(lg, key) <= 1, f"log.{key}", "a fraction in [0, 1]", getattr(lg, key))
     _require(lg.dead_neuron_threshold >= 0, "log.dead_neuron_threshold", ">= 0", lg.dead_neuron_threshold)
@@ -388,6 +396,45 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                if key in seen:
+                    raise ConfigError(f"line {key_node.start_mark.line + 1}: key {key!r} is given twice in "
+                                      f"one mapping (first on line {seen[key]}); keep one")
+                seen[key] = key_node.start_mark.line + 1
+            except TypeError:  # an unhashable key: let PyYAML report it
+                pass
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    """A config file's mapping: UTF-8 text, valid YAML, no duplicated keys (ConfigError otherwise)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found (see configs/*.yaml)")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start} is {e.object[e.start]:#04x}); "
+                          "save the file as UTF-8") from None
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader) or {}
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    except yaml.YAMLError as e:
+        first = str(e).replace("\n", " ")
+        raise ConfigError(f"{path}: not valid YAML: {first}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping with sections {', '.join(_SECTIONS)}")
+    return raw
+
+
 def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> RunConfig:
     """Read a YAML config (None: all defaults), apply overrides, check everything.
 
@@ -396,15 +443,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Ru
     raw: dict = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found (see configs/*.yaml)")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            first = str(e).replace("\n", " ")
-            raise ConfigError(f"{path}: not valid YAML: {first}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping with sections {', '.join(_SECTIONS)}")
+        raw = read_yaml(path)
     raw = apply_overrides(raw, list(overrides))
     log = raw.get("log")
     if path is not None and (log is None or (isinstance(log, dict) and log.get("run_name") is None)):
@@ -432,12 +471,57 @@ USAGE = (
 )
 
 
+def _field_comments(cls) -> dict[str, str]:
+    """The trailing `# comment` of each field in a section's source: the help text of that key."""
+    import inspect
+    import re
+
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s+(\w+):[^#\n]*#\s*(.*)$", source, re.M)}
+
+
+def help_text() -> str:
+    """train.py --help: usage, then every section and key with its type, default and meaning."""
+    lines = [USAGE, "", "  --resume   continue out/<run_name>/ from its newest readable checkpoint",
+             "", "Keys (--section.key=value; values are YAML: 3e-4, true, null, [0.9, 0.95]):"]
+    for name, cls in _SECTIONS.items():
+        if cls is None:
+            continue
+        lines.append(f"{name}:" + (f"  {cls.__doc__.strip().splitlines()[0]}" if cls.__doc__ and
+                                   not cls.__doc__.startswith(cls.__name__) else ""))
+        hints, comments = typing.get_type_hints(cls), _field_comments(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            default = yaml.safe_dump(_plain(default), default_flow_style=True).strip().removesuffix("...").strip()
+            comment = f"  {comments[f.name]}" if f.name in comments else ""
+            lines.append(f"  {name}.{f.name} ({_describe(hints[f.name])}; default {default}){comment}")
+    lines.append("quant:  null = the high-precision baseline, else a mapping (altgrad/config.py, QuantizationConfig):")
+    try:
+        from altgrad.config import INHERIT, QuantizationConfig
+
+        for f in dataclasses.fields(QuantizationConfig):
+            if f.default is dataclasses.MISSING:
+                default = "required: a format name, or null for high precision"
+            elif f.default is INHERIT:
+                default = "default: default_format"
+            else:
+                default = "default " + yaml.safe_dump(_plain(f.default), default_flow_style=True).strip()
+            lines.append(f"  quant.{f.name} ({default.removesuffix('...').strip()})")
+    except ImportError:
+        pass
+    lines.append("  formats by name: E5M2, E4M3, E3M4, ... (python -m altgrad.formats lists them); null = high precision")
+    return "\n".join(lines)
+
+
 def parse_args(argv: list[str]) -> CliArgs:
     """Split train.py's arguments into the config path, overrides and the --resume flag."""
     paths, overrides, resume = [], [], False
     for arg in argv:
         if arg in ("-h", "--help"):
-            print(USAGE)
+            print(help_text())
             sys.exit(0)
         if arg == "--resume":
             resume = True

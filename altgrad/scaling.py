@@ -2,15 +2,19 @@
 
     scale = fmt.max / amax / 2**margin       q = round_fmt(x * scale)       x ~ q * inv_scale
 
+Computed scales stay in [2**-126, FLT_MAX], so both scale and inv_scale = 1 / scale are finite
+normal fp32 numbers: a scale below 2**-126 (amax near FLT_MAX in a format whose max is below 1,
+such as E0M7) is raised to 2**-126, which still saturates that amax at the format's max.
+
 Modes: `delayed` (amax from an AmaxHistory of earlier steps; the first call, with an empty
 history, uses the tensor's own amax), `current` (the tensor's own amax every call), `none`
 (scale 1: the format's raw range). Edge rule from TransformerEngine: an amax that is 0 or not
 finite — or a scale that would not be finite — keeps the previous scale.
 
 Scales and histories are module buffers on the tensor's device (no host sync per step) and travel
-in `state_dict()`, so checkpoints restore them exactly. DDP note: each rank keeps its own history
-(amaxes are not all-reduced), as in torchao's default; weights are identical across ranks so their
-scales agree.
+in `state_dict()`, so checkpoints restore them exactly. Data parallel: each rank pushes its own
+amaxes; `altgrad.linear.sync_amax_history` max-reduces the histories across the group (one
+all-reduce), so every rank quantizes with the same scale, as TransformerEngine does by default.
 """
 
 from __future__ import annotations
@@ -23,20 +27,21 @@ from altgrad.formats import FormatSpec, get_format
 __all__ = ["AmaxHistory", "TensorScaler", "compute_scale", "SCALING_MODES", "AMAX_ALGOS"]
 
 SCALING_MODES = ("delayed", "current", "none")
+MIN_SCALE = 2.0**-126  # smallest normal fp32: its reciprocal 2**126 is finite
 AMAX_ALGOS = ("max", "most_recent")
 
 
 def compute_scale(amax: torch.Tensor, fmt: FormatSpec | str, margin: int = 0, pow2: bool = False,
                   prev_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """fp32 scale = fmt.max / amax / 2**margin; keeps prev_scale (default 1) when amax is 0 or not
-    finite, or the scale would overflow. pow2 rounds the scale down to a power of two (exact
-    dequantization)."""
+    """fp32 scale = fmt.max / amax / 2**margin, raised to at least 2**-126 (so 1 / scale is finite);
+    keeps prev_scale (default 1) when amax is 0 or not finite, or the scale would overflow. pow2
+    rounds the scale down to a power of two (exact dequantization). Returns a 0-dim fp32 tensor."""
     fmt = get_format(fmt)
     if not isinstance(margin, int) or margin < 0:
         raise ValueError(f"margin must be an int >= 0 (got {margin!r})")
     amax = torch.as_tensor(amax, dtype=torch.float32)
     prev = torch.ones_like(amax) if prev_scale is None else prev_scale.to(amax.device, torch.float32)
-    scale = (fmt.max / amax) / float(2**margin)
+    scale = ((fmt.max / amax) / float(2**margin)).clamp(min=MIN_SCALE)
     if pow2:
         # clear the mantissa bits: 2**floor(log2(scale)) for every positive normal fp32
         scale = (scale.view(torch.int32) & ~0x7FFFFF).view(torch.float32)
@@ -57,26 +62,28 @@ class AmaxHistory(nn.Module):
         self.length, self.algo = length, algo
         self.register_buffer("history", torch.zeros(length, dtype=torch.float32))
         self.register_buffer("count", torch.zeros((), dtype=torch.int64))
-        self._filled = 0  # host mirror of `count`, so emptiness needs no device sync
+        # host (CPU) mirror of `count`, so emptiness needs no device sync; a tensor, so a compiled
+        # QuantizedLinear updates it in place like the buffers
+        self.filled = torch.zeros((), dtype=torch.int64)
 
     def push(self, amax: torch.Tensor) -> None:
         # roll in place: newest at index 0, as TransformerEngine keeps its amax_history
         self.history.copy_(torch.roll(self.history, 1))
         self.history[0] = amax.detach().to(self.history)
         self.count.add_(1).clamp_(max=self.length)
-        self._filled = min(self._filled + 1, self.length)
+        self.filled.add_(1).clamp_(max=self.length)
 
     @property
     def empty(self) -> bool:
-        return self._filled == 0
+        return int(self.filled) == 0
 
     def get(self) -> torch.Tensor:
-        valid = self.history[: max(self._filled, 1)]
+        valid = self.history[: max(int(self.filled), 1)]
         return valid.amax() if self.algo == "max" else valid[0]
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._filled = int(self.count)
+        self.filled = torch.tensor(int(self.count), dtype=torch.int64)
 
     def extra_repr(self) -> str:
         return f"length={self.length}, algo={self.algo}"

@@ -13,13 +13,15 @@ Call it after the step's backward and before gradient clipping and `optimizer.st
 rescales g and would shift the SNR). Layers are the modules that own parameters (a layer's
 weight and bias gradients are one vector), named as `metrics.layer_parameters` names them.
 
-The shadow runs without autocast and with its own RNG stream (the training RNG is restored
+The shadow runs without autocast, with TF32 switched off for its matmuls and convolutions
+(`true_fp32`, whatever the caller enabled: nanoGPT turns TF32 on globally), and with its own RNG stream (the training RNG is restored
 afterwards, so enabling the shadow does not change the run). With dropout > 0 its dropout masks
 differ from the model's, so compare at dropout 0 (the default configs) for a clean reading.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -29,9 +31,20 @@ from torch import nn
 
 from altgrad.metrics import _is_quantized, _to_host, layer_parameters
 
-__all__ = ["FP32ShadowModel", "SNR_CAP_DB"]
+__all__ = ["FP32ShadowModel", "SNR_CAP_DB", "true_fp32"]
 
 SNR_CAP_DB = 200.0  # identical gradients have infinite SNR; a finite cap keeps logs plottable
+
+
+@contextlib.contextmanager
+def true_fp32():
+    """fp32 matmuls and convolutions in IEEE fp32, not TF32, inside the block (restored after)."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
 
 
 def _dequantize(model: nn.Module) -> nn.Module:
@@ -102,7 +115,7 @@ class FP32ShadowModel:
         device = next(shadow.parameters()).device
         cuda = [] if device.type != "cuda" else [device.index if device.index is not None else torch.cuda.current_device()]
         rng = torch.random.fork_rng(devices=cuda)
-        with rng, torch.autocast(device.type, enabled=False), torch.enable_grad():
+        with rng, torch.autocast(device.type, enabled=False), true_fp32(), torch.enable_grad():
             for x, y in batches:
                 _, loss = shadow(x, y)
                 (loss.float() / grad_accum).backward()

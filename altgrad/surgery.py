@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import re
+import zlib
 from collections.abc import Callable, Iterable, Mapping
 
 import torch.nn as nn
@@ -113,7 +114,7 @@ def quantize_model(model: nn.Module, fmt: str | FormatSpec | None = None, *,
                    config: QuantizationConfig | Mapping | None = None,
                    skip_patterns: str | Iterable[str] | None = None,
                    module_filter_fn: Callable[[nn.Module, str], bool] | None = None,
-                   inplace: bool = True, backend: str = "auto") -> nn.Module:
+                   inplace: bool = True, backend: str = "auto", seed: int | None = None) -> nn.Module:
     """Replace every selected nn.Linear of `model` by a QuantizedLinear wrapping its Parameters.
 
     fmt / config: exactly one; a format name or FormatSpec quantizes every role of every layer in
@@ -121,6 +122,9 @@ def quantize_model(model: nn.Module, fmt: str | FormatSpec | None = None, *,
     skip_patterns: regexes (re.search on the qualified name) of layers to leave alone.
     module_filter_fn(module, fqn) -> bool: as torchao's, True = quantize this nn.Linear.
     inplace: False deep-copies the model first (tying inside the copy is kept).
+    backend: "auto" (default), "torch" (the reference), "fast" or "triton"; see altgrad.linear.
+    seed: base of the stochastic-rounding streams; each layer's seed mixes it with the layer's name
+      (default: the run seed, torch.initial_seed()).
     Returns the model -- a new object when `model` is itself an nn.Linear or inplace=False.
     """
     config = _resolve_config(fmt, config)
@@ -137,7 +141,8 @@ def quantize_model(model: nn.Module, fmt: str | FormatSpec | None = None, *,
 
     # collect every target first, then swap: never mutate the tree while named_modules walks it
     for names, linear, layer_config in _select(model, config, skips, module_filter_fn):
-        qlinear = QuantizedLinear(linear, layer_config, name=names[0], backend=backend)
+        layer_seed = None if seed is None else (seed * 1000003 + zlib.crc32(names[0].encode())) % 2**62
+        qlinear = QuantizedLinear(linear, layer_config, name=names[0], backend=backend, seed=layer_seed)
         qlinear.train(linear.training)  # a model put in eval() before surgery stays in eval()
         # scaling buffers are born on the CPU; put them where the weights live (a model is often
         # moved to CUDA before surgery). Same-device .to() keeps the Parameter objects themselves.
@@ -148,8 +153,9 @@ def quantize_model(model: nn.Module, fmt: str | FormatSpec | None = None, *,
 
 
 def dequantize_model(model: nn.Module) -> nn.Module:
-    """Put the original nn.Linear objects (`QuantizedLinear.linear`) back; returns the model
-    (the nn.Linear itself when `model` is a QuantizedLinear). Scaling state is dropped."""
+    """Put the original nn.Linear objects (`QuantizedLinear.linear`) back, holding the Parameters the
+    QuantizedLinear trained (also after `load_state_dict(..., assign=True)` replaced them); returns
+    the model (the nn.Linear itself when `model` is a QuantizedLinear). Scaling state is dropped."""
     for name, qlinear in _slots(model, QuantizedLinear):
         # .linear is not a submodule, so model.train()/eval() after surgery never reached it
         qlinear.linear.train(qlinear.training)

@@ -25,6 +25,13 @@ the GPU and the Triton interpreter), so the result is bit-identical on every bac
     nearest:    code = (wide + 2**(shift-1) - 1 + lsb) >> shift   ties to the even code (E7M0: even exponent)
     stochastic: code = floor((wide + r) / 2**shift)               r uniform on [0, 2**shift), 32 Philox bits
 
+Stochastic rounding of element i (row-major index, 64-bit) draws `philox_u32(seed, i)`: Philox4x32-10
+with Triton's constants and word order, so it equals `tl.randint(seed, i)` and the torch reference's
+`altgrad.quantize.philox_bits(seed, i)`; the seed is a 64-bit key, passed as two 32-bit halves.
+
+Dequantized output (dq) under SATURATE is clamped to the output dtype's largest finite value: a
+format value times inv_scale can exceed fp16/bf16 (E6M1's max is 2**31).
+
 Run `python kernels/quantize.py` for a self-check against `quantize_ref` on every format (CPU: set
 TRITON_INTERPRET=1) and, with CUDA, a bandwidth benchmark.
 """
@@ -116,6 +123,28 @@ def round_fp32_to_format(v, rbits, EXP_BITS: tl.constexpr, MAN_BITS: tl.constexp
 
 
 @triton.jit
+def philox_u32(seed_lo, seed_hi, offset):
+    """32 random bits (uint32) per element of the int64 `offset` tensor: Philox4x32 with 10 rounds, key
+    (seed_lo, seed_hi), counter (offset_lo, offset_hi, 0, 0), first output word. Written out rather than
+    calling tl.randint so that every Triton version draws the same bits for 64-bit offsets."""
+    c0 = offset.to(tl.uint32)
+    c1 = (offset >> 32).to(tl.uint32)
+    c2 = c0 * 0
+    c3 = c0 * 0
+    k0 = tl.to_tensor(seed_lo).to(tl.uint32)
+    k1 = tl.to_tensor(seed_hi).to(tl.uint32)
+    for _ in tl.static_range(10):
+        _c0, _c2 = c0, c2
+        c0 = tl.umulhi(_c2, 0xCD9E8D57) ^ c1 ^ k0
+        c2 = tl.umulhi(_c0, 0xD2511F53) ^ c3 ^ k1
+        c1 = _c2 * 0xCD9E8D57
+        c3 = _c0 * 0xD2511F53
+        k0 = k0 + 0x9E3779B9
+        k1 = k1 + 0xBB67AE85
+    return c0
+
+
+@triton.jit
 def fp32_to_bf16_rne(y):
     """fp32 -> bf16 with round-to-nearest-even by integer arithmetic (the interpreter's cast truncates)."""
     b = y.to(tl.int32, bitcast=True)
@@ -125,12 +154,12 @@ def fp32_to_bf16_rne(y):
 
 
 @triton.jit
-def _quantize_kernel(x_ptr, q_ptr, dq_ptr, scale_ptr, inv_scale_ptr, amax_ptr, counts_ptr, seed, N,
+def _quantize_kernel(x_ptr, q_ptr, dq_ptr, scale_ptr, inv_scale_ptr, amax_ptr, counts_ptr, seed_lo, seed_hi, N,
                      S1, S2, S3, T0, T1, T2, T3,
                      EXP_BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr,
                      SPECIALS: tl.constexpr, SATURATE: tl.constexpr, ROUNDING: tl.constexpr,
                      CONTIGUOUS: tl.constexpr, WRITE_Q: tl.constexpr, WRITE_DQ: tl.constexpr,
-                     STATS: tl.constexpr, DQ_BF16: tl.constexpr, BLOCK: tl.constexpr):
+                     STATS: tl.constexpr, X_BF16: tl.constexpr, DQ_BF16: tl.constexpr, DQ_MAX: tl.constexpr, BLOCK: tl.constexpr):
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # logical (row-major) index
     mask = idx < N
     if CONTIGUOUS:
@@ -142,10 +171,15 @@ def _quantize_kernel(x_ptr, q_ptr, dq_ptr, scale_ptr, inv_scale_ptr, amax_ptr, c
         i2 = rest % S2
         rest = rest // S2
         src = (rest // S1) * T0 + (rest % S1) * T1 + i2 * T2 + i3 * T3
-    x = tl.load(x_ptr + src, mask=mask, other=0.0).to(tl.float32)
+    if X_BF16:
+        # bf16 arrives as its int16 bits: widening by a shift is exact for subnormals on every backend
+        # (the interpreter's bf16 -> fp32 conversion flushes them)
+        x = (tl.load(x_ptr + src, mask=mask, other=0).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    else:
+        x = tl.load(x_ptr + src, mask=mask, other=0.0).to(tl.float32)
     v = x * tl.load(scale_ptr)  # one fp32 multiply, as the reference
     if ROUNDING == 1:
-        rbits = tl.randint(seed, idx.to(tl.int32))  # Philox keyed by element index: reproducible
+        rbits = philox_u32(seed_lo, seed_hi, idx)  # keyed by the element's 64-bit index: reproducible
     else:
         rbits = v  # unused
     q, overflow = round_fp32_to_format(v, rbits, EXP_BITS, MAN_BITS, BIAS, SPECIALS, SATURATE, ROUNDING)
@@ -154,6 +188,8 @@ def _quantize_kernel(x_ptr, q_ptr, dq_ptr, scale_ptr, inv_scale_ptr, amax_ptr, c
         tl.store(q_ptr + idx, q.to(tl.bfloat16), mask=mask)  # exact: q has <= 8 significant bits
     if WRITE_DQ:
         dq = q * tl.load(inv_scale_ptr)
+        if SATURATE:  # stay finite in the output dtype too (NaN compares false and passes)
+            dq = tl.where(dq > DQ_MAX, DQ_MAX, tl.where(dq < -DQ_MAX, -DQ_MAX, dq))
         if DQ_BF16:
             tl.store(dq_ptr + idx, fp32_to_bf16_rne(dq), mask=mask)
         else:
@@ -263,11 +299,14 @@ def quantize(x: torch.Tensor, scale=None, *, exp_bits: int, man_bits: int, bias:
     x: fp32/bf16/fp16, any shape and strides (views with > 4 non-mergeable dims are copied first).
     scale, inv_scale: None (1), a float, or 1-element fp32 device tensors (read on device: no sync);
     inv_scale defaults to torch.reciprocal(scale). Outputs are new contiguous tensors of x's shape.
-    rounding: "nearest" (ties to even code) or "stochastic" (Philox bits keyed by seed's low 31 bits and
-    the element's row-major index).
-    saturate: overflow -> +-max; otherwise +-inf where the format has inf, else NaN.
+    rounding: "nearest" (ties to even code) or "stochastic" (philox_u32(seed, row-major index)).
+    saturate: overflow -> +-max, and dq beyond x.dtype's range -> +-finfo(x.dtype).max; otherwise
+    +-inf where the format has inf, else NaN.
+    seed: int in [0, 2**64), the Philox key (unused for nearest rounding).
     """
     _check_common(x, rounding, saturate)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be an int in [0, 2**64) (got {seed!r})")
     check_format(exp_bits, man_bits, bias, specials)
     _check_device(x, "x")
     s = _scalar_tensor(scale, "scale", x.device)
@@ -281,11 +320,13 @@ def quantize(x: torch.Tensor, scale=None, *, exp_bits: int, man_bits: int, bias:
         xs, contiguous, sizes, strides = _strided_args(x)
         block, warps = (65536, 1) if _INTERPRET else (2048, 8)
         _quantize_kernel[(triton.cdiv(n, block),)](
-            xs, q if out_q else amax_bits, dq if out_dq else amax_bits, s, inv, amax_bits, counts,
-            int(seed) & 0x7FFFFFFF, n, *sizes, *strides,
+            xs.view(torch.int16) if x.dtype == torch.bfloat16 else xs, q if out_q else amax_bits, dq if out_dq else amax_bits, s, inv, amax_bits, counts,
+            seed & 0xFFFFFFFF, seed >> 32, n, *sizes, *strides,
             EXP_BITS=exp_bits, MAN_BITS=man_bits, BIAS=bias, SPECIALS=SPECIALS[specials],
             SATURATE=saturate, ROUNDING=ROUNDING[rounding], CONTIGUOUS=contiguous,
-            WRITE_Q=out_q, WRITE_DQ=out_dq, STATS=stats, DQ_BF16=x.dtype == torch.bfloat16,
+            WRITE_Q=out_q, WRITE_DQ=out_dq, STATS=stats, X_BF16=x.dtype == torch.bfloat16,
+            DQ_BF16=x.dtype == torch.bfloat16,
+            DQ_MAX=torch.finfo(x.dtype).max,
             BLOCK=block, num_warps=warps)
     if not stats:
         return QuantizeResult(q, dq, None, None)
@@ -341,7 +382,10 @@ def quantize_ref(x: torch.Tensor, scale=None, *, exp_bits: int, man_bits: int, b
     neg_zero_ok = specials in ("ieee", "fn", "none")
     q = torch.where(torch.signbit(v) & ((mag != 0) | neg_zero_ok), -mag, mag)
     q = torch.where(is_nan, float("nan"), q)
-    dq = (q * inv).to(x.dtype)
+    dq = q * inv
+    if saturate:
+        dq = dq.clamp(-torch.finfo(x.dtype).max, torch.finfo(x.dtype).max)
+    dq = dq.to(x.dtype)
     nonzero = (v != 0) & ~is_nan
     ax = x.float().abs()
     amax = torch.where(torch.isnan(ax), 0.0, ax).max() if x.numel() else torch.zeros((), device=dev)

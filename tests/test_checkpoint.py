@@ -106,3 +106,19 @@ def test_bad_checkpoints_give_one_line(tmp_path, content, message):
     with pytest.raises(ckpt.CheckpointError, match=message) as err:
         ckpt.load_checkpoint(path)
     assert "\n" not in str(err.value)
+
+
+def test_load_latest_falls_back_to_the_newest_readable(tmp_path):
+    for step in (10, 20, 30):
+        ckpt.save_run_checkpoint({"step": step}, tmp_path, step, max_checkpoints=3)
+    last = tmp_path / ckpt.CKPT_LAST
+    last.write_bytes(last.read_bytes()[:20])  # a hard link: ckpt_0000030.pt is truncated with it
+    warnings = []
+    path, state = ckpt.load_latest_checkpoint(tmp_path, warn=warnings.append)
+    assert path == ckpt.checkpoint_path(tmp_path, 20) and state["step"] == 20
+    assert len(warnings) == 2 and all("trying an older checkpoint" in w for w in warnings)
+    for p in tmp_path.glob("*.pt"):
+        p.write_bytes(b"junk")
+    with pytest.raises(ckpt.CheckpointError, match="no readable checkpoint in"):
+        ckpt.load_latest_checkpoint(tmp_path)
+    assert ckpt.load_latest_checkpoint(tmp_path / "empty") == (None, None)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from altgrad.data import DataNotFoundError, TokenBatches, load_meta
+from altgrad.data import DataError, DataNotFoundError, TokenBatches, check_data, load_meta
 
 
 @pytest.fixture
@@ -163,3 +163,76 @@ def test_cuda_batches_equal_cpu_batches(data_dir):
     cuda = draw(TokenBatches(data_dir, "train", 16, 4, "cuda", seed=2), 3)
     assert all(x.is_cuda and y.is_cuda for x, y in cuda)
     assert_same_batches(cpu, [(x.cpu(), y.cpu()) for x, y in cuda])
+
+
+# ---- check_data: everything a run needs from the data, before it writes anything ------------------
+
+
+def _vocab(data_dir):
+    return load_meta(data_dir)["vocab_size"]
+
+
+def test_check_data_accepts_prepared_data_and_returns_its_meta(data_dir):
+    assert check_data(data_dir, 16, None) == load_meta(data_dir)
+    assert check_data(data_dir, 16, _vocab(data_dir) + 7)["vocab_size"] == _vocab(data_dir)
+
+
+def _damage(data_dir, how):
+    if how == "odd train.bin":
+        path = data_dir / "train.bin"
+        path.write_bytes(path.read_bytes()[:-1])
+    elif how == "empty val.bin":
+        (data_dir / "val.bin").write_bytes(b"")
+    elif how == "missing val.bin":
+        (data_dir / "val.bin").unlink()
+    elif how == "garbage meta.pkl":
+        (data_dir / "meta.pkl").write_bytes(b"\x80\x04garbage")
+    elif how == "meta.pkl without vocab_size":
+        (data_dir / "meta.pkl").write_bytes(pickle.dumps({"stoi": {}}))
+    elif how == "missing meta.pkl":
+        (data_dir / "meta.pkl").unlink()
+
+
+@pytest.mark.parametrize("how, error, message", [
+    ("odd train.bin", DataError, "train.bin: {n} bytes is not a whole number of 2-byte tokens"),
+    ("empty val.bin", DataError, "val.bin holds 0 tokens; model.block_size=16 needs at least 17"),
+    ("missing val.bin", DataNotFoundError, "no {dir}/val.bin: create it with"),
+    ("garbage meta.pkl", DataError, "meta.pkl: not a readable meta.pkl (UnpicklingError"),
+    ("meta.pkl without vocab_size", DataError, "expected a pickled dict with an int vocab_size >= 1"),
+    ("missing meta.pkl", DataError, "has no meta.pkl, so the vocabulary size is unknown: set model.vocab_size"),
+])
+def test_check_data_refuses_damaged_data_in_one_line(data_dir, how, error, message):
+    n = (data_dir / "train.bin").stat().st_size - 1
+    _damage(data_dir, how)
+    with pytest.raises(error) as info:
+        check_data(data_dir, 16, None)
+    assert message.format(n=n, dir=data_dir) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_missing_meta_is_fine_when_the_vocabulary_is_given(data_dir):
+    vocab = _vocab(data_dir)
+    (data_dir / "meta.pkl").unlink()
+    assert check_data(data_dir, 16, vocab) is None
+
+
+def test_block_size_must_fit_the_smallest_split(data_dir):
+    val_tokens = (data_dir / "val.bin").stat().st_size // 2
+    check_data(data_dir, val_tokens - 1, None)
+    with pytest.raises(DataError, match=f"val.bin holds {val_tokens} tokens; model.block_size={val_tokens} needs"):
+        check_data(data_dir, val_tokens, None)
+
+
+def test_every_token_id_must_be_inside_the_vocabulary(data_dir, monkeypatch):
+    import altgrad.data
+
+    top = int(max(np.fromfile(data_dir / s, dtype=np.uint16).max() for s in ("train.bin", "val.bin")))
+    with pytest.raises(DataError, match=f"holds token id {top}, outside model.vocab_size={top}"):
+        check_data(data_dir, 16, top)
+    check_data(data_dir, 16, top + 1)
+    # a token id past meta.pkl's vocabulary, found even when it sits in the last of several chunks
+    ids = np.fromfile(data_dir / "val.bin", dtype=np.uint16)
+    ids[-1] = 999
+    ids.tofile(data_dir / "val.bin")
+    monkeypatch.setattr(altgrad.data, "_SCAN_CHUNK", 7)
+    with pytest.raises(DataError, match=r"val.bin holds token id 999, outside meta.pkl's vocab_size="):
+        check_data(data_dir, 16, None)

@@ -176,7 +176,9 @@ def quantized(linear, input=None, weight=None, grad_output=None):
     def rc(spec):
         return None if spec is None else RoleConfig(spec[0], scaling=spec[1])
 
-    return QuantizedLinear(linear, LayerQuantConfig(rc(input), rc(weight), rc(grad_output)))
+    layer = QuantizedLinear(linear, LayerQuantConfig(rc(input), rc(weight), rc(grad_output)))
+    layer.full_stats = True  # rel_err too (off by default)
+    return layer
 
 
 def e4m3_oracle(v: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from altgrad.formats import FORMAT_REGISTRY, get_format
-from altgrad.quantize import quantize, quantize_ste, quantize_with_stats, round_to_format
+from altgrad.quantize import philox_bits, quantize, quantize_ste, quantize_with_stats, round_to_format
 from oracles import all_bf16_values, gfloat_round, log_spread_values, midpoint_values
 
 
@@ -220,6 +220,174 @@ def test_stochastic_exact_values_and_seeds():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+# Exact probability of rounding up, and a rigorous deviation bound for a count of round-ups
+SR_FALSE_ALARM = 1e-9  # per checked value: the chance that a correct rounder fails the bound
+
+
+def sr_up_probability(x: torch.Tensor, fmt) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(lo, hi, p) for |x| <= max: the format neighbours around x and the probability that stochastic
+    rounding picks hi. The rule is P(up) = (|x| - lo) / (hi - lo) truncated to 32 bits (the draw has
+    32 random bits), so E[SR(x)] - x lies in [-2**-32 * (hi - lo), 0]. Exact in float64: hi - lo is
+    a power of two and |x| - lo has at most 24 significant bits."""
+    vals = fmt.values().double()
+    a = x.double().abs()
+    idx = torch.searchsorted(vals, a.contiguous(), right=True).clamp(1, len(vals) - 1)
+    lo, hi = vals[idx - 1], vals[idx]
+    p = torch.floor((a - lo) / (hi - lo) * 2.0**32) / 2.0**32
+    return lo, hi, p
+
+
+def bernstein_bound(n: int, p: torch.Tensor) -> torch.Tensor:
+    """t with P(|k - n p| >= t) <= SR_FALSE_ALARM for k ~ Binomial(n, p) (Bernstein's inequality:
+    P <= 2 exp(-t^2 / (2 (n p (1 - p) + t / 3)))); 0 where p is 0 or 1 (then k must equal n p)."""
+    L = math.log(2 / SR_FALSE_ALARM)
+    var = n * p * (1 - p)
+    t = L / 3 + torch.sqrt(L * L / 9 + 2 * L * var)
+    return torch.where((p == 0) | (p == 1), torch.zeros_like(t), t)
+
+
+def magnitude_ladder(fmt, g: torch.Generator) -> torch.Tensor:
+    """One random fp32 value in every binade from the smallest fp32 subnormal (2**-149) to the
+    format's max, the smallest subnormal itself, and the format's max."""
+    out = [2.0**-149]
+    for e in range(-149, math.floor(math.log2(fmt.max)) + 1):
+        if e < -126:  # fp32 subnormal binade [2**e, 2**(e+1)): multiples of 2**-149
+            k = int(torch.randint(2 ** (e + 149), 2 ** (e + 150), (1,), generator=g))
+            out.append(math.ldexp(k, -149))
+        else:
+            out.append(math.ldexp(1 + int(torch.randint(0, 2**23, (1,), generator=g)) / 2**23, e))
+    x = torch.tensor(out, dtype=torch.float32)
+    return torch.cat([x[x <= fmt.max], torch.tensor([fmt.max])])
+
+
+@pytest.mark.parametrize("name", list(FORMAT_REGISTRY))
+def test_stochastic_rounding_is_unbiased_from_fp32_subnormals_to_max(name):
+    """E[SR(x)] = x up to the stated 32-bit truncation, at every magnitude: the count of round-ups of
+    n copies of x is Binomial(n, P(up)) within a Bernstein bound (false alarm 1e-9 per value).
+    Values whose fraction is below 2**-32 of a quantum must never round up."""
+    fmt = get_format(name)
+    g = torch.Generator().manual_seed(zlib_seed(name))
+    x = magnitude_ladder(fmt, g)
+    x = x * torch.where(torch.rand(x.shape, generator=g) < 0.5, -1.0, 1.0)
+    n = 2048
+    out = round_to_format(x.repeat(n, 1), fmt, rounding="stochastic", seed=zlib_seed(name + "sr"))
+    lo, hi, p = sr_up_probability(x, fmt)
+    mag = out.double().abs()
+    assert bool(((mag == lo) | (mag == hi)).all()), "stochastic rounding left the two neighbours"
+    assert bool((torch.signbit(out) == torch.signbit(x)).all() | (not fmt.has_neg_zero))
+    k = (mag == hi).sum(0).double()
+    dev = (k - n * p).abs()
+    bad = (dev > bernstein_bound(n, p)).nonzero().flatten()
+    assert bad.numel() == 0, f"round-up counts off: x={x[bad][:4].tolist()} k={k[bad][:4].tolist()} " \
+                             f"expected n*p={(n * p)[bad][:4].tolist()}"
+
+
+def zlib_seed(label: str) -> int:
+    import zlib
+
+    return zlib.crc32(label.encode())
+
+
+def test_stochastic_rounding_of_a_tiny_value_in_e4m3():
+    """2**-29 in E4M3 lies 2**-20 of the way from 0 to the smallest subnormal 2**-9: about one in a
+    million rounds up, and the mean stays 2**-29 (a capped shift once made it 0.8 %)."""
+    x = torch.full((10**6,), 2.0**-29)
+    out = quantize(x, "E4M3", rounding="stochastic", seed=12345, backend="torch")
+    k = int((out == 2.0**-9).sum())
+    assert int((out == 0).sum()) + k == x.numel()
+    p = torch.tensor(2.0**-20, dtype=torch.float64)
+    assert abs(k - 10**6 * p.item()) <= bernstein_bound(10**6, p).item()
+
+
+def test_philox_bits_are_counter_based():
+    """The draw for element i depends only on (seed, i): slices, shapes and calls agree; seeds differ."""
+    idx = torch.arange(10_000, dtype=torch.int64)
+    a = philox_bits(7, idx)
+    assert torch.equal(philox_bits(7, idx[5000:]), a[5000:])
+    assert bool(((a >= 0) & (a < 2**32)).all())
+    assert not torch.equal(philox_bits(8, idx), a)
+    assert not torch.equal(philox_bits(7 + 2**32, idx), a)  # the seed's high word is part of the key
+    # uniform: each of the 32 bits is set about half the time (Bernstein bound, as above)
+    ones = torch.stack([((a >> b) & 1).sum() for b in range(32)]).double()
+    assert bool(((ones - 5000).abs() <= bernstein_bound(10_000, torch.tensor(0.5))).all())
+    x = torch.randn(40, 50, generator=torch.Generator().manual_seed(1))
+    q = quantize(x, "E5M2", rounding="stochastic", seed=99)
+    assert torch.equal(quantize(x.flatten(), "E5M2", rounding="stochastic", seed=99), q.flatten())
+    assert not torch.equal(quantize(x, "E5M2", rounding="stochastic", seed=100), q)
+
+
+def test_stochastic_seed_none_draws_from_the_generator():
+    x = torch.randn(5000, generator=torch.Generator().manual_seed(0))
+    run = lambda s: quantize(x, "E4M3", rounding="stochastic", generator=torch.Generator().manual_seed(s))  # noqa: E731
+    assert torch.equal(run(1), run(1)) and not torch.equal(run(1), run(2))
+    torch.manual_seed(3)
+    a = quantize(x, "E4M3", rounding="stochastic")
+    torch.manual_seed(3)
+    assert torch.equal(quantize(x, "E4M3", rounding="stochastic"), a)
+
+
+@pytest.mark.parametrize("seed", [-1, 2**64, 1.5, True, "3"])
+def test_bad_seed(seed):
+    with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\*\*64\)"):
+        quantize(torch.ones(3), "E4M3", rounding="stochastic", seed=seed)
+
+
+# -- dequantized values beyond the output dtype ------------------------------------------------------
+def overflowing_inputs(fmt, dtype):
+    """(x, scale): x holds dtype's max, -max, inf and a normal value; the power-of-two scale puts
+    dtype's max inside fmt's range, where rounding up lands past dtype's max for every format."""
+    big = torch.finfo(dtype).max
+    scale = 2.0 ** max(math.floor(math.log2(fmt.max / big)), -126)  # 1/scale finite
+    x = torch.tensor([big, -big, math.inf, 1.0], dtype=torch.float32).to(dtype)
+    return x, scale
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("name", list(FORMAT_REGISTRY))
+def test_dequantized_values_saturate_to_the_output_dtype(name, dtype, backend):
+    """saturate=True promises finite output: a dequantized value past dtype's max becomes +-max of
+    the dtype; saturate=False gives inf there (the honest cast). Also E6M1/E7M0 at scale 1."""
+    fmt = get_format(name)
+    big = torch.finfo(dtype).max
+    for x, scale in [overflowing_inputs(fmt, dtype), (torch.tensor([big, -big], dtype=dtype), 1.0)]:
+        q = round_to_format(x.float() * scale, fmt)
+        want = (q.double() / scale).clamp(-big, big).to(dtype)
+        for fn in (quantize, quantize_ste):
+            y = fn(x, fmt, scale, backend=backend)
+            assert y.dtype == dtype and bool(torch.isfinite(y).all()), f"{fn.__name__}: {y.tolist()}"
+            assert_bits_equal(y, want, x)
+        raw = quantize(x, fmt, scale, saturate=False, backend=backend)
+        want_raw = (round_to_format(x.float() * scale, fmt, saturate=False).double() / scale).to(dtype)
+        assert_bits_equal(raw, want_raw, x)
+    # the reported instance: E6M1 rounds fp16's max 65504 up to 65536
+    if name == "E6M1" and dtype == torch.float16:
+        assert quantize(torch.tensor([65504.0], dtype=dtype), fmt, backend=backend).item() == 65504.0
+
+
+def test_fp32_output_saturates_too():
+    """A format value times a large inv_scale can overflow fp32 itself."""
+    big = torch.finfo(torch.float32).max
+    x = torch.tensor([big, -big])  # * 2**-120 = 255.99..., which E4M3 rounds to 256: 256 * 2**120 = 2**128
+    for backend in ("torch", "triton"):
+        assert quantize(x, "E4M3", 2.0**-120, backend=backend).tolist() == [big, -big]
+        assert torch.isinf(quantize(x, "E4M3", 2.0**-120, saturate=False, backend=backend)).all()
+
+
+@pytest.mark.parametrize("scale", [1e-39, 2.0**-128, torch.tensor(2.0**-130), torch.tensor([1e-45])])
+def test_scale_with_non_finite_reciprocal_is_rejected(scale):
+    with pytest.raises(ValueError, match=r"scale must be finite and > 2\*\*-128"):
+        quantize(torch.tensor([1.0]), "E4M3", scale=scale)
+    with pytest.raises(ValueError, match=r"scale must be finite and > 2\*\*-128"):
+        quantize_ste(torch.tensor([1.0]), "E4M3", scale=scale)
+
+
+def test_smallest_accepted_scale():
+    s = torch.nextafter(torch.tensor(2.0**-128), torch.tensor(1.0))
+    y = quantize(torch.tensor([0.0, 1e38]), "E4M3", scale=s)
+    assert bool(torch.isfinite(y).all()) and y[0].item() == 0.0
+
+
 # -- STE -----------------------------------------------------------------------------------------
 def test_ste_identity_and_clipped():
     x = torch.tensor([1.0, 600.0, -3.0, -1e5], requires_grad=True)
@@ -235,10 +403,10 @@ def test_ste_identity_and_clipped():
     (dict(x=torch.arange(4)), TypeError, "x must be float32, bfloat16 or float16"),
     (dict(x=torch.zeros(4, dtype=torch.float64)), TypeError, "got torch.float64"),
     (dict(x=[1.0]), TypeError, "x must be a torch.Tensor"),
-    (dict(scale=0.0), ValueError, "scale must be finite and > 0"),
-    (dict(scale=-2.0), ValueError, "scale must be finite and > 0"),
-    (dict(scale=torch.tensor(math.nan)), ValueError, "scale must be finite and > 0"),
-    (dict(scale=math.inf), ValueError, "scale must be finite and > 0"),
+    (dict(scale=0.0), ValueError, "scale must be finite and > 2"),
+    (dict(scale=-2.0), ValueError, "scale must be finite and > 2"),
+    (dict(scale=torch.tensor(math.nan)), ValueError, "scale must be finite and > 2"),
+    (dict(scale=math.inf), ValueError, "scale must be finite and > 2"),
     (dict(scale="2"), TypeError, "scale must be None, a number or a tensor"),
     (dict(rounding="up"), ValueError, r"rounding must be one of \('nearest', 'stochastic'\)"),
     (dict(backend="cuda"), ValueError, "backend must be one of"),

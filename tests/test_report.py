@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import random
 from pathlib import Path
 
@@ -79,9 +80,9 @@ def test_verdicts_ratios_and_aggregates(runs):
     assert [r for r in rows] == ["bf16_baseline_s42", "e5m2_fp8_s42", "e7m0_s42", "e2m5_s42"]
     assert rows["bf16_baseline_s42"].verdict == "baseline"
     e5 = rows["e5m2_fp8_s42"]
-    assert e5.verdict == "PASS"
-    assert e5.ratio == pytest.approx(2.1 / 2.0) and e5.ratio_step == 30
-    assert e5.val_loss == pytest.approx(2.1) and e5.ppl == pytest.approx(math.exp(2.1))
+    assert e5.verdict == "PASS" and e5.status == "completed"
+    assert e5.ratio == pytest.approx(2.1 / 2.0) and e5.ratio_step == 30 and e5.loss == pytest.approx(2.1)
+    assert e5.val_loss == pytest.approx(2.1) and e5.val_step == 30 and e5.ppl == pytest.approx(math.exp(2.1))
     assert e5.grad_cos == pytest.approx((0.99 + 0.98 + 0.97 + 0.96) / 4)
     assert e5.bit_stall == pytest.approx((0.2 + 0.3 + 0.4 + 0.5) / 4)
     assert e5.max_overflow == pytest.approx(3e-3)
@@ -89,10 +90,10 @@ def test_verdicts_ratios_and_aggregates(runs):
     assert e5.mean_underflow == pytest.approx(0.15)
     assert e5.fmt == "E5M2"
     e7 = rows["e7m0_s42"]
-    # a diverged run's final loss is NaN: the table shows its last finite validation loss
-    assert e7.verdict == "DIVERGED" and e7.diverged_step == 20 and e7.val_loss == pytest.approx(3.9)
-    # the last step both evaluated with a finite loss is 10: 3.9 vs 4 - 2/3
-    assert e7.ratio == pytest.approx(3.9 / (4.0 - 2.0 / 3)) and e7.ratio_step == 10
+    # a diverged run keeps its verdict and does not hold the others' comparison step back
+    assert e7.verdict == "DIVERGED" and e7.diverged_step == 20 and e7.status == "diverged"
+    assert math.isnan(e7.val_loss) and e7.val_step == 20  # its final loss as logged: NaN
+    assert e7.ratio_step == 30 and e7.loss is None and e7.ratio is None
     e2 = rows["e2m5_s42"]
     assert e2.verdict == "INVESTIGATE" and e2.ratio == pytest.approx(1.3)
     assert e2.fmt == "i:E4M3 w:E4M3 go:E5M2 SR"
@@ -110,6 +111,10 @@ def test_verdicts_ratios_and_aggregates(runs):
                 "layer_rules": [{"pattern": "attn", "format": None}, {"pattern": "mlp", "format": "E5M2"}]}},
      "cpu", "mixed hp/E5M2"),
     ({}, "cpu", "—"),
+    # a quant section whose formats are all high-precision names ran unquantized: say what ran
+    ({"train": {"dtype": "auto"}, "quant": {"default_format": "bf16"}}, "cpu (2 threads)", "FP32"),
+    ({"train": {"dtype": "auto"}, "quant": {"default_format": "E5M2", "input_format": None, "weight_format": "fp32",
+                                           "grad_output_format": "none"}}, "cpu", "FP32"),
 ])
 def test_format_description(tmp_path, config, device, expected):
     run = report.Run(tmp_path, {"config": config, "device": device})
@@ -120,7 +125,7 @@ def test_table_prints_dash_for_missing_metrics(runs):
     loaded = [report.load_run(p) for p in runs]
     text = report.format_table(report.summarize(loaded, loaded[0]))
     lines = text.splitlines()
-    assert lines[0].split()[:2] == ["run", "format"]
+    assert lines[0].split()[:3] == ["run", "status", "format"]
     base_line = next(line for line in lines if line.startswith("bf16_baseline_s42"))
     assert "—" in base_line and "2.0000" in base_line and "baseline" in base_line
     assert "DIVERGED" in next(line for line in lines if line.startswith("e7m0_s42"))
@@ -134,7 +139,9 @@ def test_main_writes_report_and_plots(runs, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "PASS" in printed and "DIVERGED" in printed and "INVESTIGATE" in printed
     md = (out / "report.md").read_text()
-    assert "| e5m2_fp8_s42 | E5M2 |" in md
+    assert "| e5m2_fp8_s42 | completed | E5M2 |" in md
+    assert printed.startswith("compared at step 30: the last step at which all 3 compared runs logged a validation loss")
+    assert "fixed-percentage fallback rule" in printed
     expected = {"loss.png", "grad_cos.png", "bit_stall.png", "overflow_underflow.png",
                 "grad_cos_heatmap_e5m2_fp8_s42.png"}
     made = {p.name for p in out.glob("*.png")}
@@ -164,7 +171,7 @@ def test_runs_without_any_optional_metric(tmp_path):
     # b never evaluated: compared on training loss at the last common step (10)
     a_train = dict(loaded[0].series["train/loss"])
     assert rows[1].val_loss is None and rows[1].ratio == pytest.approx(2.5 / a_train[10]) and rows[1].ratio_step == 10
-    assert rows[1].fmt == "—" and rows[1].verdict == "PASS"
+    assert rows[1].fmt == "—" and rows[1].verdict == "PASS" and rows[1].status == "INCOMPLETE"
     assert "—" in report.format_table(rows)
     text, md, plots = report.write_report(loaded, loaded[0], tmp_path / "rep")
     assert [p.name for p in plots] == ["loss.png"]
@@ -180,10 +187,76 @@ def test_seed_spread_of_the_baseline(tmp_path, capsys):
     mean = sum(finals.values()) / 3
     std = math.sqrt(sum((v - mean) ** 2 for v in finals.values()) / 2)
     assert f"bf16_baseline (baseline): final val loss {mean:.4f} ± {std:.4f} over 3 seeds" in out
+    assert f"sigma = {std:.4f}, the std of the baseline's 3 seeds" in out and "seed-spread rule" in out
     # e5m2 seed 43 is compared with the baseline's seed-43 run (2.10), not the first baseline (2.00)
     loaded = [report.load_run(d) for d in dirs]
     row = report.summarize(loaded, loaded[0])[-1]
     assert row.ratio == pytest.approx(2.15 / 2.10)
+
+
+# ---- honesty: one comparison step, status, non-finite losses, seed noise -------------------------------
+
+
+def test_all_runs_are_compared_at_the_last_step_they_share(tmp_path):
+    base = write_run(tmp_path, "base", val_losses=curve(4.0, 2.0))
+    # killed at step 20 without a chance to update its summary: still says running, no live process
+    killed = write_run(tmp_path, "killed", val_losses={0: 4.0, 10: 3.3, 20: 2.6}, status="running",
+                       quant={"default_format": "E5M2"})
+    done = write_run(tmp_path, "done", val_losses=curve(4.0, 2.9), quant={"default_format": "E3M4"})
+    loaded = [report.load_run(p) for p in (base, killed, done)]
+    cmp = report.comparison(loaded, loaded[0])
+    assert cmp.step == 20 and cmp.key == "val/loss" and cmp.header.startswith("compared at step 20:")
+    rows = {r.run: r for r in report.summarize(loaded, loaded[0])}
+    base20 = curve(4.0, 2.0)[20]
+    assert rows["killed"].status == "INCOMPLETE" and rows["killed"].ratio == pytest.approx(2.6 / base20)
+    # "done" is compared at step 20 too (2.9 at its end would be INVESTIGATE): its final value sits beside
+    assert rows["done"].ratio == pytest.approx(curve(4.0, 2.9)[20] / base20) and rows["done"].ratio_step == 20
+    assert rows["done"].val_loss == pytest.approx(2.9) and rows["done"].val_step == 30
+    table = report.format_table(list(rows.values()))
+    assert "2.9000 (30)" in table and "INCOMPLETE" in table
+
+
+def test_a_running_run_with_a_live_lock_reads_running(tmp_path):
+    from altgrad.rundir import RunLock
+
+    run = write_run(tmp_path, "live", val_losses=curve(4.0, 2.0), status="running")
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps(summary | {"pid": os.getpid()}))
+    with RunLock(run):
+        assert report.load_run(run).status == "running"
+    assert report.load_run(run).status == "INCOMPLETE"
+
+
+def test_a_non_finite_loss_is_never_pass(tmp_path, capsys):
+    base = write_run(tmp_path, "base", val_losses=curve(4.0, 2.0))
+    # completed, but its weights went NaN before the last evaluation (null in metrics.jsonl)
+    nan = write_run(tmp_path, "nan", val_losses={**curve(4.0, 2.0), 30: float("nan")}, quant={"default_format": "E5M2"})
+    failed = write_run(tmp_path, "crashed", val_losses={0: 4.0, 10: 3.3}, status="failed",
+                       quant={"default_format": "E4M3"})
+    assert report.main([str(base), str(nan), str(failed), "--out", str(tmp_path / "rep")]) == 0
+    out = capsys.readouterr().out
+    loaded = [report.load_run(p) for p in (base, nan, failed)]
+    rows = {r.run: r for r in report.summarize(loaded, loaded[0])}
+    # compared at the last common step (30), where its loss is NaN; the failed run does not pull S back to 10
+    assert rows["nan"].ratio_step == 30 and math.isnan(rows["nan"].loss) and rows["nan"].verdict == "NON-FINITE"
+    assert rows["crashed"].verdict == "FAILED" and rows["crashed"].status == "FAILED"
+    assert not any(line.rstrip().endswith("PASS") for line in out.splitlines()) and "compared at step 30" in out
+
+
+def test_the_verdict_uses_the_baselines_seed_spread(tmp_path, capsys):
+    # baseline seeds within ±1 %, a format 7.4 % worse: far outside the noise, whatever 10 % says
+    dirs = [write_run(tmp_path, f"base_s{s}", val_losses={0: 4.0, 30: v}, seed=s)
+            for s, v in ((42, 2.00), (43, 2.02), (44, 1.98))]
+    dirs.append(write_run(tmp_path, "e7m0_s42", val_losses={0: 4.0, 30: 2.148}, quant={"default_format": "E7M0"}))
+    dirs.append(write_run(tmp_path, "e5m2_s42", val_losses={0: 4.0, 30: 2.03}, quant={"default_format": "E5M2"}))
+    assert report.main([str(d) for d in dirs] + ["--out", str(tmp_path / "rep")]) == 0
+    out = capsys.readouterr().out
+    rows = {r.run: r for r in report.summarize([report.load_run(d) for d in dirs], report.load_run(dirs[0]))}
+    assert rows["e7m0_s42"].ratio == pytest.approx(1.074)  # PASS under the 10 % rule ...
+    assert rows["e7m0_s42"].gap_sigma == pytest.approx(7.4) and rows["e7m0_s42"].verdict == "INVESTIGATE"
+    assert rows["e5m2_s42"].gap_sigma == pytest.approx(1.5) and rows["e5m2_s42"].verdict == "PASS"
+    assert "Δ/σ" in out and "+7.4" in out
+    assert "PASS = |loss - baseline mean| <= 3 sigma at step 30; sigma = 0.0200" in out and "seed-spread rule" in out
 
 
 def test_missing_run_dir_is_a_one_line_error(tmp_path, capsys):
@@ -228,6 +301,7 @@ def test_whole_chain_two_real_runs_and_report(tmp_path, fixture_text, prepare_mo
     assert base.grad_cos == pytest.approx(1.0, abs=1e-6) and 0.9 < e5.grad_cos < 1.0
     assert 0 < e5.bit_stall < 1 and base.bit_stall is None
     assert e5.ratio_step == 10 and e5.ratio == pytest.approx(e5.val_loss / base.val_loss)
+    assert "compared at step 10:" in printed
     made = {p.name for p in (out / "report").glob("*.png")}
     assert {"loss.png", "grad_cos.png", "bit_stall.png", "overflow_underflow.png",
             "grad_cos_heatmap_e5m2_fp8_s42.png"} <= made

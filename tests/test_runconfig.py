@@ -9,6 +9,7 @@ import yaml
 
 from altgrad.runconfig import (
     ConfigError,
+    ModelSection,
     RunConfig,
     TrainSection,
     apply_overrides,
@@ -156,9 +157,15 @@ def test_run_name_defaults_to_file_stem_and_overrides_do_not_touch_the_input(tmp
     (["--train.batch_size=0"], "train.batch_size: must be >= 1"),
     (["--model.n_head=5"], "model.n_embd: must be a multiple of model.n_head=5"),
     (["--model.dropout=1.0"], "model.dropout: must be in [0, 1)"),
-    (["--train.min_lr=1.0"], "train.min_lr: must be in [0, train.lr]"),
+    (["--train.min_lr=1.0"], "train.min_lr: must be in [0, train.lr=0.0006] or null (null: lr / 10)"),
+    (["--train.lr=.inf"], "train.lr: must be a finite number > 0"),
+    (["--train.seed=4294967296"], "train.seed: must be in [0, 2**32)"),
+    (["--train.seed=-1"], "train.seed: must be in [0, 2**32)"),
+    (["--log.run_name=."], "log.run_name: must be a directory name"),
+    (["--log.run_name=.."], "log.run_name: must be a directory name"),
+    (["--log.run_name=.x"], "log.run_name: must be a directory name"),
     (["--log.bit_stall_threshold=2"], "log.bit_stall_threshold: must be a fraction"),
-    (["--log.run_name=a/b"], "log.run_name: must be a non-empty name"),
+    (["--log.run_name=a/b"], "log.run_name: must be a directory name"),
     (["--optim.lr=1"], "optim: unknown section"),
     (["--train=1"], "--train=1: name a key"),
     (["--train.lr.x=1"], "train has no nested keys"),
@@ -182,11 +189,48 @@ def test_bad_overrides_give_one_line_naming_the_key(tmp_path, overrides, message
     ("quant: E5M2\n", "quant: expected a mapping"),
     ("quant: {scaling: delayed}\n", "missing key 'default_format'"),
     ("quant: {default_format: E5M2, scaling: later}\n", "quant.scaling must be one of"),
+    ("train:\n  lr: 1.0e-3\n  max_steps: 5\n  lr: 2.0e-3\n", "line 4: key 'lr' is given twice in one mapping (first on line 2)"),
+    ("train: {lr: 1}\ntrain: {seed: 3}\n", "line 2: key 'train' is given twice"),
 ])
 def test_bad_files_give_one_line(tmp_path, text, message):
     with pytest.raises(ConfigError) as err:
         load_config(write(tmp_path, text))
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_file_that_is_not_utf8_is_one_line(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("log: {run_name: café}\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == f"{path}: not UTF-8 text (byte 19 is 0xe9); save the file as UTF-8"
+
+
+def test_a_lower_lr_alone_needs_no_other_key():
+    # min_lr and lr_decay_steps follow lr and max_steps unless a config sets them
+    cfg = load_config(CONFIGS / "cpu_quick.yaml", ["--train.lr=1e-4", "--train.max_steps=50"])
+    t = cfg.train
+    assert math.isclose(t.lr_at(50), 1e-5) and t.lr_at(49) > t.lr_at(50)
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_configs_derive_the_schedule_from_max_steps(path):
+    # --train.max_steps=N must end the cosine at N, not at the file's 2000 (the README's example)
+    t = load_config(path, ["--train.max_steps=500"]).train
+    assert math.isclose(t.lr_at(500), t.lr / 10) and t.lr_at(250) < t.lr
+
+
+def test_help_lists_every_key_with_type_and_default():
+    from altgrad.runconfig import help_text
+
+    text = help_text()
+    for section in (ModelSection, TrainSection):
+        name = "model" if section is ModelSection else "train"
+        for f in dataclasses.fields(section):
+            assert f"  {name}.{f.name} (" in text, f.name
+    assert "  train.max_steps (an integer; default 2000)" in text
+    assert "  train.min_lr (a number or null; default null)  null: lr / 10" in text
+    assert "  quant.default_format (required" in text and "  quant.grad_output_format (default: default_format)" in text
 
 
 def test_missing_file(tmp_path):

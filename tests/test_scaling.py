@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from altgrad.formats import get_format
+from altgrad.formats import FORMAT_REGISTRY, get_format
+from altgrad.quantize import quantize
 from altgrad.scaling import AmaxHistory, TensorScaler, compute_scale
 
 E4M3 = get_format("E4M3")
@@ -106,3 +107,19 @@ def test_scale_for_without_update_leaves_state():
     scale, inv = s.scale_for(torch.tensor([8.0]), update=False)
     assert scale.item() == 56.0 and inv.item() == torch.reciprocal(t(56.0)).item()
     assert s.scale.item() == 224.0 and s.inv_scale.item() == torch.reciprocal(t(224.0)).item()
+
+
+@pytest.mark.parametrize("name", list(FORMAT_REGISTRY))
+@pytest.mark.parametrize("amax", [torch.finfo(torch.float32).max, 1e38, 2.0**-149, 1e-30])
+def test_computed_scale_and_its_reciprocal_are_finite(name, amax):
+    """Every computed scale has a finite reciprocal, so quantizing up to amax gives finite values,
+    also where fmt.max / amax is below fp32's normal range (E0M7 at amax = FLT_MAX)."""
+    fmt = get_format(name)
+    for pow2 in (False, True):
+        scale = compute_scale(torch.tensor(amax), fmt, pow2=pow2)
+        assert bool(torch.isfinite(scale) & torch.isfinite(torch.reciprocal(scale)) & (scale > 0))
+        y = quantize(torch.tensor([0.0, amax, -amax]), fmt, scale)
+        assert bool(torch.isfinite(y).all()) and y[0].item() == 0.0
+    sc = TensorScaler(fmt, mode="current")
+    s, inv = sc.scale_for(torch.tensor([amax]))
+    assert bool(torch.isfinite(s) & torch.isfinite(inv)) and torch.equal(inv, torch.reciprocal(s))

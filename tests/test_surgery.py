@@ -69,7 +69,7 @@ def test_exactly_one_of_fmt_and_config():
     (dict(fmt="E5M2", skip_patterns=["ok", "lm_head["]), ValueError,
      r"quantize_model skip_patterns\[1\]: pattern 'lm_head\[' is not a valid regex"),
     (dict(fmt="E5M2", module_filter_fn=True), TypeError, r"module_filter_fn must be callable \(got bool\)"),
-    (dict(fmt="E5M2", backend="cuda"), ValueError, r"backend must be one of 'auto', 'torch', 'triton' \(got 'cuda'\)"),
+    (dict(fmt="E5M2", backend="cuda"), ValueError, r"backend must be one of 'auto', 'torch', 'fast', 'triton' \(got 'cuda'\)"),
 ])
 def test_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):

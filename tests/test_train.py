@@ -244,3 +244,268 @@ def test_a_fresh_run_never_overwrites_an_earlier_one(tmp_path, data_dir):
     assert len(kept) == 1 and "moved it to" in proc.stdout
     assert (kept[0] / "metrics.jsonl").read_text() == first and list_checkpoints(kept[0])
     assert (tmp_path / "again" / "metrics.jsonl").read_text() != first
+
+
+# ---- one live run per directory ----------------------------------------------------------------------
+
+
+def start(out_dir, data_dir, *args, config="configs/bf16_baseline.yaml"):
+    cmd = [sys.executable, str(TRAIN), config, *TINY, f"--data.dir={data_dir}", f"--log.out_dir={out_dir}", *args]
+    return subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def wait_for_steps(proc, metrics, n, timeout=120):
+    deadline = time.monotonic() + timeout
+    while not (metrics.is_file() and len(read_metrics(metrics)) > n):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.1)
+
+
+def test_a_second_run_of_a_live_run_name_stops_before_touching_anything(tmp_path, data_dir):
+    first = start(tmp_path, data_dir, "--log.run_name=dup", "--train.max_steps=100000",
+                  "--train.checkpoint_interval=5")
+    try:
+        wait_for_steps(first, tmp_path / "dup" / "metrics.jsonl", 6)
+        before = sorted(p.name for p in tmp_path.iterdir())
+        proc = train(tmp_path, data_dir, "--log.run_name=dup", "--train.max_steps=30", "--train.seed=7")
+        assert proc.returncode == 2, proc.stderr
+        line = proc.stderr.strip()
+        assert len(line.splitlines()) == 1 and line.startswith(f"error: {tmp_path / 'dup'} is in use by a live run")
+        assert f"pid {first.pid} on host " in line
+        assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing moved, nothing created
+        assert first.poll() is None  # the first run goes on undisturbed
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=120)
+    assert first.returncode == 130
+    summary = json.loads((tmp_path / "dup" / "summary.json").read_text())
+    assert summary["status"] == "stopped" and summary["config"]["train"]["seed"] == 42
+    assert load_checkpoint(tmp_path / "dup" / CKPT_LAST)["step"] == summary["steps"]
+    assert not (tmp_path / ".dup.lock").exists()  # released at exit
+    # once it is gone, the name is free again: a fresh run moves the stopped one aside
+    ok(train(tmp_path, data_dir, "--log.run_name=dup", "--train.max_steps=2"))
+    assert len([p for p in tmp_path.iterdir() if p.name.startswith("dup.")]) == 1
+
+
+def test_a_stale_lock_of_a_dead_run_is_taken_over(tmp_path, data_dir):
+    # a lock file nobody holds (its run was killed): the PID and host inside are only information
+    (tmp_path / ".stale.lock").write_text(json.dumps({"pid": 2**22 + 12345, "host": "gone-host"}))
+    proc = ok(train(tmp_path, data_dir, "--log.run_name=stale", "--train.max_steps=2"))
+    assert f"took over the stale lock of pid {2**22 + 12345} on host gone-host" in proc.stdout
+
+
+# ---- crashes are recorded ----------------------------------------------------------------------------
+
+CRASH_AT_SAVE = """
+import errno, runpy, sys
+import altgrad.checkpoint as ckpt
+def disk_full(state, path):
+    raise OSError(errno.ENOSPC, "No space left on device", str(path))
+ckpt.save_checkpoint = disk_full
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_crash_records_failed_with_its_reason_and_exits_1(tmp_path, data_dir):
+    cmd = [sys.executable, "-c", CRASH_AT_SAVE, str(TRAIN), "configs/bf16_baseline.yaml", *TINY,
+           f"--data.dir={data_dir}", f"--log.out_dir={tmp_path}", "--log.run_name=crash", "--train.max_steps=30"]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 1
+    assert "Traceback" in proc.stderr  # a crash is a bug or an environment failure: keep the trace
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("failed at step 10: OSError: [Errno 28] No space left on device"), last
+    summary = json.loads((tmp_path / "crash" / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["steps"] == 10
+    assert summary["error"].startswith("OSError: [Errno 28] No space left on device")
+    assert not (tmp_path / ".crash.lock").exists()
+
+
+# ---- resume after damage -----------------------------------------------------------------------------
+
+
+def test_resume_falls_back_past_a_damaged_checkpoint_and_cleans_partial_files(tmp_path, data_dir):
+    common = ["--train.lr_decay_steps=30", "--train.shadow_interval=0"]
+    ok(train(tmp_path / "straight", data_dir, *common, "--train.max_steps=30", "--log.run_name=r"))
+    ok(train(tmp_path / "split", data_dir, *common, "--train.max_steps=20", "--log.run_name=r"))
+    run = tmp_path / "split" / "r"
+    assert [s for s, _ in list_checkpoints(run)] == [10, 20]
+    # ckpt_last.pt is a hard link to ckpt_0000020.pt: one truncation ruins both names
+    data = (run / CKPT_LAST).read_bytes()
+    (run / CKPT_LAST).write_bytes(data[: len(data) // 3])
+    partial = run / ".ckpt_0000030.pt.k3j9x_q1.tmp"  # what a write killed mid-way leaves
+    partial.write_bytes(b"\0" * 100)
+    proc = ok(train(tmp_path / "split", data_dir, *common, "--train.max_steps=30", "--log.run_name=r", "--resume"))
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 2 and "ckpt_last.pt: cannot be loaded" in warnings[0], proc.stderr
+    assert f"resuming from {run / 'ckpt_0000010.pt'} at step 10" in proc.stdout
+    assert "removed 1 partial file(s)" in proc.stdout and not partial.exists()
+    straight = tmp_path / "straight" / "r"
+    assert losses(run) == losses(straight)
+    a, b = load_checkpoint(straight / CKPT_LAST), load_checkpoint(run / CKPT_LAST)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_resume_with_no_readable_checkpoint_is_one_line(tmp_path, data_dir):
+    ok(train(tmp_path, data_dir, "--train.max_steps=10", "--log.run_name=bad"))
+    for p in (tmp_path / "bad").glob("ckpt_*.pt"):
+        p.write_bytes(b"garbage")
+    proc = train(tmp_path, data_dir, "--train.max_steps=20", "--log.run_name=bad", "--resume")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: no readable checkpoint in {tmp_path / 'bad'}")
+
+
+# ---- bad input: one line, exit 2, before any run directory is created or moved ------------------------
+
+
+def _bad_data(data_dir, tmp_path, how):
+    bad = tmp_path / "data"
+    bad.mkdir()
+    for p in data_dir.iterdir():
+        (bad / p.name).write_bytes(p.read_bytes())
+    if how == "odd":
+        (bad / "train.bin").write_bytes((bad / "train.bin").read_bytes()[:-1])
+    elif how == "empty":
+        (bad / "train.bin").write_bytes(b"")
+        (bad / "val.bin").write_bytes(b"")
+    elif how == "no val":
+        (bad / "val.bin").unlink()
+    elif how == "garbage meta":
+        (bad / "meta.pkl").write_bytes(b"not a pickle")
+    elif how == "no meta":
+        (bad / "meta.pkl").unlink()
+    return bad
+
+
+BAD_INPUTS = {
+    # name: (extra args, data damage, expected start of the one stderr line)
+    "block_size over the val split": (["--model.block_size=VAL_TOKENS"], None,
+                                      "error: {data}/val.bin holds {val} tokens; model.block_size={val} needs"),
+    "odd train.bin": ([], "odd", "error: {data}/train.bin: "),
+    "empty bins": ([], "empty", "error: {data}/train.bin holds 0 tokens"),
+    "missing val.bin": ([], "no val", "error: no {data}/val.bin: create it with"),
+    "garbage meta.pkl": ([], "garbage meta", "error: {data}/meta.pkl: not a readable meta.pkl"),
+    "missing meta.pkl": ([], "no meta", "error: {data} has no meta.pkl, so the vocabulary size is unknown"),
+    "vocab below the token ids": (["--model.vocab_size=5"], None, "error: {data}/train.bin holds token id"),
+    "seed out of range": (["--train.seed=4294967296"], None, "error: train.seed: must be in [0, 2**32)"),
+    "run_name .": (["--log.run_name=."], None, "error: log.run_name: must be a directory name"),
+    "run_name ..": (["--log.run_name=.."], None, "error: log.run_name: must be a directory name"),
+    "run_name with /": (["--log.run_name=victim/x"], None, "error: log.run_name: must be a directory name"),
+    "nothing quantized": (["--quant.default_format=E5M2", "--quant.skip_patterns=[.]"], None,
+                          "error: quant: this config quantizes none of the model's Linear layers"),
+    "resume with another seed": (["--resume", "--train.seed=7"], None,
+                                 "error: train.seed=7 differs from the checkpoint's {run}/ckpt_last.pt seed 42"),
+    "not UTF-8": (["CONFIG:latin1"], None, "error: {config}: not UTF-8 text"),
+    "duplicated key": (["CONFIG:dup"], None, "error: {config}: line 3: key 'max_steps' is given twice"),
+}
+
+
+@pytest.fixture(scope="module")
+def victim(tmp_path_factory, data_dir):
+    """An earlier finished run that no bad invocation may move or change."""
+    out = tmp_path_factory.mktemp("out")
+    ok(train(out, data_dir, "--train.max_steps=10", "--log.run_name=victim"))
+    return out
+
+
+def _snapshot(out):
+    return {str(p.relative_to(out)): p.stat().st_mtime_ns for p in out.rglob("*")}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_line_exit_2_before_any_directory_changes(tmp_path, data_dir, victim, case):
+    args, damage, message = BAD_INPUTS[case]
+    data = _bad_data(data_dir, tmp_path, damage) if damage else data_dir
+    config = "configs/bf16_baseline.yaml"
+    if args and args[0].startswith("CONFIG:"):
+        config = tmp_path / "bad.yaml"
+        if args[0] == "CONFIG:latin1":
+            config.write_bytes("log: {run_name: caf\xe9}\n".encode("latin-1"))
+        else:
+            config.write_text("train:\n  max_steps: 5\n  max_steps: 7\n")
+        args = []
+    val_tokens = (data_dir / "val.bin").stat().st_size // 2
+    args = [a.replace("VAL_TOKENS", str(val_tokens)) for a in args]
+    before = _snapshot(victim)
+    proc = train(victim, data, "--log.run_name=victim", *args, config=str(config))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].startswith(message.format(data=data, run=victim / "victim", config=config, val=val_tokens)), lines[0]
+    assert _snapshot(victim) == before  # nothing created, moved or rewritten
+
+
+def test_a_layer_rule_that_matches_nothing_is_a_loud_warning(tmp_path, data_dir):
+    proc = ok(train(tmp_path, data_dir, "--train.max_steps=2", "--log.run_name=rules", "--quant.default_format=E5M2",
+                    "--quant.layer_rules=[{pattern: 'mlp\\.c_fcc', format: E4M3}]"))
+    assert "warning: quant.layer_rules pattern 'mlp\\\\.c_fcc' matches no Linear layer" in proc.stderr
+
+
+# ---- stochastic rounding: its stream travels in the checkpoint, evaluation stays out of it -------------
+
+SR = ["--quant.default_format=E5M2", "--quant.rounding=stochastic", "--train.shadow_interval=0",
+      "--train.lr_decay_steps=20"]
+
+
+def _same_weights(a, b):
+    ca, cb = load_checkpoint(a / CKPT_LAST), load_checkpoint(b / CKPT_LAST)
+    assert ca["model"].keys() == cb["model"].keys()
+    for key in ca["model"]:
+        assert torch.equal(ca["model"][key], cb["model"][key]), key
+
+
+def test_stochastic_rounding_resumes_bit_for_bit(tmp_path, data_dir):
+    ok(train(tmp_path / "straight", data_dir, *SR, "--train.max_steps=20", "--log.run_name=sr"))
+    ok(train(tmp_path / "split", data_dir, *SR, "--train.max_steps=10", "--log.run_name=sr"))
+    ok(train(tmp_path / "split", data_dir, *SR, "--train.max_steps=20", "--log.run_name=sr", "--resume"))
+    a, b = tmp_path / "straight" / "sr", tmp_path / "split" / "sr"
+    assert losses(a) == losses(b) and sorted(losses(a)) == list(range(1, 21))
+    assert val_losses(a) == val_losses(b)
+    _same_weights(a, b)
+
+
+def test_evaluating_more_often_does_not_change_training(tmp_path, data_dir):
+    ok(train(tmp_path / "often", data_dir, *SR, "--train.max_steps=20", "--train.eval_interval=3",
+             "--log.run_name=ev"))
+    ok(train(tmp_path / "rarely", data_dir, *SR, "--train.max_steps=20", "--train.eval_interval=20",
+             "--log.run_name=ev"))
+    a, b = tmp_path / "often" / "ev", tmp_path / "rarely" / "ev"
+    assert sorted(val_losses(a)) == [0, 3, 6, 9, 12, 15, 18, 20] and sorted(val_losses(b)) == [0, 20]
+    assert losses(a) == losses(b) and val_losses(a)[20] == val_losses(b)[20]
+    _same_weights(a, b)
+
+
+# ---- smaller things a user sees -------------------------------------------------------------------------
+
+
+def test_resuming_a_finished_run_keeps_its_final_losses(tmp_path, data_dir):
+    ok(train(tmp_path, data_dir, "--train.max_steps=10", "--log.run_name=done"))
+    before = json.loads((tmp_path / "done" / "summary.json").read_text())
+    assert isinstance(before["final_train_loss"], float) and before["final_val_step"] == 10
+    proc = ok(train(tmp_path, data_dir, "--train.max_steps=10", "--log.run_name=done", "--resume"))
+    after = json.loads((tmp_path / "done" / "summary.json").read_text())
+    for key in ("final_train_loss", "final_val_loss", "final_val_step", "best_val_loss", "steps", "status"):
+        assert after[key] == before[key], key
+    assert f"completed at step 10 in " in proc.stdout and "@ step 10 (best" in proc.stdout
+
+
+def test_a_stopped_runs_last_line_says_which_step_its_val_loss_is_from(tmp_path, data_dir):
+    proc = start(tmp_path, data_dir, "--log.run_name=stop2", "--train.max_steps=100000", "--train.eval_interval=4")
+    wait_for_steps(proc, tmp_path / "stop2" / "metrics.jsonl", 6)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    summary = json.loads((tmp_path / "stop2" / "summary.json").read_text())
+    last = out.strip().splitlines()[-1]
+    val_step = summary["final_val_step"]
+    assert val_step % 4 == 0 and val_step <= summary["steps"]
+    assert last.startswith(f"stopped at step {summary['steps']} in ")
+    assert f"val loss {summary['final_val_loss']:.4f} @ step {val_step} (best" in last
+
+
+def test_summary_says_what_the_unsimulated_matmuls_ran_in(tmp_path, data_dir):
+    proc = ok(train(tmp_path, data_dir, "--train.max_steps=2", "--log.run_name=prec"))
+    summary = json.loads((tmp_path / "prec" / "summary.json").read_text())
+    assert summary["dtype"] == "fp32" and summary["high_precision_matmul"] == "fp32"
+    assert "high-precision matmuls fp32" in proc.stdout
