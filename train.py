@@ -102,11 +102,12 @@ train_data = TokenBatches(cfg.data_dir, "train", cfg.model.block_size, tc.batch_
 model = GPT(GPTConfig(**dataclasses.asdict(cfg.model)))
 quant_config = build_quant_config(cfg)
 if quant_config is not None:
-    from altgrad.linear import round_master_weights, set_full_stats
+    from altgrad.linear import round_master_weights, set_full_stats, set_weight_cache, sync_amax_history, weight_updated
     from altgrad.surgery import describe_quantization, quantize_model, quantized_layers
 
     linear_names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     quantize_model(model, config=quant_config)
+    set_weight_cache(model, accum > 1 and not tc.compile)  # cast each weight once per step (eager)
     # a pattern that matches no layer is almost always a typo: say so; quantizing nothing is an error
     for kind, patterns in (("quant.layer_rules", [r.pattern for r in quant_config.layer_rules]),
                            ("quant.skip_patterns", list(quant_config.skip_patterns))):
@@ -230,7 +231,9 @@ if master:
 if tc.compile:
     model = torch.compile(model)
 if ddp:
-    model = DDP(model, device_ids=[torch.cuda.current_device()] if device_type == "cuda" else None)
+    # quantized: amax histories are max-reduced by sync_amax_history, not copied from rank 0
+    model = DDP(model, device_ids=[torch.cuda.current_device()] if device_type == "cuda" else None,
+                broadcast_buffers=quant_config is None)
 
 # ---------------------------------------------------------------------------------------
 # diagnostics (rank 0): quantization stats, update effect, dead MLP units, FP32 shadow
@@ -340,6 +343,8 @@ try:
                 loss = loss / accum
             loss_sum += loss.detach().float()
             loss.backward()
+            if ddp and quant_config is not None:  # every rank scales with the group's max amax
+                sync_amax_history(raw_model)
         if ddp:  # mean loss, and whether any rank was asked to stop: ranks must stop together
             flags = torch.stack([loss_sum, torch.tensor(float(stop_signal is not None), device=device)])
             dist.all_reduce(flags)
@@ -360,6 +365,7 @@ try:
             optimizer.step()
             if quant_config is not None:  # master_weights: store the weights in their format
                 round_master_weights(raw_model)
+                weight_updated(raw_model)  # the next forward casts the new weights
             if log_now and tracker is not None:
                 record.update(tracker.after_step())
             streak = 0

@@ -11,13 +11,15 @@ import importlib
 # stays cheap, and `python -m altgrad.formats` (or any submodule run as a script) does not find its
 # own module imported by the package first (runpy's RuntimeWarning).
 _EXPORTS = {
+    "altgrad.blockwise": ("quantize_blockwise", "quantize_blockwise_cast"),
     "altgrad.config": ("INHERIT", "LayerPrecisionRule", "LayerQuantConfig", "QuantizationConfig", "RoleConfig",
                        "create_mixed_precision_config"),
     "altgrad.data": ("DataNotFoundError", "TokenBatches", "load_meta"),
     "altgrad.formats": ("FORMAT_REGISTRY", "FormatSpec", "get_format"),
     "altgrad.linear": ("QuantizedLinear", "round_master_weights", "set_full_stats"),
     "altgrad.model": ("GPT", "GPTConfig"),
-    "altgrad.quantize": ("QuantStats", "quantize", "quantize_ste", "quantize_with_stats", "round_to_format"),
+    "altgrad.quantize": ("QuantStats", "quantize", "quantize_operand", "quantize_ste", "quantize_with_stats",
+                         "round_to_format"),
     "altgrad.reproducibility": ("get_rng_state", "set_rng_state", "set_seed_for_reproducibility"),
     "altgrad.scaling": ("AmaxHistory", "TensorScaler", "compute_scale"),
     "altgrad.surgery": ("dequantize_model", "describe_quantization", "quantize_model", "quantized_layers"),
@@ -44,7 +46,8 @@ __all__ = [
     # formats
     "FormatSpec", "FORMAT_REGISTRY", "get_format",
     # quantization
-    "quantize", "quantize_ste", "quantize_with_stats", "round_to_format", "QuantStats",
+    "quantize", "quantize_operand", "quantize_ste", "quantize_with_stats", "round_to_format", "QuantStats",
+    "quantize_blockwise", "quantize_blockwise_cast",
     # scaling
     "AmaxHistory", "TensorScaler", "compute_scale",
     # layers and models

@@ -55,6 +55,43 @@ SCALING_MODES = ("delayed", "current", "none")
 AMAX_ALGOS = ("max", "most_recent")
 ROUNDINGS = ("nearest", "stochastic")
 
+# -- fine-grained (row / block) scaling keys, per role ------------------------------------------
+# granularity: tensor (one scale), row (one per slice along the GEMM's K), block (one per
+# block_size run of K; block_2d: block_size x block_size tiles, weights only). scale_format e8m0 is
+# a power of two (OCP MX) rounded by scale_rounding; fp32 is fmt.max / amax. altgrad.blockwise
+# holds the rules.
+GRANULARITIES = ("tensor", "row", "block")
+BLOCK_SIZES = (16, 32, 64, 128)
+SCALE_FORMATS = ("fp32", "e8m0")
+SCALE_ROUNDINGS = ("floor", "ceil")
+GRANULARITY_KEYS = ("granularity", "block_size", "block_2d", "scale_format", "scale_rounding")
+GRANULARITY_DEFAULTS = {"granularity": "tensor", "block_size": 32, "block_2d": False,
+                        "scale_format": "e8m0", "scale_rounding": "floor"}
+
+
+def _check_granularity(where: str, role: str, g: Mapping, scaling: str) -> None:
+    """Validate one role's granularity keys (g: key -> value) against its scaling mode."""
+    _check_choice(f"{where}.granularity", g["granularity"], GRANULARITIES)
+    _check_choice(f"{where}.block_size", g["block_size"], BLOCK_SIZES)
+    _check_bool(f"{where}.block_2d", g["block_2d"])
+    _check_choice(f"{where}.scale_format", g["scale_format"], SCALE_FORMATS)
+    _check_choice(f"{where}.scale_rounding", g["scale_rounding"], SCALE_ROUNDINGS)
+    if g["granularity"] != "tensor" and scaling != "current":
+        raise ValueError(f"{where}: {g['granularity']} scales are current (computed from the tensor itself); "
+                         f"scaling {scaling!r} is per-tensor only, so set scaling: current for {role}")
+    if g["block_2d"] and (g["granularity"] != "block" or role != "weight"):
+        raise ValueError(f"{where}.block_2d: 2-D tiles are for granularity block on the weight role "
+                         f"(got granularity {g['granularity']!r} on {role})")
+
+
+def _granularity_tag(g: Mapping) -> str:
+    """'' for tensor scaling, else e.g. '/b32-e8m0', '/b32x32-e8m0-ceil', '/row-fp32'."""
+    if g["granularity"] == "tensor":
+        return ""
+    bs = g["block_size"]
+    gran = "row" if g["granularity"] == "row" else (f"b{bs}x{bs}" if g["block_2d"] else f"b{bs}")
+    return f"/{gran}-{g['scale_format']}" + ("-ceil" if g["scale_rounding"] == "ceil" else "")
+
 
 # -- validation helpers ------------------------------------------------------------------------
 def _check_choice(where: str, value: Any, allowed: tuple) -> None:
@@ -121,6 +158,11 @@ class RoleConfig:
     pow2: bool = False
     rounding: str = "nearest"
     saturate: bool = True
+    granularity: str = "tensor"
+    block_size: int = 32
+    block_2d: bool = False
+    scale_format: str = "e8m0"
+    scale_rounding: str = "floor"
 
     def __post_init__(self):
         fmt = _format_or_none("RoleConfig.format", self.format)
@@ -129,6 +171,12 @@ class RoleConfig:
                              "a high-precision role is written as None in LayerQuantConfig")
         object.__setattr__(self, "format", fmt)
         _check_scaling_options("RoleConfig", self)
+        # block_2d is checked per role by QuantizationConfig; here any role may carry it
+        _check_granularity("RoleConfig", "weight", self.granularity_options, self.scaling)
+
+    @property
+    def granularity_options(self) -> dict:
+        return {k: getattr(self, k) for k in GRANULARITY_KEYS}
 
     @classmethod
     def create(cls, format: str | FormatSpec, **options) -> "RoleConfig":
@@ -189,9 +237,10 @@ class LayerQuantConfig:
     def describe(self) -> str:
         """e.g. 'i:E4M3 w:E4M3 go:E5M2'; weight_grad / master weights appear only when set."""
         fmts = self.formats
-        parts = [f"{_ROLE_ABBREV[r]}:{fmts[r].name if fmts[r] else '-'}" for r in ROLES[:3]]
+        tags = {r: (_granularity_tag(rc.granularity_options) if (rc := getattr(self, r)) else "") for r in ROLES}
+        parts = [f"{_ROLE_ABBREV[r]}:{fmts[r].name if fmts[r] else '-'}{tags[r]}" for r in ROLES[:3]]
         if fmts["weight_grad"] is not None:
-            parts.append(f"wg:{fmts['weight_grad'].name}")
+            parts.append(f"wg:{fmts['weight_grad'].name}{tags['weight_grad']}")
         if self.master_weights is not None:
             parts.append(f"mw:{self.master_weights.name}({self.master_rounding})")
         return " ".join(parts)
@@ -298,6 +347,12 @@ class QuantizationConfig:
     pow2: bool = False
     rounding: str = "nearest"
     saturate: bool = True
+    # fine-grained scaling: each a value for every role, or a mapping role -> value
+    granularity: Any = "tensor"
+    block_size: Any = 32
+    block_2d: Any = False
+    scale_format: Any = "e8m0"
+    scale_rounding: Any = "floor"
     master_weights: FormatSpec | None = None
     master_rounding: str = "nearest"
     skip_patterns: tuple = ()
@@ -313,6 +368,13 @@ class QuantizationConfig:
         set_("master_weights", _format_or_none("QuantizationConfig.master_weights", self.master_weights))
         _check_choice("QuantizationConfig.master_rounding", self.master_rounding, ROUNDINGS)
         _check_scaling_options("QuantizationConfig", self)
+        for key in GRANULARITY_KEYS:
+            value = getattr(self, key)
+            if isinstance(value, Mapping):
+                _check_keys(f"QuantizationConfig.{key}", value, ROLES)
+                set_(key, dict(value))
+        for role in ROLES:
+            _check_granularity("QuantizationConfig", role, self.granularity_for(role), self.scaling)
         set_("layer_rules", self._rules_tuple(self.layer_rules))
         set_("skip_patterns", self._patterns_tuple(self.skip_patterns))
         set_("_skip_regexes", tuple(re.compile(p) for p in self.skip_patterns))
@@ -373,12 +435,21 @@ class QuantizationConfig:
         fmts, master = self.role_formats(name)
         if master is None and all(f is None for f in fmts.values()):
             return None
-        roles = {role: (self._role_config(f) if f is not None else None) for role, f in fmts.items()}
+        roles = {role: (self._role_config(f, role) if f is not None else None) for role, f in fmts.items()}
         return LayerQuantConfig(**roles, master_weights=master, master_rounding=self.master_rounding)
 
-    def _role_config(self, fmt: FormatSpec) -> RoleConfig:
+    def granularity_for(self, role: str) -> dict:
+        """The granularity keys for `role` (a per-role mapping's entry, else the shared value)."""
+        out = {}
+        for key in GRANULARITY_KEYS:
+            value = getattr(self, key)
+            out[key] = value.get(role, GRANULARITY_DEFAULTS[key]) if isinstance(value, Mapping) else value
+        return out
+
+    def _role_config(self, fmt: FormatSpec, role: str) -> RoleConfig:
         return RoleConfig(fmt, scaling=self.scaling, history_len=self.history_len, amax_algo=self.amax_algo,
-                          margin=self.margin, pow2=self.pow2, rounding=self.rounding, saturate=self.saturate)
+                          margin=self.margin, pow2=self.pow2, rounding=self.rounding, saturate=self.saturate,
+                          **self.granularity_for(role))
 
     @property
     def enabled(self) -> bool:
@@ -422,6 +493,9 @@ class QuantizationConfig:
             d[f.name] = value
         d["layer_rules"] = [rule.to_dict() for rule in self.layer_rules]
         d["skip_patterns"] = list(self.skip_patterns)
+        for key in GRANULARITY_KEYS:
+            if isinstance(d[key], Mapping):
+                d[key] = dict(d[key])
         return d
 
 
