@@ -157,8 +157,7 @@ MATMUL_CONFIGS = {
     "bf16": [MatmulConfig(128, 256, 64, 3, 8), MatmulConfig(128, 128, 64, 4, 8),
              MatmulConfig(64, 128, 64, 4, 4), MatmulConfig(64, 64, 32, 4, 4)],
     # at least one operand rounded in the loop, bf16 tensor cores
-    "in_loop": [MatmulConfig(128, 64, 32, 3, 8), MatmulConfig(64, 128, 32, 3, 8),
-                MatmulConfig(64, 64, 32, 3, 4)],
+    "in_loop": [MatmulConfig(64, 128, 32, 3, 8), MatmulConfig(64, 64, 32, 3, 4)],
     # float8 operands (FP8 tensor cores, sm_89+); BLOCK_K = 128 is the fp32 promotion interval
     "fp8": [MatmulConfig(128, 128, 128, 4, 8), MatmulConfig(128, 64, 128, 4, 4),
             MatmulConfig(64, 64, 128, 4, 4)],
@@ -167,9 +166,7 @@ MATMUL_CONFIGS = {
     "bf16/unaligned": [MatmulConfig(128, 64, 32, 3, 8), MatmulConfig(64, 128, 32, 3, 8),
                        MatmulConfig(64, 64, 32, 4, 4)],
     "in_loop/unaligned": [MatmulConfig(64, 64, 32, 3, 8)],
-    "fp8/unaligned": [MatmulConfig(64, 64, 128, 4, 4)],
-    "fp8_in_loop/unaligned": [MatmulConfig(64, 64, 128, 2, 8)],
-}
+}  # fp8=True refuses unaligned operands (byte-wise float8 loads spill every tile), as cuBLAS FP8 does
 # The deterministic choice aims for one full wave: at least this many output tiles (an H100/H200
 # has 132 SMs); smaller problems take the path's smallest tile.
 _WAVE_TILES = 128
@@ -179,7 +176,7 @@ _GROUP_M = 8
 
 def matmul_path(quant: bool, fp8: bool, aligned: bool = True) -> str:
     """Key of MATMUL_CONFIGS for a call: in-loop quantization (of A or B), FP8 tensor cores, and
-    whether every operand is 16-aligned (see `is_aligned`)."""
+    whether every operand is 16-aligned (see `is_aligned`; FP8 needs aligned operands)."""
     path = ("fp8_in_loop" if quant else "fp8") if fp8 else ("in_loop" if quant else "bf16")
     return path if aligned else path + "/unaligned"
 
@@ -317,6 +314,10 @@ def scaled_matmul(a: torch.Tensor, b: torch.Tensor, inv_scale_a=None, inv_scale_
     bias_arg = bias.contiguous() if bias is not None else None
     # the masks' bounds M, N, K decide vector loads as much as the strides (C is (M, N) contiguous)
     aligned = is_aligned(a, b, *([bias_arg] if bias is not None else [])) and M % 16 == N % 16 == K % 16 == 0
+    if fp8 and not aligned:
+        raise ValueError(f"fp8=True needs M, N, K that are multiples of 16 and 16-byte aligned operands with "
+                         f"strides in multiples of 16 elements, as cuBLAS FP8 does (got M, N, K = {M}, {N}, {K}, "
+                         f"strides {a.stride()} and {b.stride()})")
     path = matmul_path(fmt_a is not None or fmt_b is not None, fp8, aligned)
     if config is not None and (_INTERPRET or config not in MATMUL_CONFIGS[path]):
         raise ValueError(f"config must be one of MATMUL_CONFIGS[{path!r}] = {MATMUL_CONFIGS[path]} on the GPU "

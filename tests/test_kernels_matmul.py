@@ -190,7 +190,8 @@ def test_matmul_path_names():
     assert [ksm.matmul_path(q, f) for q in (False, True) for f in (False, True)] == \
         ["bf16", "fp8", "in_loop", "fp8_in_loop"]
     assert ksm.matmul_path(True, False, aligned=False) == "in_loop/unaligned"
-    assert all(ksm.matmul_path(q, f, al) in ksm.MATMUL_CONFIGS for q in (0, 1) for f in (0, 1) for al in (0, 1))
+    assert all(ksm.matmul_path(q, f, al) in ksm.MATMUL_CONFIGS for q in (0, 1) for f in (0, 1) for al in (0, 1)
+               if al or not f)  # FP8 refuses unaligned operands
 
 
 def test_alignment_decides_the_config_list():
@@ -290,3 +291,12 @@ def test_cuda_fp8_tensor_cores(layout, seeded):
     ref = (a.double() @ b.double().T) * ia.double() * ib.double()
     rel = ((got.double() - ref).norm() / ref.norm()).item()
     assert rel <= 1e-3, f"fp8 normwise relative error {rel:.2e}"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="FP8 tensor cores need sm_89+")
+def test_cuda_fp8_refuses_unaligned_operands():
+    a, b = _t(37, 64).to(torch.float8_e4m3fn), _t(64, 64).to(torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="fp8=True needs M, N, K that are multiples of 16"):
+        ksm.scaled_matmul(a, b, fp8=True)
