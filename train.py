@@ -170,11 +170,12 @@ if master:
     else:
         if tc.resume:
             print(f"train.resume: no checkpoint in {run_dir}, starting from step 0")
-        elif (run_dir / "metrics.jsonl").exists() or ckpt.list_checkpoints(run_dir) \
-                or (run_dir / ckpt.CKPT_LAST).exists():
+        if (run_dir / "metrics.jsonl").exists() or (run_dir / "summary.json").exists() \
+                or ckpt.checkpoint_candidates(run_dir):
             # a fresh run never overwrites an earlier one: its directory is kept beside, renamed
             kept = move_aside(run_dir)
-            print(f"note: {run_dir} held an earlier run; moved it to {kept} (use --resume to continue one)")
+            print(f"note: {run_dir} held an earlier run; moved it to {kept}"
+                  + ("" if tc.resume else " (use --resume to continue one)"))
     run_dir.mkdir(parents=True, exist_ok=True)
 model.to(device)
 raw_model = model  # state_dict, diagnostics and shadow use the unwrapped module

@@ -127,32 +127,47 @@ def _cast_stochastic(x, scale, k0, k1, ip, fp, with_stats: bool):
     return _finish(x, v, bits, nan, overflow, r, ip, fp, with_stats)
 
 
-_COMPILED: dict[str, object] = {}
+# one top-level function per (rounding, stats) variant: dynamo keeps its compiled graphs per code
+# object, so each variant holds at most one graph per input dtype (no recompile limit in reach)
+def _nearest_stats(x, scale, ip, fp):
+    return _cast_nearest(x, scale, ip, fp, True)
+
+
+def _nearest_plain(x, scale, ip, fp):
+    return _cast_nearest(x, scale, ip, fp, False)
+
+
+def _stochastic_stats(x, scale, k0, k1, ip, fp):
+    return _cast_stochastic(x, scale, k0, k1, ip, fp, True)
+
+
+def _stochastic_plain(x, scale, k0, k1, ip, fp):
+    return _cast_stochastic(x, scale, k0, k1, ip, fp, False)
+
+
+_VARIANTS = {("nearest", True): _nearest_stats, ("nearest", False): _nearest_plain,
+             ("stochastic", True): _stochastic_stats, ("stochastic", False): _stochastic_plain}
+_COMPILED: dict[object, object] = {}
 COMPILE = True  # set False to run the cast eagerly (same bits, slower)
 
 
-def _run(name: str, fn, *args):
-    """fn compiled (once), or eagerly where compiling is off or fails (e.g. no C++ compiler)."""
-    if not COMPILE:
-        return fn(*args)
-    compiled = _COMPILED.get(name)
+def _run(fn, x, *args):
+    """fn compiled (once per input dtype), or eagerly where compiling is off or fails (e.g. no C++
+    compiler), and for single elements (which dynamic shapes would compile separately)."""
+    if not COMPILE or x.numel() < 2:
+        return fn(x, *args)
+    compiled = _COMPILED.get(fn)
     if compiled is None:
-        compiled = _COMPILED[name] = torch.compile(fn, dynamic=True, fullgraph=True)
+        compiled = _COMPILED[fn] = torch.compile(fn, dynamic=True, fullgraph=True)
     if compiled is fn:
-        return fn(*args)
+        return fn(x, *args)
     try:
-        return compiled(*args)
+        return compiled(x, *args)
     except Exception as err:  # a compiler failure: the eager code gives the same bits
-        if name in _FAILED:
-            raise
-        _FAILED.add(name)
         warnings.warn(f"altgrad.fast_cast: torch.compile failed ({type(err).__name__}: {err}); "
                       f"running the cast eagerly", RuntimeWarning, stacklevel=3)
-        _COMPILED[name] = fn
-        return fn(*args)
-
-
-_FAILED: set[str] = set()
+        _COMPILED[fn] = fn
+        return fn(x, *args)
 
 
 def cast(x: torch.Tensor, fmt: FormatSpec, scale: torch.Tensor, *, rounding: str, saturate: bool,
@@ -169,9 +184,9 @@ def cast(x: torch.Tensor, fmt: FormatSpec, scale: torch.Tensor, *, rounding: str
     if rounding == "stochastic":
         k0 = torch.tensor(seed & 0xFFFFFFFF, dtype=torch.int64, device=x.device)
         k1 = torch.tensor(seed >> 32, dtype=torch.int64, device=x.device)
-        q, amax_bits, counts = _run("stochastic", _cast_stochastic, flat, scale, k0, k1, ip, fp, stats)
+        q, amax_bits, counts = _run(_VARIANTS[rounding, stats], flat, scale, k0, k1, ip, fp)
     elif magic_supported(fmt):
-        q, amax_bits, counts = _run("nearest", _cast_nearest, flat, scale, ip, fp, stats)
+        q, amax_bits, counts = _run(_VARIANTS[rounding, stats], flat, scale, ip, fp)
     else:
         return None  # the caller falls back to the reference
     q = q.view(x.shape)

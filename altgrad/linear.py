@@ -31,7 +31,9 @@ high precision (passed through in fp32). Decisions written down here:
   mixed from the layer's `sr_state` buffer [base seed, training-forward count] and the role, so
   the stream is saved in checkpoints with the model's state_dict and evaluation (which does not
   advance the count), logging and shadow models never consume it. The base seed defaults to a
-  hash of `torch.initial_seed()` (the run seed) and the layer's name.
+  hash of `torch.initial_seed()` (the run seed) and the layer's name. Every data-parallel rank
+  draws the same stream (the weight's draws must agree across ranks). The seed is read on the
+  host: on CUDA a stochastic cast costs one device sync (nearest rounding none).
 - Empty batches (zero-size inputs) give empty outputs like nn.Linear and leave every scaling state
   unchanged.
 - Distributed data parallel: `sync_amax_history(model, group)` max-reduces every delayed history
@@ -69,6 +71,11 @@ from altgrad.formats import FormatSpec
 from altgrad.linear_blockwise import blockwise_linear, needs_blockwise
 from altgrad.quantize import QuantStats, _round, stats_from_masks
 from altgrad.scaling import TensorScaler, compute_scale
+
+try:
+    from altgrad.quantize import quantize_operand as _quantize_operand_lib
+except ImportError:  # an altgrad.quantize without it: _quantize_operand builds the same contract
+    _quantize_operand_lib = None
 
 __all__ = ["QuantizedLinear", "round_master_weights", "set_full_stats", "set_weight_cache", "weight_updated",
            "sync_amax_history"]
@@ -128,11 +135,9 @@ def _sr_seed(sr_state: torch.Tensor, role: str) -> int:
 def _quantize_operand(x, fmt, scale, rounding, saturate, seed, backend):
     """(bf16 format-domain values round_fmt(x·scale), QuantStats): altgrad.quantize.quantize_operand
     when this altgrad has it, else the same contract built here from the reference and the kernel."""
-    from altgrad import quantize as aq
-
-    if hasattr(aq, "quantize_operand"):
-        return aq.quantize_operand(x, fmt, scale, rounding=rounding, saturate=saturate, seed=seed, stats=True,
-                                   backend=backend)
+    if _quantize_operand_lib is not None:
+        return _quantize_operand_lib(x, fmt, scale, rounding=rounding, saturate=saturate, seed=seed, stats=True,
+                                     backend=backend)
     if backend == "triton":
         from altgrad.kernels import quantize as kq
 
@@ -176,10 +181,10 @@ def _cast_operand_impl(x, scale, inv_scale, history, count, filled, stats, sr_st
     if p.scaling == "none":
         s = scale.clone()
     else:
-        if p.scaling == "current" or int(filled) == 0:  # filled is a CPU mirror of count: no device sync
+        n = 0 if p.scaling == "current" else int(filled)  # filled: a CPU mirror of count, no device sync
+        if n == 0:  # current scaling, or a delayed history still empty: the tensor's own amax
             amax = x.detach().abs().amax().float()
         else:
-            n = int(filled)
             amax = history[:n].amax() if p.amax_algo == "max" else history[0]
         s = compute_scale(amax, p.fmt, p.margin, p.pow2, prev_scale=scale)
     inv = torch.reciprocal(s)
@@ -197,14 +202,14 @@ def _cast_operand_impl(x, scale, inv_scale, history, count, filled, stats, sr_st
             filled.add_(1).clamp_(max=history.numel())
     if advance:
         sr_state[1] += 1
-    rel_err = torch.full((), math.nan, dtype=torch.float32, device=x.device)
+    # stats: [amax, scale | overflow, underflow, nan, nonzero | numel, rel_err] (copy_ converts dtypes)
+    stats[:2].copy_(torch.stack([st.amax, s]))
+    stats[2:6].copy_(torch.stack([st.overflow, st.underflow, st.nan, st.nonzero]))
+    stats[6] = x.numel()
     if bool(full_stats):
         x32 = x.detach().float()
         err = torch.linalg.vector_norm(q.float() * q_inv - x32)
-        rel_err = err / torch.linalg.vector_norm(x32).clamp(min=torch.finfo(torch.float32).tiny)
-    numel = torch.full((), x.numel(), dtype=torch.float64, device=x.device)
-    stats.copy_(torch.stack([t.to(torch.float64) for t in (st.amax, s, st.overflow, st.underflow, st.nan,
-                                                           st.nonzero, numel, rel_err)]))
+        stats[7] = err / torch.linalg.vector_norm(x32).clamp(min=torch.finfo(torch.float32).tiny)
     return q, q_inv
 
 

@@ -200,11 +200,15 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _as_fp32(x, arg: str) -> torch.Tensor:
+    _check_float(x, arg)
+    return x.float()
+
+
+def _check_float(x, arg: str) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{arg} must be a torch.Tensor (got {type(x).__name__})")
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{arg} must be float32, bfloat16 or float16 (got {x.dtype})")
-    return x.float()
 
 
 def _check_rounding(rounding: str) -> None:
@@ -312,7 +316,7 @@ def quantize_with_stats(x: torch.Tensor, fmt: FormatSpec | str, scale=None, *, r
                         stats: bool = True) -> tuple[torch.Tensor, QuantStats | None]:
     """quantize() plus per-tensor QuantStats (see its docstring for the exact definitions)."""
     fmt = get_format(fmt)
-    _as_fp32(x, "x")
+    _check_float(x, "x")
     _check_rounding(rounding)
     _check_seed_arg(seed)
     s = _scale_tensor(scale, x.device)
@@ -379,7 +383,7 @@ def quantize_ste(x: torch.Tensor, fmt: FormatSpec | str, scale=None, *, ste: str
     if ste not in STE_MODES:
         raise ValueError(f"ste must be one of {STE_MODES} (got {ste!r})")
     fmt = get_format(fmt)
-    _as_fp32(x, "x")
+    _check_float(x, "x")
     _check_rounding(rounding)
     _check_seed_arg(seed)
     if rounding == "stochastic" and seed is None:
@@ -432,7 +436,7 @@ def quantize_operand(x: torch.Tensor, fmt: FormatSpec | str, scale: torch.Tensor
             seed not an int in [0, 2**64).
     """
     fmt = get_format(fmt)
-    _as_fp32(x, "x") if x.dtype not in _FLOAT_DTYPES else None
+    _check_float(x, "x")
     _check_rounding(rounding)
     check_seed(seed)
     if backend not in OPERAND_BACKENDS:

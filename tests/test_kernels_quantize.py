@@ -206,6 +206,23 @@ def test_stats_accumulate_across_blocks():
     assert res.amax.item() == 900.0
 
 
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_programs_loop_over_tiles_and_reduce_once(rounding, seeded):
+    """Five tiles over two programs (the interpreter's cap): each program's stats, kept per lane across
+    its tiles, equal the reference's; the largest |x| and the NaNs sit in the last, partial tile."""
+    g = torch.Generator().manual_seed(seeded)
+    n = 65536 * 4 + 999
+    x = torch.randn(n, generator=g) * 100
+    x[-5:] = torch.tensor([math.nan, -math.nan, 5e4, 1e-12, 0.0])
+    for saturate in (True, False):
+        res = _kq(x.to(DEVICE), "E4M3", 0.5, rounding=rounding, saturate=saturate, seed=seeded)
+        ref, st = quantize_with_stats(x, "E4M3", 0.5, rounding=rounding, saturate=saturate, seed=seeded,
+                                      backend="torch")
+        _assert_bits_equal(res.dq, ref, "dq")
+        _assert_stats_equal(res, st)
+        assert res.amax.item() == 5e4
+
+
 # -- stochastic rounding ------------------------------------------------------------------------
 def _neighbours(f, v):
     """(lo, hi): the format values with lo <= |v| <= hi (hi = max past the range), as float64."""

@@ -1,5 +1,6 @@
-"""QuantizedLinear (DESIGN §5): analytic gradients, SQNR bounds from mantissa bits, passthrough roles,
-weight cache, stats, state, errors; torch and Triton (interpreter) paths agree."""
+"""QuantizedLinear: analytic gradients, SQNR bounds from mantissa bits, passthrough roles, weight
+changes, empty batches, stats, state, stochastic-rounding stream, torch.compile, data parallel,
+errors; torch, fast and Triton (interpreter) paths agree."""
 
 import math
 
@@ -173,7 +174,7 @@ SCALINGS = ["delayed", "current", "none"]
 @pytest.mark.parametrize("shape", [(0, 37), (2, 0, 37), (0, 0, 37)])
 def test_empty_batch_like_nn_linear_and_state_unchanged(shape, scaling, backend):
     if backend == "triton" and torch.cuda.is_available():
-        pytest.skip("interpreter case: CPU tensors on the Triton path")
+        pytest.skip("interpreter only (CUDA present)")
     lin, ql = make(scaling=scaling, backend=backend, weight_grad=RoleConfig("E5M2", scaling=scaling))
     ql(torch.randn(6, 37) * 3).sum().backward()  # fill the histories
     ql.zero_grad()
@@ -318,7 +319,7 @@ def test_triton_path_matches_torch_path(device, fmts):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_eval_in_loop_quantization_matches_cast_path(device):
+def test_eval_forward_triton_matches_torch(device):
     _, (ref, tri) = twin(device)
     x = torch.randn(5, 45, device=device)
     ref(x), tri(x)  # one training call fills the delayed histories identically

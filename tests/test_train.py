@@ -509,3 +509,14 @@ def test_summary_says_what_the_unsimulated_matmuls_ran_in(tmp_path, data_dir):
     summary = json.loads((tmp_path / "prec" / "summary.json").read_text())
     assert summary["dtype"] == "fp32" and summary["high_precision_matmul"] == "fp32"
     assert "high-precision matmuls fp32" in proc.stdout
+
+
+def test_resume_without_a_checkpoint_keeps_the_earlier_runs_files(tmp_path, data_dir):
+    # checkpoint_interval=0 and killed before the final save: metrics but no checkpoint
+    ok(train(tmp_path, data_dir, "--train.max_steps=4", "--log.run_name=nock", "--train.checkpoint_interval=0"))
+    (tmp_path / "nock" / CKPT_LAST).unlink()
+    first = (tmp_path / "nock" / "metrics.jsonl").read_text()
+    proc = ok(train(tmp_path, data_dir, "--train.max_steps=4", "--log.run_name=nock", "--resume"))
+    assert "no checkpoint in" in proc.stdout and "moved it to" in proc.stdout
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith("nock.")]
+    assert len(kept) == 1 and (kept[0] / "metrics.jsonl").read_text() == first
