@@ -23,7 +23,8 @@ Each distinct specialisation compiles once (Triton's own cache keys, the same as
 fails when its shared memory exceeds the target's opt-in maximum per block (232448 B = 227 KB on
 sm_90, 166912 B = 163 KB on sm_80) or when ptxas gives it a stack frame (register spills).
 The table shows registers, shared memory and stack per case and, for the quantize kernel, static
-SASS instructions per element (instructions / elements per thread).
+SASS instructions of the whole kernel per element of one tile (instructions / (BLOCK / threads)):
+a loop's once-per-program code is included, so it is an upper bound on the per-element cost.
 
 How, without a GPU: a stand-in Triton driver reports the target (`GPUTarget("cuda", 90, 32)`), every
 kernel launch is turned into a compile-only `warmup` (Triton's JIT binder, `triton.compile`,
@@ -209,6 +210,12 @@ def _quantize_cases(rec: _Recorder) -> None:
                 kq.quantize(x, s, exp_bits=e, man_bits=m, bias=b, specials=sp, rounding=rounding, seed=12345,
                             out_q=True, out_dq=False, stats=stats)
     e4m3 = dict(exp_bits=4, man_bits=3, bias=7, specials="fn")
+    for e, m, b, sp in ((4, 3, 7, "fn"), (7, 0, 74, "p3109")):  # one tile per program (small tensors)
+        for rounding in ("nearest", "stochastic"):
+            for stats in (True, False):
+                rec.case = f"{fields[(e, m, b, sp)]} {rounding} stats={'on' if stats else 'off'} bf16->q one tile"
+                kq.quantize(torch.zeros(2048, dtype=torch.bfloat16), s, exp_bits=e, man_bits=m, bias=b, specials=sp,
+                            rounding=rounding, seed=12345, out_q=True, out_dq=False, stats=stats)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for rounding in ("nearest", "stochastic"):
             rec.case = f"E4M3 {rounding} {str(dtype)[6:]}->q,dq"
