@@ -170,7 +170,19 @@ def _compile_only(target_name: str):
     orig_run = JITFunction.run
 
     def run(self, *args, grid, warmup, **kwargs):
-        kernel = orig_run(self, *args, grid=grid, warmup=True, **kwargs)
+        try:
+            kernel = orig_run(self, *args, grid=grid, warmup=True, **kwargs)
+        except Exception as err:  # a compile error is a failing case; the rest still compile
+            lines = [ln.strip() for ln in str(err).splitlines() if ln.strip().strip("^")]
+            detail = next((ln for ln in lines if "Error(" in ln), lines[-1] if lines else type(err).__name__)
+            cause = err.__cause__ or err.__context__
+            while cause is not None and (cause.__cause__ or cause.__context__) is not None:
+                cause = cause.__cause__ or cause.__context__
+            if cause is not None:
+                detail = f"{type(cause).__name__}: {cause}".splitlines()[0]
+            rec.results.append(CaseResult(target_name, self.__name__, rec.case, 0, 0, 0, None,
+                                          [f"compile error: {detail}"]))
+            return None
         rec.record(kernel, self.__name__, kwargs)
         return kernel
 
