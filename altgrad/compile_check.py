@@ -4,13 +4,15 @@
     python -m altgrad.compile_check --target sm_90 --json out.json
 
 What it compiles: the specialisations that `QuantizedLinear`, the tests and the benchmarks can launch
-on CUDA, through the kernels' own public launchers (`quantize`, `scaled_matmul`) called with CPU
-tensors, so the arguments, constexprs and alignment/divisibility attributes are exactly those of a
+on CUDA, through the kernels' own public launchers (`quantize`, `block_quantize`, `scaled_matmul`)
+called with CPU tensors, so the arguments, constexprs and alignment/divisibility attributes are exactly those of a
 real launch:
 
 - quantize: every registered format (plus E7M0 carried 2**-10 lower, as `QuantizedLinear` does) x
   nearest/stochastic x stats on/off, bf16 input, q output (what `QuantizedLinear` runs); and for E4M3
   the other outputs (dq in fp32/bf16/fp16), a strided input, saturate off and odd sizes.
+- block_quantize (E8M0 block scales): every registered format at block 32 (MX); for E4M3 blocks of
+  16, 32, 128 and a whole row x floor/ceil scale rounding x nearest/stochastic, odd and strided input.
 - scaled_matmul: every tile of `MATMUL_CONFIGS` on its path — bf16 (pre-quantized), in-loop,
   fp8 and fp8 in-loop (fp8 on sm_90 only: FP8 tensor cores need sm_89+) — for the forward, dgrad
   and wgrad layouts, the epilogue variants (bias, bf16 output), fp32/bf16 inputs for the in-loop
@@ -21,7 +23,8 @@ Each distinct specialisation compiles once (Triton's own cache keys, the same as
 fails when its shared memory exceeds the target's opt-in maximum per block (232448 B = 227 KB on
 sm_90, 166912 B = 163 KB on sm_80) or when ptxas gives it a stack frame (register spills).
 The table shows registers, shared memory and stack per case and, for the quantize kernel, static
-SASS instructions per element (instructions / elements per thread).
+SASS instructions of the whole kernel per element of one tile (instructions / (BLOCK / threads)):
+a loop's once-per-program code is included, so it is an upper bound on the per-element cost.
 
 How, without a GPU: a stand-in Triton driver reports the target (`GPUTarget("cuda", 90, 32)`), every
 kernel launch is turned into a compile-only `warmup` (Triton's JIT binder, `triton.compile`,
@@ -44,7 +47,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
-__all__ = ["TARGETS", "CaseResult", "run_checks", "main"]
+__all__ = ["TARGETS", "KERNELS", "CaseResult", "run_checks", "main"]
 
 # target name -> (compute capability, opt-in shared memory per block in bytes)
 TARGETS = {"sm_90": (90, 232448), "sm_80": (80, 166912)}
@@ -62,6 +65,7 @@ class CaseResult:
     stack: int
     sass_per_elem: float | None = None
     problems: list[str] = field(default_factory=list)
+    known: str = ""  # a known problem, reported but not failing the check (see KNOWN_PROBLEMS)
 
 
 class _CompileOnlyDriver:
@@ -111,6 +115,14 @@ def _sass_instructions(cubin: bytes) -> int:
     return sum(1 for op in ops if op != "NOP")
 
 
+# case-label prefix -> why it is tolerated for now; each must still fail (the test checks), so a fix
+# shows up as a test asking to remove the entry
+KNOWN_PROBLEMS = {
+    "E4M3 per-row K=8192": "block_quantize puts a whole row in one program: rows past 4096 elements spill",
+    "E4M3 per-row K=50304": "block_quantize puts a whole row in one program: rows past 4096 elements spill",
+}
+
+
 class _Recorder:
     def __init__(self, target_name: str, smem_limit: int):
         self.target_name, self.smem_limit = target_name, smem_limit
@@ -135,7 +147,9 @@ class _Recorder:
             problems.append(f"shared memory {shared} B > {self.smem_limit} B")
         if stack:
             problems.append(f"{stack} B stack frame (register spills)")
-        self.results.append(CaseResult(self.target_name, fn_name, self.case, regs, shared, stack, per_elem, problems))
+        known = next((why for prefix, why in KNOWN_PROBLEMS.items() if self.case.startswith(prefix)), "")
+        self.results.append(CaseResult(self.target_name, fn_name, self.case, regs, shared, stack, per_elem, problems,
+                                       known))
 
 
 @contextlib.contextmanager
@@ -156,7 +170,19 @@ def _compile_only(target_name: str):
     orig_run = JITFunction.run
 
     def run(self, *args, grid, warmup, **kwargs):
-        kernel = orig_run(self, *args, grid=grid, warmup=True, **kwargs)
+        try:
+            kernel = orig_run(self, *args, grid=grid, warmup=True, **kwargs)
+        except Exception as err:  # a compile error is a failing case; the rest still compile
+            lines = [ln.strip() for ln in str(err).splitlines() if ln.strip().strip("^")]
+            detail = next((ln for ln in lines if "Error(" in ln), lines[-1] if lines else type(err).__name__)
+            cause = err.__cause__ or err.__context__
+            while cause is not None and (cause.__cause__ or cause.__context__) is not None:
+                cause = cause.__cause__ or cause.__context__
+            if cause is not None:
+                detail = f"{type(cause).__name__}: {cause}".splitlines()[0]
+            rec.results.append(CaseResult(target_name, self.__name__, rec.case, 0, 0, 0, None,
+                                          [f"compile error: {detail}"]))
+            return None
         rec.record(kernel, self.__name__, kwargs)
         return kernel
 
@@ -196,6 +222,12 @@ def _quantize_cases(rec: _Recorder) -> None:
                 kq.quantize(x, s, exp_bits=e, man_bits=m, bias=b, specials=sp, rounding=rounding, seed=12345,
                             out_q=True, out_dq=False, stats=stats)
     e4m3 = dict(exp_bits=4, man_bits=3, bias=7, specials="fn")
+    for e, m, b, sp in ((4, 3, 7, "fn"), (7, 0, 74, "p3109")):  # one tile per program (small tensors)
+        for rounding in ("nearest", "stochastic"):
+            for stats in (True, False):
+                rec.case = f"{fields[(e, m, b, sp)]} {rounding} stats={'on' if stats else 'off'} bf16->q one tile"
+                kq.quantize(torch.zeros(2048, dtype=torch.bfloat16), s, exp_bits=e, man_bits=m, bias=b, specials=sp,
+                            rounding=rounding, seed=12345, out_q=True, out_dq=False, stats=stats)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for rounding in ("nearest", "stochastic"):
             rec.case = f"E4M3 {rounding} {str(dtype)[6:]}->q,dq"
@@ -206,6 +238,36 @@ def _quantize_cases(rec: _Recorder) -> None:
     kq.quantize(torch.zeros(8192), s, **e4m3, saturate=False, out_q=False)
     rec.case = "E4M3 bf16 odd size ->q,dq"
     kq.quantize(torch.zeros(37 * 29, dtype=torch.bfloat16), s, **e4m3)
+
+
+def _block_quantize_cases(rec: _Recorder) -> None:
+    import torch
+
+    from altgrad.blockwise import emax_elem
+    from altgrad.formats import FORMAT_REGISTRY
+    from altgrad.kernels import block_quantize as kbq
+
+    def call(label, f, x, block_size, scale_rounding="floor", rounding="nearest"):
+        rec.case = f"{label} block {block_size} {scale_rounding} {rounding} {tuple(x.shape)}"
+        kbq.block_quantize(x, exp_bits=f.exp_bits, man_bits=f.man_bits, bias=f.bias, specials=f.specials,
+                           block_size=block_size, emax_elem=emax_elem(f), fmt_max=f.max,
+                           scale_rounding=scale_rounding, rounding=rounding, seed=12345)
+
+    x = torch.zeros(64, 384)
+    seen = set()
+    for name, f in FORMAT_REGISTRY.items():  # MX block 32 in every format
+        if (f.exp_bits, f.man_bits, f.bias, f.specials) not in seen:
+            seen.add((f.exp_bits, f.man_bits, f.bias, f.specials))
+            call(name, f, x, 32)
+    e4m3 = FORMAT_REGISTRY["E4M3"]
+    for block_size in (16, 32, 128, 384):  # 384: one scale per row
+        for scale_rounding in ("floor", "ceil"):
+            for rounding in ("nearest", "stochastic"):
+                call("E4M3", e4m3, x, block_size, scale_rounding, rounding)
+    call("E4M3 odd", e4m3, torch.zeros(37, 29), 32)
+    call("E4M3 strided", e4m3, torch.zeros(384, 64).t(), 32)
+    for k in (4096, 8192, 50304):  # one scale per row of a long K (dgrad along a GPT-2 vocabulary)
+        call(f"E4M3 per-row K={k}", e4m3, torch.zeros(2, k), k)
 
 
 def _layout(name: str, M: int, N: int, K: int, dtype_a, dtype_b):
@@ -289,13 +351,17 @@ def _matmul_cases(rec: _Recorder, fp8: bool, paths=None) -> None:
         ksm._INT32_LIMIT = saved
 
 
-def run_checks(target_name: str, kernels: tuple[str, ...] = ("quantize", "scaled_matmul"),
-               paths=None) -> list[CaseResult]:
+KERNELS = ("quantize", "block_quantize", "scaled_matmul")
+
+
+def run_checks(target_name: str, kernels: tuple[str, ...] = KERNELS, paths=None) -> list[CaseResult]:
     """Compile the cases for one target (matmul: only `paths` of MATMUL_CONFIGS, default all);
     returns one CaseResult per distinct specialisation."""
     with _compile_only(target_name) as rec:
         if "quantize" in kernels:
             _quantize_cases(rec)
+        if "block_quantize" in kernels:
+            _block_quantize_cases(rec)
         if "scaled_matmul" in kernels:
             _matmul_cases(rec, fp8=TARGETS[target_name][0] >= 89, paths=paths)
     return rec.results
@@ -306,8 +372,11 @@ def format_table(results: list[CaseResult]) -> str:
              f"{'SASS/el':>7}  result"]
     for r in results:
         per = f"{r.sass_per_elem:.1f}" if r.sass_per_elem is not None else "-"
+        verdict = "ok" if not r.problems else ("KNOWN" if r.known else "FAIL") + ": " + "; ".join(r.problems)
+        if r.known and not r.problems:
+            verdict = "FIXED (remove it from KNOWN_PROBLEMS)"
         lines.append(f"{r.target:<6} {r.kernel:<22} {r.case:<58} {r.regs:>4} {r.shared:>8} {r.stack:>7} {per:>7}  "
-                     + ("ok" if not r.problems else "FAIL: " + "; ".join(r.problems)))
+                     + verdict)
     return "\n".join(lines)
 
 
@@ -315,7 +384,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--target", choices=sorted(TARGETS), action="append",
                    help="compile for this target (repeatable; default: all)")
-    p.add_argument("--kernel", choices=("quantize", "scaled_matmul"), action="append",
+    p.add_argument("--kernel", choices=KERNELS, action="append",
                    help="only this kernel's cases (repeatable; default: all)")
     p.add_argument("--path", choices=_BASE_PATHS, action="append",
                    help="only this matmul path of MATMUL_CONFIGS (repeatable; default: all)")
@@ -323,10 +392,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     results, t0 = [], time.time()
     for target in args.target or list(TARGETS):
-        results += run_checks(target, tuple(args.kernel or ("quantize", "scaled_matmul")), args.path)
+        results += run_checks(target, tuple(args.kernel or KERNELS), args.path)
     print(format_table(results))
-    failed = [r for r in results if r.problems]
-    print(f"{len(results)} specialisations compiled in {time.time() - t0:.0f} s; {len(failed)} failed")
+    failed = [r for r in results if bool(r.problems) != bool(r.known)]  # new problems, or known ones now fixed
+    known = [r for r in results if r.problems and r.known]
+    print(f"{len(results)} specialisations compiled in {time.time() - t0:.0f} s; {len(failed)} failed"
+          + (f"; {len(known)} known problems: " + "; ".join(sorted({r.known for r in known})) if known else ""))
     if args.json:
         with open(args.json, "w") as f:
             json.dump([asdict(r) for r in results], f, indent=1)

@@ -10,7 +10,8 @@
 #                 (benchmarks/test_bench_linear.py)
 #   3. kernels    quantize bandwidth; Triton matmul vs cuBLAS per shape (benchmarks/test_bench_kernels.py)
 #   4. sweep      the full-size experiment: BF16 baseline and every 8-bit format, run together
-#                 (python -m altgrad.sweep --jobs N), with its report
+#                 (scripts/full_size_sweep.sh: altgrad.sweep --jobs 9), with its report; cut off at
+#                 the budget, the sweep stops its runs cleanly and reports the steps they reached
 # Outputs (8 files at most, the device tool's limit): summary.txt, tests.txt, linear.txt,
 # linear.json, kernels.txt, kernels.json, sweep.txt, sweep.tar.gz.
 #
@@ -46,10 +47,7 @@ GPU_TEST_FORMATS="E4M3 E5M2 E7M0 E0M7"
 GPU_TEST_DESELECT="E3M4 or E2M5 or E1M6 or E6M1 or FNUZ or E4M3_IEEE or E5M2_FN or P3109 or E2M1 or E2M3 or E3M2 or E7M0_NONE"
 GPU_TEST_FILES="tests/test_kernels_quantize.py tests/test_kernels_matmul.py tests/test_linear.py tests/test_quantize.py \
 tests/test_model.py tests/test_data.py tests/test_reproducibility.py"
-# the sweep: BF16 first (the report's baseline), then every 8-bit format; override with SWEEP_CONFIGS
-# and add --set overrides with SWEEP_ARGS (e.g. SWEEP_ARGS="--set train.max_steps=500")
-SWEEP_CONFIGS=${SWEEP_CONFIGS:-"configs/bf16_baseline.yaml configs/e5m2_fp8.yaml configs/e4m3_fp8.yaml \
-configs/e3m4.yaml configs/e2m5.yaml configs/e1m6.yaml configs/e6m1.yaml configs/e7m0.yaml configs/e0m7.yaml"}
+# extra sweep arguments, e.g. SWEEP_ARGS="--train.max_steps=500" (the LR schedule follows)
 SWEEP_ARGS=${SWEEP_ARGS:-}
 PY=${PYTHON:-python3}
 OUT=${OUT:-out/gpu_checks}
@@ -61,7 +59,7 @@ cmd_for() {
     tests) echo "$PY -m pytest -q -p no:cacheprovider $GPU_TEST_FILES -k 'not ($GPU_TEST_DESELECT)' \$XDIST" ;;
     linear) echo "$PY -m pytest -q -p no:cacheprovider benchmarks/test_bench_linear.py $BENCH_ARGS --benchmark-json=$OUT/linear.json" ;;
     kernels) echo "$PY -m pytest -q -p no:cacheprovider benchmarks/test_bench_kernels.py $BENCH_ARGS --benchmark-json=$OUT/kernels.json" ;;
-    sweep) echo "$PY -m altgrad.sweep \$JOBS $SWEEP_CONFIGS --out-root $WORK/sweep --report-out $WORK/sweep/report --set log.wandb_mode=disabled $SWEEP_ARGS" ;;
+    sweep) echo "PYTHON=$PY OUT=$WORK/sweep JOBS=9 bash scripts/full_size_sweep.sh $SWEEP_ARGS" ;;
   esac
 }
 
@@ -116,25 +114,24 @@ date -u +"date %Y-%m-%dT%H:%M:%SZ" | tee -a "$SUMMARY"
 
 XDIST=""
 $PY -c 'import xdist' 2>/dev/null && XDIST="-n 8"  # compile the test kernels on 8 cores at once
-JOBS=""
-# all runs at once where altgrad.sweep has --jobs (one small model leaves an H200 mostly idle)
-$PY -m altgrad.sweep --help 2>/dev/null | grep -q -- '--jobs' && JOBS="--jobs $(echo $SWEEP_CONFIGS | wc -w)"
 
 status=0
 for s in "${STEPS[@]}"; do
   [[ " ${SELECTED[*]} " == *" $s "* ]] || continue
   left=$((TOTAL_BUDGET - ($(date +%s) - START)))
   budget=${BUDGET[$s]}
-  [ "$s" = sweep ] && budget=$left  # the last step takes whatever is left
-  [ "$budget" -gt "$left" ] && budget=$left
+  grace=10; sig=INT
+  [ "$s" = sweep ] && { grace=40; sig=TERM; budget=$((left - grace)); }  # the last step takes what is left
+  [ "$budget" -gt "$((left - grace))" ] && budget=$((left - grace))
   if [ "$budget" -lt 10 ]; then
     log "step $s: skipped (${left} s left of ${TOTAL_BUDGET} s)"; status=1; continue
   fi
-  cmd=$(cmd_for "$s"); cmd=${cmd//\$XDIST/$XDIST}; cmd=${cmd//\$JOBS/$JOBS}
+  cmd=$(cmd_for "$s"); cmd=${cmd//\$XDIST/$XDIST}
   log "step $s: budget ${budget} s: $cmd"
   t0=$(date +%s)
-  # SIGINT first: pytest stops like on Ctrl-C and still writes its summary and benchmark JSON
-  timeout --signal=INT --kill-after=10 "$budget" bash -c "$cmd" > "$OUT/$s.txt" 2>&1
+  # pytest gets SIGINT: it stops as on Ctrl-C and still writes its summary and benchmark JSON; the
+  # sweep gets SIGTERM, forwards it to its runs (they checkpoint and exit) and reports what they reached
+  timeout --signal=$sig --kill-after=$((grace - 5)) "$budget" bash -c "$cmd" > "$OUT/$s.txt" 2>&1
   rc=$?
   if [ "$s" = sweep ]; then  # the run directories' metrics and report, in one file
     tar -czf "$OUT/sweep.tar.gz" -C "$WORK" --exclude='*.pt' sweep 2>/dev/null

@@ -42,9 +42,10 @@ def test_carry_list_and_command_line_are_stated(dry_run):
 def test_every_named_file_exists(dry_run):
     commands = [line.strip()[2:] for line in dry_run.splitlines() if line.strip().startswith("$ ")]
     assert len(commands) == 4
-    named = [w for c in commands for w in shlex.split(c.replace("$XDIST", "").replace("$JOBS", ""))
-             if re.match(r"^(tests|benchmarks|configs)/", w)]
+    named = [w for c in commands for w in shlex.split(c.replace("$XDIST", ""))
+             if re.match(r"^(tests|benchmarks|configs|scripts)/", w)]
     assert any(w.startswith("benchmarks/test_bench_linear") for w in named)
+    assert "scripts/full_size_sweep.sh" in named
     missing = [w for w in named if not (REPO_ROOT / w).is_file()]
     assert not missing, missing
 
