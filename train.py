@@ -33,6 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from altgrad import checkpoint as ckpt
 from altgrad import metrics as diag
 from altgrad.data import DataError, DataNotFoundError, TokenBatches, check_data
+from altgrad import inference
 from altgrad.model import GPT, GPTConfig
 from altgrad.reproducibility import get_rng_state, set_rng_state, set_seed_for_reproducibility
 from altgrad.rundir import RunLock, RunLockedError, clean_partial_files, move_aside
@@ -101,11 +102,12 @@ train_data = TokenBatches(cfg.data_dir, "train", cfg.model.block_size, tc.batch_
 model = GPT(GPTConfig(**dataclasses.asdict(cfg.model)))
 quant_config = build_quant_config(cfg)
 if quant_config is not None:
-    from altgrad.linear import round_master_weights, set_full_stats
+    from altgrad.linear import round_master_weights, set_full_stats, set_weight_cache, sync_amax_history, weight_updated
     from altgrad.surgery import describe_quantization, quantize_model, quantized_layers
 
     linear_names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     quantize_model(model, config=quant_config)
+    set_weight_cache(model, accum > 1 and not tc.compile)  # cast each weight once per step (eager)
     # a pattern that matches no layer is almost always a typo: say so; quantizing nothing is an error
     for kind, patterns in (("quant.layer_rules", [r.pattern for r in quant_config.layer_rules]),
                            ("quant.skip_patterns", list(quant_config.skip_patterns))):
@@ -168,11 +170,12 @@ if master:
     else:
         if tc.resume:
             print(f"train.resume: no checkpoint in {run_dir}, starting from step 0")
-        elif (run_dir / "metrics.jsonl").exists() or ckpt.list_checkpoints(run_dir) \
-                or (run_dir / ckpt.CKPT_LAST).exists():
+        if (run_dir / "metrics.jsonl").exists() or (run_dir / "summary.json").exists() \
+                or ckpt.checkpoint_candidates(run_dir):
             # a fresh run never overwrites an earlier one: its directory is kept beside, renamed
             kept = move_aside(run_dir)
-            print(f"note: {run_dir} held an earlier run; moved it to {kept} (use --resume to continue one)")
+            print(f"note: {run_dir} held an earlier run; moved it to {kept}"
+                  + ("" if tc.resume else " (use --resume to continue one)"))
     run_dir.mkdir(parents=True, exist_ok=True)
 model.to(device)
 raw_model = model  # state_dict, diagnostics and shadow use the unwrapped module
@@ -228,7 +231,9 @@ if master:
 if tc.compile:
     model = torch.compile(model)
 if ddp:
-    model = DDP(model, device_ids=[torch.cuda.current_device()] if device_type == "cuda" else None)
+    # quantized: amax histories are max-reduced by sync_amax_history, not copied from rank 0
+    model = DDP(model, device_ids=[torch.cuda.current_device()] if device_type == "cuda" else None,
+                broadcast_buffers=quant_config is None)
 
 # ---------------------------------------------------------------------------------------
 # diagnostics (rank 0): quantization stats, update effect, dead MLP units, FP32 shadow
@@ -253,17 +258,9 @@ def save(numbered):
 @torch.no_grad()
 def evaluate():
     """Mean val loss over eval_iters batches: the same batches at every eval (fixed seed), so
-    curves and formats compare without sampling noise, and the training RNG is untouched."""
-    raw_model.eval()
-    val = TokenBatches(cfg.data_dir, "val", cfg.model.block_size, tc.batch_size, device,
-                       seed=tc.seed, rank=rank, world_size=world_size)
-    total = torch.zeros((), device=device)
-    for _ in range(tc.eval_iters):
-        x, y = val.next_batch()
-        with autocast:
-            _, loss = raw_model(x, y)
-        total += loss.float()
-    raw_model.train()
+    curves and formats compare without sampling noise, and the training RNG is untouched
+    (altgrad.inference.loss_sum, which sample.py --eval runs too)."""
+    total = inference.loss_sum(raw_model, cfg, "val", device, rank=rank, world_size=world_size)
     if ddp:
         dist.all_reduce(total)
     return (total / (tc.eval_iters * world_size)).item()
@@ -346,6 +343,8 @@ try:
                 loss = loss / accum
             loss_sum += loss.detach().float()
             loss.backward()
+            if ddp and quant_config is not None:  # every rank scales with the group's max amax
+                sync_amax_history(raw_model)
         if ddp:  # mean loss, and whether any rank was asked to stop: ranks must stop together
             flags = torch.stack([loss_sum, torch.tensor(float(stop_signal is not None), device=device)])
             dist.all_reduce(flags)
@@ -366,6 +365,7 @@ try:
             optimizer.step()
             if quant_config is not None:  # master_weights: store the weights in their format
                 round_master_weights(raw_model)
+                weight_updated(raw_model)  # the next forward casts the new weights
             if log_now and tracker is not None:
                 record.update(tracker.after_step())
             streak = 0

@@ -102,6 +102,7 @@ def check_data(data_dir, block_size: int, vocab_size: int | None, dtype=np.uint1
     """
     data_dir = Path(data_dir)
     meta = load_meta(data_dir)
+    paths = [_bin_path(data_dir, split) for split in SPLITS]  # missing data first: its message says how to make it
     if vocab_size is None:
         if meta is None:
             raise DataError(f"{data_dir} has no meta.pkl, so the vocabulary size is unknown: set model.vocab_size "
@@ -110,8 +111,7 @@ def check_data(data_dir, block_size: int, vocab_size: int | None, dtype=np.uint1
     else:
         vocab_from = f"model.vocab_size={vocab_size}"
     itemsize = np.dtype(dtype).itemsize
-    for split in SPLITS:
-        path = _bin_path(data_dir, split)
+    for path in paths:
         size = os.path.getsize(path)
         if size % itemsize:
             raise DataError(f"{path}: {size} bytes is not a whole number of {itemsize}-byte tokens "

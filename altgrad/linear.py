@@ -31,7 +31,9 @@ high precision (passed through in fp32). Decisions written down here:
   mixed from the layer's `sr_state` buffer [base seed, training-forward count] and the role, so
   the stream is saved in checkpoints with the model's state_dict and evaluation (which does not
   advance the count), logging and shadow models never consume it. The base seed defaults to a
-  hash of `torch.initial_seed()` (the run seed) and the layer's name.
+  hash of `torch.initial_seed()` (the run seed) and the layer's name. Every data-parallel rank
+  draws the same stream (the weight's draws must agree across ranks). The seed is read on the
+  host: on CUDA a stochastic cast costs one device sync (nearest rounding none).
 - Empty batches (zero-size inputs) give empty outputs like nn.Linear and leave every scaling state
   unchanged.
 - Distributed data parallel: `sync_amax_history(model, group)` max-reduces every delayed history
@@ -69,6 +71,11 @@ from altgrad.formats import FormatSpec
 from altgrad.linear_blockwise import blockwise_linear, needs_blockwise
 from altgrad.quantize import QuantStats, _round, stats_from_masks
 from altgrad.scaling import TensorScaler, compute_scale
+
+try:
+    from altgrad.quantize import quantize_operand as _quantize_operand_lib
+except ImportError:  # an altgrad.quantize without it: _quantize_operand builds the same contract
+    _quantize_operand_lib = None
 
 __all__ = ["QuantizedLinear", "round_master_weights", "set_full_stats", "set_weight_cache", "weight_updated",
            "sync_amax_history"]
@@ -122,22 +129,32 @@ def _sr_seed(sr_state: torch.Tensor, role: str) -> int:
     base, count = (int(v) for v in sr_state.tolist())
     h = (base * 0x9E3779B97F4A7C15 + count * 0xBF58476D1CE4E5B9 + _ROLE_ID[role] * 0x94D049BB133111EB) % 2**64
     h ^= h >> 31
-    return h % (2**31 - 1)
+    return h % 2**63
 
 
 def _quantize_operand(x, fmt, scale, rounding, saturate, seed, backend):
-    """altgrad.quantize.quantize_operand: (bf16 format-domain values, QuantStats)."""
-    try:
-        from altgrad.quantize import quantize_operand
-    except ImportError:  # pragma: no cover - older quantize module: the reference cast, seeded locally
-        v = x.float() * scale
-        gen = None
-        if rounding == "stochastic":
-            gen = torch.Generator(x.device).manual_seed(seed)
-        q, overflow, nan = _round(v, fmt, rounding, saturate, gen)
-        return q.to(torch.bfloat16), stats_from_masks(x, v, q, overflow, nan)
-    return quantize_operand(x, fmt, scale, rounding=rounding, saturate=saturate, seed=seed, stats=True,
-                            backend=backend)
+    """(bf16 format-domain values round_fmt(x·scale), QuantStats): altgrad.quantize.quantize_operand
+    when this altgrad has it, else the same contract built here from the reference and the kernel."""
+    if _quantize_operand_lib is not None:
+        return _quantize_operand_lib(x, fmt, scale, rounding=rounding, saturate=saturate, seed=seed, stats=True,
+                                     backend=backend)
+    if backend == "triton":
+        from altgrad.kernels import quantize as kq
+
+        res = kq.quantize(x, scale, exp_bits=fmt.exp_bits, man_bits=fmt.man_bits, bias=fmt.bias,
+                          specials=fmt.specials, rounding=rounding, saturate=saturate, seed=seed,
+                          out_q=True, out_dq=False, stats=True)
+        return res.q, QuantStats(res.amax, *res.counts.unbind(0))
+    # without quantize_operand's fused cast, "fast" is the reference itself (same bits, its speed)
+    q, *stats = _reference_cast(x, scale, fmt, rounding, saturate, seed)
+    return q, QuantStats(*stats)
+
+
+def _reference_cast(x, scale, fmt, rounding, saturate, seed):
+    """The reference rounding of x·scale (Philox draws keyed by seed) with its stats, as one function."""
+    v = x.float() * scale
+    q, overflow, nan = _round(v, fmt, rounding, saturate, seed=seed if rounding == "stochastic" else None)
+    return (q.to(torch.bfloat16), *stats_from_masks(x, v, q, overflow, nan))
 
 
 # -- the cast op: scale from the state, round, stats, history push -----------------------------
@@ -164,10 +181,10 @@ def _cast_operand_impl(x, scale, inv_scale, history, count, filled, stats, sr_st
     if p.scaling == "none":
         s = scale.clone()
     else:
-        if p.scaling == "current" or int(filled) == 0:  # filled is a CPU mirror of count: no device sync
+        n = 0 if p.scaling == "current" else int(filled)  # filled: a CPU mirror of count, no device sync
+        if n == 0:  # current scaling, or a delayed history still empty: the tensor's own amax
             amax = x.detach().abs().amax().float()
         else:
-            n = int(filled)
             amax = history[:n].amax() if p.amax_algo == "max" else history[0]
         s = compute_scale(amax, p.fmt, p.margin, p.pow2, prev_scale=scale)
     inv = torch.reciprocal(s)
@@ -185,14 +202,14 @@ def _cast_operand_impl(x, scale, inv_scale, history, count, filled, stats, sr_st
             filled.add_(1).clamp_(max=history.numel())
     if advance:
         sr_state[1] += 1
-    rel_err = torch.full((), math.nan, dtype=torch.float32, device=x.device)
+    # stats: [amax, scale | overflow, underflow, nan, nonzero | numel, rel_err] (copy_ converts dtypes)
+    stats[:2].copy_(torch.stack([st.amax, s]))
+    stats[2:6].copy_(torch.stack([st.overflow, st.underflow, st.nan, st.nonzero]))
+    stats[6] = x.numel()
     if bool(full_stats):
         x32 = x.detach().float()
         err = torch.linalg.vector_norm(q.float() * q_inv - x32)
-        rel_err = err / torch.linalg.vector_norm(x32).clamp(min=torch.finfo(torch.float32).tiny)
-    numel = torch.full((), x.numel(), dtype=torch.float64, device=x.device)
-    stats.copy_(torch.stack([t.to(torch.float64) for t in (st.amax, s, st.overflow, st.underflow, st.nan,
-                                                           st.nonzero, numel, rel_err)]))
+        stats[7] = err / torch.linalg.vector_norm(x32).clamp(min=torch.finfo(torch.float32).tiny)
     return q, q_inv
 
 

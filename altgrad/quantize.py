@@ -71,9 +71,14 @@ def philox_bits(seed: int, offset: torch.Tensor) -> torch.Tensor:
     tensor, 0 <= offset < 2**63) under key `seed` (int, 0 <= seed < 2**64), equal to Triton's
     `tl.randint(seed, offset)` bit for bit."""
     check_seed(seed)
+    return philox_from_key(offset, seed & _U32, seed >> 32)
+
+
+def philox_from_key(offset: torch.Tensor, k0, k1) -> torch.Tensor:
+    """philox_bits with the key given as its two 32-bit words (ints, or 0-dim int64 tensors so that a
+    compiled caller does not specialise on the seed)."""
     c0, c1 = offset & _U32, (offset >> 32) & _U32
     c2 = c3 = torch.zeros_like(offset)
-    k0, k1 = seed & _U32, seed >> 32
     a, b = _PHILOX_MUL
     for _ in range(PHILOX_ROUNDS):
         hi_b, lo_b = _mul_hi_lo(c2, b)
@@ -195,11 +200,15 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _as_fp32(x, arg: str) -> torch.Tensor:
+    _check_float(x, arg)
+    return x.float()
+
+
+def _check_float(x, arg: str) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{arg} must be a torch.Tensor (got {type(x).__name__})")
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{arg} must be float32, bfloat16 or float16 (got {x.dtype})")
-    return x.float()
 
 
 def _check_rounding(rounding: str) -> None:
@@ -307,7 +316,7 @@ def quantize_with_stats(x: torch.Tensor, fmt: FormatSpec | str, scale=None, *, r
                         stats: bool = True) -> tuple[torch.Tensor, QuantStats | None]:
     """quantize() plus per-tensor QuantStats (see its docstring for the exact definitions)."""
     fmt = get_format(fmt)
-    _as_fp32(x, "x")
+    _check_float(x, "x")
     _check_rounding(rounding)
     _check_seed_arg(seed)
     s = _scale_tensor(scale, x.device)
@@ -374,7 +383,7 @@ def quantize_ste(x: torch.Tensor, fmt: FormatSpec | str, scale=None, *, ste: str
     if ste not in STE_MODES:
         raise ValueError(f"ste must be one of {STE_MODES} (got {ste!r})")
     fmt = get_format(fmt)
-    _as_fp32(x, "x")
+    _check_float(x, "x")
     _check_rounding(rounding)
     _check_seed_arg(seed)
     if rounding == "stochastic" and seed is None:
@@ -382,4 +391,80 @@ def quantize_ste(x: torch.Tensor, fmt: FormatSpec | str, scale=None, *, ste: str
     return _QuantizeSTE.apply(x, fmt, scale, rounding, saturate, seed, backend, ste)
 
 
-from altgrad.blockwise import quantize_blockwise  # noqa: E402
+# -- casting a matmul operand -------------------------------------------------------------------
+CANONICAL_NAN_BF16 = 0x7FC0  # every backend writes this bf16 NaN where the rounded value is NaN
+
+
+def _to_bf16_canonical(q: torch.Tensor) -> torch.Tensor:
+    """fp32 format values -> bf16 (exact), NaN as the canonical 0x7FC0 (bit-level, so no cast
+    has a say in the NaN's sign or payload)."""
+    bits = (q.view(torch.int32) >> 16).to(torch.int16)
+    return torch.where(torch.isnan(q), CANONICAL_NAN_BF16, bits).to(torch.int16).view(torch.bfloat16)
+
+
+def _operand_scale(scale, device) -> torch.Tensor:
+    """The 0-dim fp32 scale of quantize_operand. Its value is checked on the CPU only: on CUDA the
+    check would cost a device sync per call, and computed scales are valid by construction."""
+    if not (isinstance(scale, torch.Tensor) and scale.dtype == torch.float32 and scale.numel() == 1):
+        raise TypeError(f"scale must be a 1-element float32 tensor (got {getattr(scale, 'dtype', type(scale).__name__)}"
+                        f"{'' if not isinstance(scale, torch.Tensor) else f', shape {tuple(scale.shape)}'})")
+    if scale.device != device:
+        raise ValueError(f"scale is on {scale.device} but x is on {device}")
+    if scale.device.type == "cpu":
+        _scale_tensor(scale, device)
+    return scale.detach().reshape(())
+
+
+def quantize_operand(x: torch.Tensor, fmt: FormatSpec | str, scale: torch.Tensor, *, rounding: str = "nearest",
+                     saturate: bool = True, seed: int = 0, stats: bool = True,
+                     backend: str = "auto") -> tuple[torch.Tensor, QuantStats | None]:
+    """Cast one matmul operand: q = round_fmt(x * scale), as bfloat16 (exact), with its QuantStats.
+
+    x: fp32/bf16/fp16, any shape and strides. scale: 1-element fp32 tensor on x's device, finite and
+    > 2**-128 (checked on CPU tensors). Returns (q, stats): q has x's shape, dtype bfloat16, NaN
+    results as the bf16 NaN 0x7FC0; stats is QuantStats (see its docstring), or None when stats=False.
+    Zero-size x gives an empty q, amax 0 and counts 0.
+    rounding / saturate: as in `quantize` (no dequantization here, so no output-dtype clamp).
+    seed: int in [0, 2**64); stochastic rounding of element i (row-major) draws philox_bits(seed, i).
+    backend: "torch" the reference in this module, "fast" the fused cast (altgrad.fast_cast:
+    torch.compile'd, eager without a compiler), "triton" kernels/quantize.py (CUDA, or the CPU under
+    TRITON_INTERPRET=1), "auto" triton for CUDA tensors, else fast. All return the same bits.
+
+    Raises:
+        TypeError: x is not an fp32/bf16/fp16 tensor; scale is not a 1-element fp32 tensor.
+        ValueError: unknown format, rounding or backend; scale on another device or out of range;
+            seed not an int in [0, 2**64).
+    """
+    fmt = get_format(fmt)
+    _check_float(x, "x")
+    _check_rounding(rounding)
+    check_seed(seed)
+    if backend not in OPERAND_BACKENDS:
+        raise ValueError(f"backend must be one of {OPERAND_BACKENDS} (got {backend!r})")
+    if backend == "auto":
+        backend = "triton" if x.is_cuda else "fast"
+    s = _operand_scale(scale, x.device)
+    if x.numel() == 0:
+        zero = torch.zeros((), dtype=torch.int64, device=x.device)
+        st = QuantStats(torch.zeros((), device=x.device), zero, zero.clone(), zero.clone(), zero.clone())
+        return torch.empty(x.shape, dtype=torch.bfloat16, device=x.device), (st if stats else None)
+    if backend == "triton":
+        from altgrad.kernels import quantize as kq
+
+        res = kq.quantize(x, s, exp_bits=fmt.exp_bits, man_bits=fmt.man_bits, bias=fmt.bias,
+                          specials=fmt.specials, rounding=rounding, saturate=saturate, seed=seed,
+                          out_q=True, out_dq=False, stats=stats)
+        return res.q, (QuantStats(res.amax, *res.counts.unbind(0)) if stats else None)
+    if backend == "fast":
+        from altgrad import fast_cast
+
+        out = fast_cast.cast(x, fmt, s, rounding=rounding, saturate=saturate, seed=seed, stats=stats)
+        if out is not None:
+            q, st = out
+            return q, (QuantStats(st[0], *st[1].unbind(0)) if stats else None)
+    v = x.float() * s
+    q, overflow, nan = _round(v, fmt, rounding, saturate, seed=seed)
+    return _to_bf16_canonical(q), (stats_from_masks(x, v, q, overflow, nan) if stats else None)
+
+
+from altgrad.blockwise import quantize_blockwise  # noqa: E402  (re-export; blockwise builds on this module)

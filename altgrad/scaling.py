@@ -12,9 +12,9 @@ history, uses the tensor's own amax), `current` (the tensor's own amax every cal
 finite — or a scale that would not be finite — keeps the previous scale.
 
 Scales and histories are module buffers on the tensor's device (no host sync per step) and travel
-in `state_dict()`, so checkpoints restore them exactly. DDP note: each rank keeps its own history
-(amaxes are not all-reduced), as in torchao's default; weights are identical across ranks so their
-scales agree.
+in `state_dict()`, so checkpoints restore them exactly. Data parallel: each rank pushes its own
+amaxes; `altgrad.linear.sync_amax_history` max-reduces the histories across the group (one
+all-reduce), so every rank quantizes with the same scale, as TransformerEngine does by default.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ __all__ = ["RunLogger", "atomic_path", "temp_path", "write_text_atomic", "write_
            "git_commit", "WANDB_MODES"]
 
 WANDB_MODES = ("online", "offline", "disabled")
+WANDB_INIT_TIMEOUT_S = 30.0  # online: how long to wait for the W&B server before logging offline instead
 _WANDB_ID_FILE = "wandb_run_id.txt"
 
 
@@ -149,10 +150,13 @@ class RunLogger:
         # None lets wandb make a new id; a resumed run continues the W&B run it started
         run_id = id_file.read_text().strip() if resume and id_file.is_file() else None
         kwargs = dict(project=project, entity=entity, name=run_name, tags=tags, config=config or {},
-                      dir=str(self.run_dir), id=run_id, resume="allow",
-                      settings=wandb.Settings(silent=True))
+                      dir=str(self.run_dir), id=run_id, resume="allow")
+        if self.wandb_mode == "online":  # without network this waits: say so instead of hanging silently
+            print(f"W&B online: connecting (up to {WANDB_INIT_TIMEOUT_S:.0f} s, then offline)", file=sys.stderr,
+                  flush=True)
         try:
-            run = wandb.init(mode=self.wandb_mode, **kwargs)
+            run = wandb.init(mode=self.wandb_mode, settings=wandb.Settings(silent=True, init_timeout=WANDB_INIT_TIMEOUT_S),
+                             **kwargs)
         except Exception as e:  # no login / no network: keep the run, keep its W&B record locally
             if self.wandb_mode != "online":
                 raise
@@ -160,7 +164,7 @@ class RunLogger:
             print(f"W&B online failed ({first}); logging offline to {self.run_dir / 'wandb'} instead "
                   f"(`wandb login`, then `wandb sync`)", file=sys.stderr)
             self.wandb_mode = "offline"
-            run = wandb.init(mode="offline", **kwargs)
+            run = wandb.init(mode="offline", settings=wandb.Settings(silent=True), **kwargs)
         id_file.write_text(run.id + "\n")
         return run
 

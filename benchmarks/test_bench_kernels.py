@@ -1,56 +1,56 @@
-"""Kernel benchmarks (pytest-benchmark; CUDA only): `pytest benchmarks/test_bench_kernels.py --benchmark-only`.
+"""Kernel benchmarks (CUDA only): `pytest benchmarks/test_bench_kernels.py --benchmark-only`.
 
-quantize: Triton kernel vs the torch reference vs a native float8 round trip, 64M elements.
-scaled_matmul: pre-quantized, cast-then-matmul, in-loop quantization and real FP8 vs torch's bf16
-matmul (cuBLAS) at GPT-small shapes (M = 12 * 256 tokens) and 4096^3. Every timed function ends with
-torch.cuda.synchronize(); each result's extra_info carries its ratio to the bf16 matmul (or, for
-quantize, its effective bandwidth) measured in the same run.
+quantize: the cast kernel (64M bf16 elements, stats on, as QuantizedLinear runs it) against a plain
+device copy of the same bytes (the bandwidth ceiling) and torch's native float8 round trip.
+matmul: for each GEMM of a Linear layer (forward, dgrad, wgrad layouts, as QuantizedLinear passes
+them) at GPT-small shapes and 4096^3, the Triton kernel (its fixed tile, and autotuned over the same
+list) against cuBLAS bf16 (`torch.mm`, fp32 output) on the same format-domain operands — both are
+exact products with fp32 accumulation, so the faster one can serve the shape; plus in-loop
+quantization and real FP8 (Triton, and cuBLAS `torch._scaled_mm`) for the forward GEMM.
+
+Same clock everywhere: `triton.testing.do_bench` (CUDA events, L2 flushed, median). extra_info (also
+printed as a RESULT line as soon as it is measured) holds the device time and its ratio to the cuBLAS
+bf16 side of the same GEMM (or the GB/s), measured in the same run; pytest-benchmark's columns are
+wall-clock per synchronized call (launch overhead included).
 """
 
 import pytest
 import torch
-import triton.testing
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="kernel benchmarks need a CUDA GPU")
+
+import triton.testing  # noqa: E402
 
 from altgrad.formats import get_format  # noqa: E402
 from altgrad.kernels import quantize as kq  # noqa: E402
 from altgrad.kernels import scaled_matmul as ksm  # noqa: E402
-from altgrad.quantize import quantize_with_stats  # noqa: E402
 
 N_QUANT = 64 * 2**20
-MATMUL_SHAPES = {  # name: (M, N, K), C (M, N) = A (M, K) @ B (N, K)^T
-    "gpt-small fc 384->1536": (3072, 1536, 384),
-    "gpt-small proj 1536->384": (3072, 384, 1536),
-    "gpt-small qkv 384->1152": (3072, 1152, 384),
+LINEARS = {  # name: (tokens M, in_features K, out_features N)
+    "gpt-small c_fc 384->1536": (3072, 384, 1536),
+    "gpt-small c_proj 1536->384": (3072, 1536, 384),
+    "gpt-small c_attn 384->1152": (3072, 384, 1152),
     "4096^3": (4096, 4096, 4096),
 }
+GEMMS = ("fwd", "dgrad", "wgrad")
 
 
-def _synced(fn):
-    def run():
-        out = fn()
-        torch.cuda.synchronize()
-        return out
-    return run
-
-
-def _bench(benchmark, fn, rounds=30):
-    """Warm up (autotune, compile) outside the timing, then time `rounds` synchronized calls."""
+def _device_ms(fn) -> float:
     fn()
     torch.cuda.synchronize()
-    benchmark.pedantic(_synced(fn), rounds=rounds, warmup_rounds=3, iterations=1)
-    return benchmark.stats.stats.median  # seconds
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def _wall(benchmark, fn, rounds=20):
+    def run():
+        fn()
+        torch.cuda.synchronize()
+    benchmark.pedantic(run, rounds=rounds, warmup_rounds=2, iterations=1)
 
 
 def _fields(name):
     f = get_format(name)
     return dict(exp_bits=f.exp_bits, man_bits=f.man_bits, bias=f.bias, specials=f.specials)
-
-
-def _fmt_tuple(name):
-    f = get_format(name)
-    return (f.exp_bits, f.man_bits, f.bias, f.specials)
 
 
 # -- quantize ---------------------------------------------------------------------------------------
@@ -60,143 +60,152 @@ def quant_input():
     return x, torch.tensor(100.0, device="cuda")
 
 
-@pytest.mark.parametrize("fmt,rounding", [("E4M3", "nearest"), ("E5M2", "nearest"), ("E2M5", "nearest"),
-                                          ("E7M0", "nearest"), ("E4M3", "stochastic")])
-def test_quantize_triton(benchmark, quant_input, fmt, rounding):
-    x, scale = quant_input
-    benchmark.group = "quantize 64M bf16"
-    fn = lambda: kq.quantize(x, scale, **_fields(fmt), rounding=rounding, out_dq=False)  # noqa: E731
-    t = _bench(benchmark, fn)
-    benchmark.extra_info["GB/s"] = round(x.numel() * 4 / t / 1e9)  # read bf16 x, write bf16 q
+def _gbs(benchmark, n_bytes, fn):
+    ms = _device_ms(fn)
+    benchmark.extra_info["device_ms"] = round(ms, 4)
+    benchmark.extra_info["GB/s"] = round(n_bytes / ms / 1e6)
+    _print(benchmark)
+    _wall(benchmark, fn)
 
 
-def test_quantize_torch_reference(benchmark, quant_input):
+def _print(benchmark):
+    """The result line, as soon as it is measured (`pytest -s` keeps it if the run is cut off)."""
+    print(f"\nRESULT {benchmark.name} {benchmark.extra_info}", flush=True)
+
+
+@pytest.mark.parametrize("fmt,rounding,stats", [
+    ("E4M3", "nearest", True), ("E4M3", "nearest", False), ("E5M2", "nearest", True), ("E2M5", "nearest", True),
+    ("E7M0", "nearest", True), ("E4M3", "stochastic", True)])
+def test_quantize_triton(benchmark, quant_input, fmt, rounding, stats):
+    """Effective bandwidth: read bf16 x, write bf16 q (4 bytes per element)."""
     x, scale = quant_input
     benchmark.group = "quantize 64M bf16"
-    t = _bench(benchmark, lambda: quantize_with_stats(x, "E4M3", scale, backend="torch"), rounds=5)
-    benchmark.extra_info["GB/s"] = round(x.numel() * 4 / t / 1e9)
+    _gbs(benchmark, x.numel() * 4, lambda: kq.quantize(x, scale, **_fields(fmt), rounding=rounding, seed=7,
+                                                       out_dq=False, stats=stats))
+
+
+def test_quantize_device_copy_ceiling(benchmark, quant_input):
+    x, _ = quant_input
+    y = torch.empty_like(x)
+    benchmark.group = "quantize 64M bf16"
+    _gbs(benchmark, x.numel() * 4, lambda: y.copy_(x))
 
 
 def test_quantize_native_float8_round_trip(benchmark, quant_input):
     x, scale = quant_input
     benchmark.group = "quantize 64M bf16"
-    inv = torch.reciprocal(scale)
-    fn = lambda: ((x * scale).to(torch.float8_e4m3fn).to(torch.bfloat16) * inv)  # noqa: E731
-    t = _bench(benchmark, fn)
-    benchmark.extra_info["GB/s"] = round(x.numel() * 4 / t / 1e9)
+    _gbs(benchmark, x.numel() * 4, lambda: (x * scale).to(torch.float8_e4m3fn).to(torch.bfloat16))
 
 
-# -- scaled_matmul ----------------------------------------------------------------------------------
-_BF16_BASE = {}  # shape name -> median seconds of torch bf16 matmul in this run
+# -- matmul per GEMM --------------------------------------------------------------------------------
+_CUBLAS_MS = {}  # (linear, gemm) -> device ms of cuBLAS bf16 on the format-domain operands, this run
 
 
-def _operands(shape_name):
-    M, N, K = MATMUL_SHAPES[shape_name]
+def _operands(linear, gemm):
+    """(A, B, inv_a, inv_b) of one GEMM of the layer, format-domain bf16 views as QuantizedLinear passes
+    them: fwd x_q @ w_q^T, dgrad g_q @ w_q, wgrad g_q^T @ x_q."""
+    M, K, N = LINEARS[linear]
     g = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, generator=g)
-    w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02
-    return x, w
+    e4m3, e5m2 = _fields("E4M3"), _fields("E5M2")
+    x = torch.randn(M, K, device="cuda", generator=g)
+    w = torch.randn(N, K, device="cuda", generator=g) * 0.02
+    dy = torch.randn(M, N, device="cuda", generator=g) * 1e-3
+    s = {n: torch.tensor(v, device="cuda") for n, v in (("x", 100.0), ("w", 1e4), ("g", 1e6))}
+    xq = kq.quantize(x, s["x"], **e4m3, out_dq=False, stats=False).q
+    wq = kq.quantize(w, s["w"], **e4m3, out_dq=False, stats=False).q
+    gq = kq.quantize(dy, s["g"], **e5m2, out_dq=False, stats=False).q
+    inv = {n: torch.reciprocal(v) for n, v in s.items()}
+    return {"fwd": (xq, wq, inv["x"], inv["w"]), "dgrad": (gq, wq.t(), inv["g"], inv["w"]),
+            "wgrad": (gq.t(), xq.t(), inv["g"], inv["x"])}[gemm]
 
 
-def _bf16_base(shape_name):
-    if shape_name not in _BF16_BASE:
-        x, w = _operands(shape_name)
-        _BF16_BASE[shape_name] = triton.testing.do_bench(lambda: x @ w.T, return_mode="median") / 1e3  # s
-    return _BF16_BASE[shape_name]
+def _cublas(a, b):
+    try:  # fp32 output, as the Triton kernel (torch >= 2.8 on CUDA)
+        return torch.mm(a, b.t(), out_dtype=torch.float32)
+    except (TypeError, RuntimeError, NotImplementedError):
+        return torch.mm(a, b.t())
 
 
-def _record(benchmark, shape_name, t):
-    M, N, K = MATMUL_SHAPES[shape_name]
-    benchmark.extra_info["TFLOP/s"] = round(2 * M * N * K / t / 1e12, 1)
-    benchmark.extra_info["ratio_vs_bf16"] = round(t / _bf16_base(shape_name), 3)
+def _ratio(benchmark, key, ms):
+    benchmark.extra_info["device_ms"] = round(ms, 4)
+    if key not in _CUBLAS_MS:
+        a, b, _, _ = _operands(*key)
+        _CUBLAS_MS[key] = _device_ms(lambda: _cublas(a, b))
+    benchmark.extra_info["ratio_vs_cublas_bf16"] = round(ms / _CUBLAS_MS[key], 3)
+    M, N, K = key_mnk(key)
+    benchmark.extra_info["TFLOP/s"] = round(2 * M * N * K / ms / 1e9, 1)
+    _print(benchmark)
 
 
-def _scales(x, w, fmt):
-    f = get_format(fmt)
-    return (torch.tensor(f.max / 4, device="cuda") / x.abs().amax().float(),
-            torch.tensor(f.max / 4, device="cuda") / w.abs().amax().float())
+def key_mnk(key):
+    M, K, N = LINEARS[key[0]]
+    return {"fwd": (M, N, K), "dgrad": (M, K, N), "wgrad": (N, K, M)}[key[1]]
 
 
-@pytest.mark.parametrize("shape_name", MATMUL_SHAPES)
-def test_matmul_torch_bf16(benchmark, shape_name):
-    x, w = _operands(shape_name)
-    benchmark.group = f"matmul {shape_name}"
-    _record(benchmark, shape_name, _bench(benchmark, lambda: x @ w.T))
+@pytest.mark.parametrize("gemm", GEMMS)
+@pytest.mark.parametrize("linear", LINEARS)
+def test_matmul_cublas_bf16(benchmark, linear, gemm):
+    a, b, _, _ = _operands(linear, gemm)
+    benchmark.group = f"matmul {linear} {gemm}"
+    fn = lambda: _cublas(a, b)  # noqa: E731
+    _CUBLAS_MS[(linear, gemm)] = _device_ms(fn)
+    _ratio(benchmark, (linear, gemm), _CUBLAS_MS[(linear, gemm)])
+    benchmark.extra_info["fp32_output"] = _cublas(a, b).dtype == torch.float32
+    _wall(benchmark, fn)
 
 
-@pytest.mark.parametrize("shape_name", MATMUL_SHAPES)
-def test_matmul_prequantized(benchmark, shape_name):
-    """The matmul alone, on operands already cast (weights cached per step, inputs cast upstream)."""
-    x, w = _operands(shape_name)
-    sx, sw = _scales(x, w, "E4M3")
-    xq = kq.quantize(x, sx, **_fields("E4M3"), out_dq=False, stats=False).q
-    wq = kq.quantize(w, sw, **_fields("E4M3"), out_dq=False, stats=False).q
-    ix, iw = torch.reciprocal(sx), torch.reciprocal(sw)
-    benchmark.group = f"matmul {shape_name}"
-    _record(benchmark, shape_name, _bench(benchmark, lambda: ksm.scaled_matmul(xq, wq, ix, iw,
-                                                                               out_dtype=torch.bfloat16)))
+@pytest.mark.parametrize("autotune", [False, True], ids=["fixed-tile", "autotuned"])
+@pytest.mark.parametrize("gemm", GEMMS)
+@pytest.mark.parametrize("linear", LINEARS)
+def test_matmul_triton(benchmark, linear, gemm, autotune):
+    a, b, ia, ib = _operands(linear, gemm)
+    benchmark.group = f"matmul {linear} {gemm}"
+    fn = lambda: ksm.scaled_matmul(a, b, ia, ib, autotune=autotune)  # noqa: E731
+    _ratio(benchmark, (linear, gemm), _device_ms(fn))
+    M, N, _ = key_mnk((linear, gemm))
+    benchmark.extra_info["fixed_tile"] = list(ksm.pick_config("bf16", M, N))
+    _wall(benchmark, fn)
 
 
-@pytest.mark.parametrize("fmt", ["E4M3", "E2M5"])
-@pytest.mark.parametrize("shape_name", MATMUL_SHAPES)
-def test_matmul_cast_then_matmul(benchmark, shape_name, fmt):
-    """Both operands cast with the quantize kernel (stats included), then the matmul."""
-    x, w = _operands(shape_name)
-    sx, sw = _scales(x, w, fmt)
-
-    def fn():
-        xq = kq.quantize(x, sx, **_fields(fmt), out_dq=False)
-        wq = kq.quantize(w, sw, **_fields(fmt), out_dq=False)
-        return ksm.scaled_matmul(xq.q, wq.q, torch.reciprocal(sx), torch.reciprocal(sw), out_dtype=torch.bfloat16)
-
-    benchmark.group = f"matmul {shape_name}"
-    _record(benchmark, shape_name, _bench(benchmark, fn))
-
-
-@pytest.mark.parametrize("operands", ["A", "A and B"])
-@pytest.mark.parametrize("fmt", ["E4M3", "E2M5"])
-@pytest.mark.parametrize("shape_name", MATMUL_SHAPES)
-def test_matmul_in_loop(benchmark, shape_name, fmt, operands):
-    """Fused quantize-scale-matmul: A (and B) rounded in registers inside the kernel."""
-    x, w = _operands(shape_name)
-    sx, sw = _scales(x, w, fmt)
-    f = _fmt_tuple(fmt)
-    if operands == "A":
-        wq = kq.quantize(w, sw, **_fields(fmt), out_dq=False, stats=False).q
-        iw = torch.reciprocal(sw)
-        fn = lambda: ksm.scaled_matmul(x, wq, None, iw, fmt_a=f, scale_a=sx, out_dtype=torch.bfloat16)  # noqa
-    else:
-        fn = lambda: ksm.scaled_matmul(x, w, fmt_a=f, scale_a=sx, fmt_b=f, scale_b=sw,  # noqa: E731
-                                       out_dtype=torch.bfloat16)
-    benchmark.group = f"matmul {shape_name}"
-    _record(benchmark, shape_name, _bench(benchmark, fn))
+@pytest.mark.parametrize("linear", LINEARS)
+def test_matmul_in_loop_input(benchmark, linear):
+    """The evaluation forward: x (fp32) rounded to E4M3 inside the matmul, cached w_q."""
+    M, K, N = LINEARS[linear]
+    _, wq, _, iw = _operands(linear, "fwd")
+    x = torch.randn(M, K, device="cuda")
+    sx = torch.tensor(100.0, device="cuda")
+    f = get_format("E4M3")
+    benchmark.group = f"matmul {linear} fwd"
+    fn = lambda: ksm.scaled_matmul(x, wq, None, iw, fmt_a=(f.exp_bits, f.man_bits, f.bias, f.specials),  # noqa
+                                   scale_a=sx)
+    _ratio(benchmark, (linear, "fwd"), _device_ms(fn))
+    _wall(benchmark, fn)
 
 
 _FP8 = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
 
 
-def _fp8_operands(shape_name):
-    """E4M3 operands as real float8 tensors (x·scale cast by torch) and their inverse scales."""
-    x, w = _operands(shape_name)
-    sx, sw = _scales(x, w, "E4M3")
-    x8, w8 = (x.float() * sx).to(torch.float8_e4m3fn), (w.float() * sw).to(torch.float8_e4m3fn)
-    return x8, w8, torch.reciprocal(sx), torch.reciprocal(sw)
+def _fp8_operands(linear):
+    a, b, ia, ib = _operands(linear, "fwd")
+    return a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn), ia, ib  # exact: E4M3 values
 
 
 @pytest.mark.skipif(not _FP8, reason="FP8 tensor cores need sm_89+")
-@pytest.mark.parametrize("shape_name", MATMUL_SHAPES)
-def test_matmul_fp8_triton(benchmark, shape_name):
-    x8, w8, ix, iw = _fp8_operands(shape_name)
-    benchmark.group = f"matmul {shape_name}"
-    _record(benchmark, shape_name, _bench(benchmark, lambda: ksm.scaled_matmul(x8, w8, ix, iw, fp8=True,
-                                                                               out_dtype=torch.bfloat16)))
+@pytest.mark.parametrize("linear", LINEARS)
+def test_matmul_fp8_triton(benchmark, linear):
+    a8, b8, ia, ib = _fp8_operands(linear)
+    benchmark.group = f"matmul {linear} fwd"
+    fn = lambda: ksm.scaled_matmul(a8, b8, ia, ib, fp8=True)  # noqa: E731
+    _ratio(benchmark, (linear, "fwd"), _device_ms(fn))
+    _wall(benchmark, fn)
 
 
 @pytest.mark.skipif(not _FP8, reason="FP8 tensor cores need sm_89+")
-@pytest.mark.parametrize("shape_name", MATMUL_SHAPES)
-def test_matmul_fp8_torch_scaled_mm(benchmark, shape_name):
-    """cuBLAS FP8 (torch._scaled_mm) for comparison: the real-hardware ceiling."""
-    x8, w8, ix, iw = _fp8_operands(shape_name)
-    benchmark.group = f"matmul {shape_name}"
-    fn = lambda: torch._scaled_mm(x8, w8.t(), scale_a=ix, scale_b=iw, out_dtype=torch.bfloat16)  # noqa: E731
-    _record(benchmark, shape_name, _bench(benchmark, fn))
+@pytest.mark.parametrize("linear", LINEARS)
+def test_matmul_fp8_cublas_scaled_mm(benchmark, linear):
+    """cuBLAS FP8 (torch._scaled_mm, fp32 output): the real-hardware ceiling."""
+    a8, b8, ia, ib = _fp8_operands(linear)
+    benchmark.group = f"matmul {linear} fwd"
+    fn = lambda: torch._scaled_mm(a8, b8.t(), scale_a=ia, scale_b=ib, out_dtype=torch.float32)  # noqa: E731
+    _ratio(benchmark, (linear, "fwd"), _device_ms(fn))
+    _wall(benchmark, fn)

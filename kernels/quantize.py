@@ -38,6 +38,7 @@ TRITON_INTERPRET=1) and, with CUDA, a bandwidth benchmark.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import warnings
@@ -78,42 +79,63 @@ def round_fp32_to_format(v, rbits, EXP_BITS: tl.constexpr, MAN_BITS: tl.constexp
     HAS_INF: tl.constexpr = SPECIALS == 0 or SPECIALS == 3
     HAS_NEG_ZERO: tl.constexpr = SPECIALS == 0 or SPECIALS == 1 or SPECIALS == 4
     EMIN: tl.constexpr = 1 - BIAS
-    # an exponent this large gives a code >= 2**(E+M), past every format's max: clamping e here
-    # keeps `wide` inside int32 without changing any result
+    # 2**E_HI is past every value of the format (one binade past the top exponent code)
     E_HI: tl.constexpr = (1 << EXP_BITS) - BIAS
+    # fp32 bits of the largest finite value
+    MAX_BITS: tl.constexpr = ((((MAX_CODE >> MAN_BITS) + (127 - BIAS)) << 23) | ((MAX_CODE & ((1 << MAN_BITS) - 1)) << (23 - MAN_BITS))) \
+        if MAX_CODE >= (1 << MAN_BITS) else 0
+    # the magic constant 1.5 * 2**(e - M + 23) must stay a finite fp32 number up to e = E_HI
+    MAGIC: tl.constexpr = ROUNDING == 0 and MAX_CODE >= (1 << MAN_BITS) and E_HI - MAN_BITS + 23 <= 127
 
     bits = v.to(tl.int32, bitcast=True)
     a = bits & 0x7FFFFFFF
     is_nan = a > 0x7F800000
-    fe = a >> 23
-    sig = (a & 0x7FFFFF) | tl.where(fe != 0, 0x800000, 0)
-    e = tl.minimum(tl.maximum(fe, 1) - 127, E_HI)  # fp32 subnormals share the smallest normal exponent
-    normal = e >= EMIN
-    wide = tl.where(normal, ((e + (BIAS - 1)) << 23) + sig, sig)
-    shift = tl.where(normal, 23 - MAN_BITS, 23 - MAN_BITS + (EMIN - e))
-    if ROUNDING == 1:
-        # keep at most 32 bits below the code's LSB (truncating the rest: bias < 2**-32 of a quantum),
-        # then add as many uniform random bits; shifts >= 56 give 0 either way, capping keeps them defined
-        shift = tl.minimum(shift, 60)
-        drop = tl.maximum(shift - 32, 0)
-        w64 = wide.to(tl.int64) >> drop
-        s2 = shift - drop
-        r = rbits.to(tl.int64) >> (32 - s2)  # uint32 -> int64 zero-extends
-        code = ((w64 + r) >> s2).to(tl.int32)
+    if MAGIC:
+        # nearest by the fp32 adder: C + m lies in a binade whose spacing is the format's quantum
+        # 2**(e - M) and C is an even multiple of it, so IEEE round-half-even rounds m to the
+        # nearest multiple, ties to the even code; inf and huge values are clamped to 2**E_HI first
+        mb = tl.minimum(a, (E_HI + 127) << 23)
+        e = (mb >> 23) - 127
+        c = ((tl.maximum(e, EMIN) + (150 - MAN_BITS)) << 23) | 0x400000
+        cf = c.to(tl.float32, bitcast=True)
+        r = (mb.to(tl.float32, bitcast=True) + cf) - cf
+        mag = r.to(tl.int32, bitcast=True)
+        if MAN_BITS == 0:
+            # codes are exponents: a tie 1.5 * 2**e goes to the even biased exponent, not always up
+            tie = ((mb & 0x7FFFFF) == 0x400000) & (e >= EMIN) & (((e + BIAS) & 1) == 0)
+            mag = tl.where(tie, mb & 0x7F800000, mag)
+        overflow = (mag > MAX_BITS) & (~is_nan)
+        if SATURATE:
+            mag = tl.where(overflow, MAX_BITS, mag)
     else:
-        # wide < 2**24 on the subnormal path, so any shift >= 25 rounds to 0: cap at 30 (int32-safe)
-        shift = tl.minimum(shift, 30)
-        code = (wide + ((1 << (shift - 1)) - 1) + ((wide >> shift) & 1)) >> shift
-    overflow = (code > MAX_CODE) & (~is_nan)
-    if SATURATE:
-        code = tl.minimum(code, MAX_CODE)
-
-    # code -> fp32 bits: normal codes map onto fp32's fields directly; subnormal codes are
-    # code * 2**(EMIN - MAN_BITS), built by adding to the exponent field of float(code)
-    mag_normal = (code << (23 - MAN_BITS)) + ((127 - BIAS) << 23)
-    c_bits = code.to(tl.float32).to(tl.int32, bitcast=True)
-    mag_sub = tl.where(code == 0, 0, c_bits + ((EMIN - MAN_BITS) << 23))
-    mag = tl.where(code >= (1 << MAN_BITS), mag_normal, mag_sub)
+        fe = a >> 23
+        sig = (a & 0x7FFFFF) | tl.where(fe != 0, 0x800000, 0)
+        e = tl.minimum(tl.maximum(fe, 1) - 127, E_HI)  # fp32 subnormals share the smallest normal exponent
+        normal = e >= EMIN
+        wide = tl.where(normal, ((e + (BIAS - 1)) << 23) + sig, sig)
+        shift = tl.where(normal, 23 - MAN_BITS, 23 - MAN_BITS + (EMIN - e))
+        if ROUNDING == 1:
+            # keep at most 32 bits below the code's LSB (truncating the rest: bias < 2**-32 of a
+            # quantum), then add as many uniform random bits; shifts >= 56 give 0 either way
+            shift = tl.minimum(shift, 60)
+            drop = tl.maximum(shift - 32, 0)
+            w64 = wide.to(tl.int64) >> drop
+            s2 = shift - drop
+            r = rbits.to(tl.int64) >> (32 - s2)  # uint32 -> int64 zero-extends
+            code = ((w64 + r) >> s2).to(tl.int32)
+        else:
+            # wide < 2**24 on the subnormal path, so any shift >= 25 rounds to 0: cap at 30 (int32-safe)
+            shift = tl.minimum(shift, 30)
+            code = (wide + ((1 << (shift - 1)) - 1) + ((wide >> shift) & 1)) >> shift
+        overflow = (code > MAX_CODE) & (~is_nan)
+        if SATURATE:
+            code = tl.minimum(code, MAX_CODE)
+        # code -> fp32 bits: normal codes map onto fp32's fields directly; subnormal codes are
+        # code * 2**(EMIN - MAN_BITS), built by adding to the exponent field of float(code)
+        mag_normal = (code << (23 - MAN_BITS)) + ((127 - BIAS) << 23)
+        c_bits = code.to(tl.float32).to(tl.int32, bitcast=True)
+        mag_sub = tl.where(code == 0, 0, c_bits + ((EMIN - MAN_BITS) << 23))
+        mag = tl.where(code >= (1 << MAN_BITS), mag_normal, mag_sub)
     if not SATURATE:
         mag = tl.where(overflow, 0x7F800000 if HAS_INF else 0x7FC00000, mag)
     # -0 only where the format has it; NaN stays (a positive quiet) NaN in every format
@@ -155,52 +177,93 @@ def fp32_to_bf16_rne(y):
 
 @triton.jit
 def _quantize_kernel(x_ptr, q_ptr, dq_ptr, scale_ptr, inv_scale_ptr, amax_ptr, counts_ptr, seed_lo, seed_hi, N,
-                     S1, S2, S3, T0, T1, T2, T3,
+                     tiles_per_program, S1, S2, S3, T0, T1, T2, T3,
                      EXP_BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr,
                      SPECIALS: tl.constexpr, SATURATE: tl.constexpr, ROUNDING: tl.constexpr,
                      CONTIGUOUS: tl.constexpr, WRITE_Q: tl.constexpr, WRITE_DQ: tl.constexpr,
-                     STATS: tl.constexpr, DQ_BF16: tl.constexpr, DQ_MAX: tl.constexpr, BLOCK: tl.constexpr):
-    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # logical (row-major) index
-    mask = idx < N
-    if CONTIGUOUS:
-        src = idx
-    else:
-        # up to 4 collapsed dims with arbitrary strides (sizes S0..S3; S0 is implied by N)
-        i3 = idx % S3
-        rest = idx // S3
-        i2 = rest % S2
-        rest = rest // S2
-        src = (rest // S1) * T0 + (rest % S1) * T1 + i2 * T2 + i3 * T3
-    x = tl.load(x_ptr + src, mask=mask, other=0.0).to(tl.float32)
-    v = x * tl.load(scale_ptr)  # one fp32 multiply, as the reference
-    if ROUNDING == 1:
-        rbits = philox_u32(seed_lo, seed_hi, idx)  # keyed by the element's 64-bit index: reproducible
-    else:
-        rbits = v  # unused
-    q, overflow = round_fp32_to_format(v, rbits, EXP_BITS, MAN_BITS, BIAS, SPECIALS, SATURATE, ROUNDING)
-
-    if WRITE_Q:
-        tl.store(q_ptr + idx, q.to(tl.bfloat16), mask=mask)  # exact: q has <= 8 significant bits
-    if WRITE_DQ:
-        dq = q * tl.load(inv_scale_ptr)
-        if SATURATE:  # stay finite in the output dtype too (NaN compares false and passes)
-            dq = tl.where(dq > DQ_MAX, DQ_MAX, tl.where(dq < -DQ_MAX, -DQ_MAX, dq))
-        if DQ_BF16:
-            tl.store(dq_ptr + idx, fp32_to_bf16_rne(dq), mask=mask)
+                     STATS: tl.constexpr, X_BF16: tl.constexpr, DQ_BF16: tl.constexpr, DQ_MAX: tl.constexpr,
+                     BLOCK: tl.constexpr):
+    """Each program casts `tiles_per_program` consecutive BLOCK-element tiles, keeps its stats in
+    per-lane int32 registers, and reduces them once: one atomic per counter per program."""
+    scale = tl.load(scale_ptr)
+    inv_scale = tl.load(inv_scale_ptr)
+    amax_acc = tl.zeros([BLOCK], dtype=tl.int32)
+    n_overflow = tl.zeros([BLOCK], dtype=tl.int32)
+    n_underflow = tl.zeros([BLOCK], dtype=tl.int32)
+    n_nonzero = tl.zeros([BLOCK], dtype=tl.int32)
+    n_nan = tl.zeros([BLOCK], dtype=tl.int32)
+    first = tl.program_id(0).to(tl.int64) * tiles_per_program
+    for t in range(0, tiles_per_program):
+        idx = (first + t) * BLOCK + tl.arange(0, BLOCK)  # logical (row-major) index
+        mask = idx < N
+        if CONTIGUOUS:
+            src = idx
         else:
-            tl.store(dq_ptr + idx, dq.to(dq_ptr.dtype.element_ty), mask=mask)  # fp32, or fp16 (RNE)
+            # up to 4 collapsed dims with arbitrary strides (sizes S0..S3; S0 is implied by N)
+            i3 = idx % S3
+            rest = idx // S3
+            i2 = rest % S2
+            rest = rest // S2
+            src = (rest // S1) * T0 + (rest % S1) * T1 + i2 * T2 + i3 * T3
+        if X_BF16:
+            # bf16 arrives as its int16 bits: widening by a shift is exact for subnormals on every
+            # backend (the interpreter's bf16 -> fp32 conversion flushes them)
+            x = (tl.load(x_ptr + src, mask=mask, other=0).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+        else:
+            x = tl.load(x_ptr + src, mask=mask, other=0.0).to(tl.float32)
+        v = x * scale  # one fp32 multiply, as the reference
+        if ROUNDING == 1:
+            rbits = philox_u32(seed_lo, seed_hi, idx)  # keyed by the element's 64-bit index: reproducible
+        else:
+            rbits = v  # unused
+        q, overflow = round_fp32_to_format(v, rbits, EXP_BITS, MAN_BITS, BIAS, SPECIALS, SATURATE, ROUNDING)
+
+        if WRITE_Q:
+            tl.store(q_ptr + idx, q.to(tl.bfloat16), mask=mask)  # exact: q has <= 8 significant bits
+        if WRITE_DQ:
+            dq = q * inv_scale
+            if SATURATE:  # stay finite in the output dtype too (NaN compares false and passes)
+                dq = tl.where(dq > DQ_MAX, DQ_MAX, tl.where(dq < -DQ_MAX, -DQ_MAX, dq))
+            if DQ_BF16:
+                tl.store(dq_ptr + idx, fp32_to_bf16_rne(dq), mask=mask)
+            else:
+                tl.store(dq_ptr + idx, dq.to(dq_ptr.dtype.element_ty), mask=mask)  # fp32, or fp16 (RNE)
+        if STATS:
+            # masked lanes load 0, which counts as nothing
+            is_nan = v != v
+            nonzero = (v != 0) & (~is_nan)
+            n_overflow += overflow.to(tl.int32)
+            n_underflow += (nonzero & (q == 0)).to(tl.int32)
+            n_nonzero += nonzero.to(tl.int32)
+            n_nan += is_nan.to(tl.int32)
+            # non-negative floats order like their int32 bit patterns: max on the bits
+            amax_acc = tl.maximum(amax_acc, tl.where(is_nan, 0, x.to(tl.int32, bitcast=True) & 0x7FFFFFFF))
     if STATS:
-        # masked lanes load 0, which counts as nothing
-        is_nan = v != v
-        nonzero = (v != 0) & (~is_nan)
-        underflow = nonzero & (q == 0)
-        # non-negative floats order like their int32 bit patterns: atomic_max on the bits
-        abs_bits = tl.where(x != x, 0, tl.abs(x).to(tl.int32, bitcast=True))
-        tl.atomic_max(amax_ptr, tl.max(abs_bits, axis=0))
-        tl.atomic_add(counts_ptr + 0, tl.sum(overflow.to(tl.int64), axis=0))
-        tl.atomic_add(counts_ptr + 1, tl.sum(underflow.to(tl.int64), axis=0))
-        tl.atomic_add(counts_ptr + 2, tl.sum(nonzero.to(tl.int64), axis=0))
-        tl.atomic_add(counts_ptr + 3, tl.sum(is_nan.to(tl.int64), axis=0))
+        tl.atomic_max(amax_ptr, tl.max(amax_acc, axis=0), sem="relaxed")
+        tl.atomic_add(counts_ptr + 0, tl.sum(n_overflow.to(tl.int64), axis=0), sem="relaxed")
+        tl.atomic_add(counts_ptr + 1, tl.sum(n_underflow.to(tl.int64), axis=0), sem="relaxed")
+        tl.atomic_add(counts_ptr + 2, tl.sum(n_nonzero.to(tl.int64), axis=0), sem="relaxed")
+        tl.atomic_add(counts_ptr + 3, tl.sum(n_nan.to(tl.int64), axis=0), sem="relaxed")
+
+
+def _grid(n: int, block: int, device) -> tuple[int, int]:
+    """(programs, tiles per program): about PROGRAMS_PER_SM programs per SM on a GPU, each looping over
+    consecutive tiles (the interpreter uses at most 2 programs, so the loop is exercised on the CPU)."""
+    tiles = triton.cdiv(n, block)
+    if _INTERPRET or device.type != "cuda":
+        cap = 2
+    else:
+        cap = PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    per_program = triton.cdiv(tiles, min(tiles, cap))
+    return triton.cdiv(tiles, per_program), per_program
+
+
+PROGRAMS_PER_SM = 4
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,12 +377,14 @@ def quantize(x: torch.Tensor, scale=None, *, exp_bits: int, man_bits: int, bias:
     if n:
         xs, contiguous, sizes, strides = _strided_args(x)
         block, warps = (65536, 1) if _INTERPRET else (2048, 8)
-        _quantize_kernel[(triton.cdiv(n, block),)](
-            xs, q if out_q else amax_bits, dq if out_dq else amax_bits, s, inv, amax_bits, counts,
-            seed & 0xFFFFFFFF, seed >> 32, n, *sizes, *strides,
+        programs, per_program = _grid(n, block, x.device)
+        _quantize_kernel[(programs,)](
+            xs.view(torch.int16) if x.dtype == torch.bfloat16 else xs, q if out_q else amax_bits, dq if out_dq else amax_bits, s, inv, amax_bits, counts,
+            seed & 0xFFFFFFFF, seed >> 32, n, per_program, *sizes, *strides,
             EXP_BITS=exp_bits, MAN_BITS=man_bits, BIAS=bias, SPECIALS=SPECIALS[specials],
             SATURATE=saturate, ROUNDING=ROUNDING[rounding], CONTIGUOUS=contiguous,
-            WRITE_Q=out_q, WRITE_DQ=out_dq, STATS=stats, DQ_BF16=x.dtype == torch.bfloat16,
+            WRITE_Q=out_q, WRITE_DQ=out_dq, STATS=stats, X_BF16=x.dtype == torch.bfloat16,
+            DQ_BF16=x.dtype == torch.bfloat16,
             DQ_MAX=torch.finfo(x.dtype).max,
             BLOCK=block, num_warps=warps)
     if not stats:

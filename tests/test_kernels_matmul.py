@@ -147,6 +147,63 @@ def test_reference_agrees_with_direct_float64(seeded):
     assert torch.equal(ref, want.float())
 
 
+@pytest.mark.parametrize("M,N,K", [(37, 53, 29), (64, 32, 33)])
+def test_int64_index_path(M, N, K, seeded, monkeypatch):
+    """The 64-bit index variant (chosen past 2**31 element offsets) computes the same products:
+    forced here on small operands by lowering the threshold."""
+    monkeypatch.setattr(ksm, "_INT32_LIMIT", 0)
+    g = torch.Generator().manual_seed(seeded)
+    x, w, dy = _problem(M, N, K, g)
+    sx, sw, sg = _scale_for(x, "E4M3"), _scale_for(w, "E4M3"), _scale_for(dy, "E5M2")
+    xq, wq, gq = _q(x, "E4M3", sx), _q(w, "E4M3", sw), _q(dy, "E5M2", sg)
+    ix, iw, ig = (torch.reciprocal(s) for s in (sx, sw, sg))
+    for a, b, ia, ib in ((xq, wq, ix, iw), (gq, wq.t(), ig, iw), (gq.t(), xq.t(), ig, ix)):
+        _check(ksm.scaled_matmul(a, b, ia, ib), a, b, ia, ib, None)
+    got = ksm.scaled_matmul(x, w, fmt_a=_fields("E4M3"), scale_a=sx, fmt_b=_fields("E4M3"), scale_b=sw)
+    _check(got, xq, wq, ix, iw, None)
+
+
+def test_int64_index_chosen_past_2_31_offsets():
+    """The host's offset bound: rows and columns rounded up by a tile, times the strides."""
+    assert ksm._max_offset(torch.empty(2**20, 2**10, device="meta")) < 2**31
+    big = torch.empty(2**21, 2**10, device="meta")  # 2**31 elements (meta: no storage)
+    assert ksm._max_offset(big) >= 2**31
+    assert ksm._max_offset(big.t()) >= 2**31
+
+
+@pytest.mark.parametrize("path", list(ksm.MATMUL_CONFIGS))
+def test_pick_config_is_a_function_of_the_shape(path):
+    """Deterministic tiles: the largest tile of the path giving >= 128 output tiles, else the
+    smallest; always one of the path's (compile-checked) configs."""
+    configs = ksm.MATMUL_CONFIGS[path]
+    for M, N in [(1, 1), (37, 53), (3072, 1536), (3072, 384), (1536, 384), (4096, 4096), (50304, 3072)]:
+        cfg = ksm.pick_config(path, M, N)
+        assert cfg in configs and cfg == ksm.pick_config(path, M, N)
+        tiles = [-(-M // c.block_m) * -(-N // c.block_n) for c in configs]
+        i = configs.index(cfg)
+        assert all(t < 128 for t in tiles[:i])
+        assert tiles[i] >= 128 or i == len(configs) - 1
+    assert ksm.pick_config(path, 1, 1) == configs[-1]
+
+
+def test_matmul_path_names():
+    assert [ksm.matmul_path(q, f) for q in (False, True) for f in (False, True)] == \
+        ["bf16", "fp8", "in_loop", "fp8_in_loop"]
+    assert ksm.matmul_path(True, False, aligned=False) == "in_loop/unaligned"
+    assert all(ksm.matmul_path(q, f, al) in ksm.MATMUL_CONFIGS for q in (0, 1) for f in (0, 1) for al in (0, 1)
+               if al or not f)  # FP8 refuses unaligned operands
+
+
+def test_alignment_decides_the_config_list():
+    """Vector loads need 16-byte addresses and strides (and M, N, K) in multiples of 16 elements."""
+    t = torch.zeros(64, 48)
+    assert ksm.is_aligned(t, t.t())
+    assert not ksm.is_aligned(torch.zeros(64, 50))  # row stride 50
+    assert not ksm.is_aligned(t[:, 1:])  # address 4 bytes past an aligned one
+    with pytest.raises(ValueError, match=r"MATMUL_CONFIGS\['bf16/unaligned'\]"):
+        ksm.scaled_matmul(_t(37, 29), _t(53, 29), config=ksm.MATMUL_CONFIGS["bf16"][0])
+
+
 # -- bad input ------------------------------------------------------------------------------------
 def _t(*shape, dtype=torch.float32):
     return torch.ones(*shape, dtype=dtype, device=DEVICE)
@@ -162,6 +219,8 @@ def _t(*shape, dtype=torch.float32):
     (lambda: ksm.scaled_matmul(_t(3, 4), _t(5, 4), scale_a=2.0), "scale_a is only used with fmt_a"),
     (lambda: ksm.scaled_matmul(_t(3, 4, dtype=torch.int32), _t(5, 4)), "a must be float32"),
     (lambda: ksm.scaled_matmul(_t(3, 4), _t(5, 4), inv_scale_b=_t(2)), "inv_scale_b must be"),
+    (lambda: ksm.scaled_matmul(_t(3, 4), _t(5, 4), config=ksm.MatmulConfig(16, 16, 16, 1, 1)),
+     "config must be one of MATMUL_CONFIGS"),
 ])
 def test_bad_arguments(call, match):
     with pytest.raises(ValueError, match=match):
@@ -182,7 +241,8 @@ def test_fp8_rejects_other_formats():
 # -- GPU only -------------------------------------------------------------------------------------
 @pytest.mark.cuda
 @pytest.mark.parametrize("M,N,K", [(3072, 1536, 384), (1000, 1000, 1000)])
-def test_cuda_autotuned_shapes(M, N, K, seeded):
+def test_cuda_large_tiles(M, N, K, seeded):
+    """Shapes that pick the paths' large tiles (the small test shapes pick the smallest)."""
     g = torch.Generator().manual_seed(seeded)
     x, w, _ = _problem(M, N, K, g)
     sx, sw = _scale_for(x, "E4M3"), _scale_for(w, "E4M3")
@@ -191,6 +251,20 @@ def test_cuda_autotuned_shapes(M, N, K, seeded):
     _check(got, xq, wq, torch.reciprocal(sx), torch.reciprocal(sw), None)
     fused = ksm.scaled_matmul(x, w, fmt_a=_fields("E4M3"), scale_a=sx, fmt_b=_fields("E4M3"), scale_b=sw)
     _check(fused, xq, wq, torch.reciprocal(sx), torch.reciprocal(sw), None)
+
+
+@pytest.mark.cuda
+def test_cuda_autotune_opt_in_and_deterministic_default(seeded):
+    """Default: the fixed tile, so repeated calls are bit-identical; autotune=True times the path's
+    configs and returns a result within the fp32 accumulation bound."""
+    g = torch.Generator().manual_seed(seeded)
+    x, w, _ = _problem(1000, 1000, 1000, g)
+    xq, wq = _q(x, "E4M3", 1.0), _q(w, "E4M3", 1.0)
+    one = torch.ones((), device=DEVICE)
+    first = ksm.scaled_matmul(xq, wq)
+    assert torch.equal(first, ksm.scaled_matmul(xq, wq))
+    assert torch.equal(first, ksm.scaled_matmul(xq, wq, config=ksm.pick_config("bf16", 1000, 1000)))
+    _check(ksm.scaled_matmul(xq, wq, autotune=True), xq, wq, one, one, None)
 
 
 @pytest.mark.cuda
@@ -217,3 +291,12 @@ def test_cuda_fp8_tensor_cores(layout, seeded):
     ref = (a.double() @ b.double().T) * ia.double() * ib.double()
     rel = ((got.double() - ref).norm() / ref.norm()).item()
     assert rel <= 1e-3, f"fp8 normwise relative error {rel:.2e}"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="FP8 tensor cores need sm_89+")
+def test_cuda_fp8_refuses_unaligned_operands():
+    a, b = _t(37, 64).to(torch.float8_e4m3fn), _t(64, 64).to(torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="fp8=True needs M, N, K that are multiples of 16"):
+        ksm.scaled_matmul(a, b, fp8=True)

@@ -5,10 +5,12 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from altgrad.formats import FORMAT_REGISTRY, get_format
 from altgrad.kernels import quantize as kq
-from altgrad.quantize import quantize_with_stats, round_to_format
+from altgrad.quantize import philox_bits, quantize_with_stats, round_to_format
 from oracles import all_bf16_values, log_spread_values, midpoint_values
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -204,6 +206,23 @@ def test_stats_accumulate_across_blocks():
     assert res.amax.item() == 900.0
 
 
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_programs_loop_over_tiles_and_reduce_once(rounding, seeded):
+    """Five tiles over two programs (the interpreter's cap): each program's stats, kept per lane across
+    its tiles, equal the reference's; the largest |x| and the NaNs sit in the last, partial tile."""
+    g = torch.Generator().manual_seed(seeded)
+    n = 65536 * 4 + 999
+    x = torch.randn(n, generator=g) * 100
+    x[-5:] = torch.tensor([math.nan, -math.nan, 5e4, 1e-12, 0.0])
+    for saturate in (True, False):
+        res = _kq(x.to(DEVICE), "E4M3", 0.5, rounding=rounding, saturate=saturate, seed=seeded)
+        ref, st = quantize_with_stats(x, "E4M3", 0.5, rounding=rounding, saturate=saturate, seed=seeded,
+                                      backend="torch")
+        _assert_bits_equal(res.dq, ref, "dq")
+        _assert_stats_equal(res, st)
+        assert res.amax.item() == 5e4
+
+
 # -- stochastic rounding ------------------------------------------------------------------------
 def _neighbours(f, v):
     """(lo, hi): the format values with lo <= |v| <= hi (hi = max past the range), as float64."""
@@ -268,6 +287,44 @@ def test_stochastic_overflow_without_saturation():
     q = res.q.float()
     assert bool(((q == f.max) | torch.isinf(q)).all())
     assert 0 < res.counts[0].item() < 4096 and res.counts[0].item() == int(torch.isinf(q).sum())
+
+
+@pytest.mark.parametrize("saturate", [True, False])
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_stochastic_bit_identical_to_the_reference(name, saturate, seeded):
+    """Same seed, same Philox draw per element, same bits as the torch reference: bf16 patterns,
+    midpoints, log-spread values (fp32 subnormals included), scaled, every output dtype."""
+    f = get_format(name)
+    g = torch.Generator().manual_seed(seeded)
+    v = torch.cat([all_bf16_values(), midpoint_values(f), log_spread_values(f, 20_000, g),
+                   torch.randint(1, 2**23, (2000,), generator=g, dtype=torch.int32).view(torch.float32)])
+    seed = (seeded * 2**33 + 11) % 2**64  # both key words in use
+    for dtype, step in ((torch.float32, 1), (torch.bfloat16, 5), (torch.float16, 5)):
+        x = v[::step].to(dtype).to(DEVICE)
+        res = _kq(x, f, 3.0, rounding="stochastic", saturate=saturate, seed=seed)
+        ref, st = quantize_with_stats(x, f, 3.0, rounding="stochastic", saturate=saturate, seed=seed,
+                                      backend="torch")
+        _assert_bits_equal(res.dq, ref, f"{name} {dtype} dq")
+        _assert_stats_equal(res, st)
+
+
+@triton.jit
+def _randint_kernel(out_ptr, seed, seed_lo, seed_hi, base, BLOCK: tl.constexpr):
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + i, kq.philox_u32(seed_lo, seed_hi, base + i).to(tl.int64) & 0xFFFFFFFF)
+    tl.store(out_ptr + BLOCK * tl.num_programs(0) + i, tl.randint(seed, base + i).to(tl.int64) & 0xFFFFFFFF)
+
+
+@pytest.mark.parametrize("seed", [0, 2**31 - 1, 2**40 + 3, 2**64 - 1])
+@pytest.mark.parametrize("base", [0, 2**31 - 256, 2**33])
+def test_philox_matches_triton_randint_and_the_torch_reference(seed, base):
+    """The kernel's Philox, Triton's tl.randint and altgrad.quantize.philox_bits agree on 64-bit
+    offsets (past 2**31 too) and 64-bit seeds."""
+    out = torch.empty(2 * 1024, dtype=torch.int64, device=DEVICE)
+    _randint_kernel[(4,)](out, seed, seed & 0xFFFFFFFF, seed >> 32, base, BLOCK=256)
+    ref = philox_bits(seed, torch.arange(base, base + 1024, dtype=torch.int64))
+    assert torch.equal(out[:1024].cpu(), ref), "kernel philox_u32 != reference"
+    assert torch.equal(out[1024:].cpu(), ref), "tl.randint != reference"
 
 
 # -- the file's own reference -----------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""QuantizedLinear (DESIGN §5): analytic gradients, SQNR bounds from mantissa bits, passthrough roles,
-weight cache, stats, state, errors; torch and Triton (interpreter) paths agree."""
+"""QuantizedLinear: analytic gradients, SQNR bounds from mantissa bits, passthrough roles, weight
+changes, empty batches, stats, state, stochastic-rounding stream, torch.compile, data parallel,
+errors; torch, fast and Triton (interpreter) paths agree."""
 
 import math
 
@@ -173,7 +174,7 @@ SCALINGS = ["delayed", "current", "none"]
 @pytest.mark.parametrize("shape", [(0, 37), (2, 0, 37), (0, 0, 37)])
 def test_empty_batch_like_nn_linear_and_state_unchanged(shape, scaling, backend):
     if backend == "triton" and torch.cuda.is_available():
-        pytest.skip("interpreter case: CPU tensors on the Triton path")
+        pytest.skip("interpreter only (CUDA present)")
     lin, ql = make(scaling=scaling, backend=backend, weight_grad=RoleConfig("E5M2", scaling=scaling))
     ql(torch.randn(6, 37) * 3).sum().backward()  # fill the histories
     ql.zero_grad()
@@ -278,7 +279,10 @@ def test_bad_input_errors():
 
 
 # -- the Triton path (interpreter on CPU; the same tests run on a GPU when one is present) ------
-DEVICES = [pytest.param("cpu", id="interpreter"), pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)]
+# with a GPU, tests/conftest.py leaves TRITON_INTERPRET unset and the kernels take CUDA tensors only
+INTERPRETER_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter only (CUDA present)")
+DEVICES = [pytest.param("cpu", id="interpreter", marks=INTERPRETER_ONLY),
+           pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)]
 
 
 def twin(device, fmt_i="E4M3", fmt_w="E4M3", fmt_g="E5M2", in_f=45, out_f=19, **kw):
@@ -315,7 +319,7 @@ def test_triton_path_matches_torch_path(device, fmts):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_eval_in_loop_quantization_matches_cast_path(device):
+def test_eval_forward_triton_matches_torch(device):
     _, (ref, tri) = twin(device)
     x = torch.randn(5, 45, device=device)
     ref(x), tri(x)  # one training call fills the delayed histories identically
@@ -325,7 +329,7 @@ def test_eval_in_loop_quantization_matches_cast_path(device):
     torch.testing.assert_close(y_tri, y_ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend,device", [("torch", "cpu"), ("triton", "cpu"),
+@pytest.mark.parametrize("backend,device", [("torch", "cpu"), pytest.param("triton", "cpu", marks=INTERPRETER_ONLY),
                                             pytest.param("triton", "cuda", marks=pytest.mark.cuda)])
 def test_e7m0_full_range_does_not_overflow_fp32_accumulation(backend, device):
     """E7M0 scales operands up to 2**62; 384 same-sign products near 2**123 overflow an fp32 sum
@@ -567,3 +571,85 @@ def test_compiled_quantized_gpt_trains_like_eager_bit_for_bit():
     assert all(torch.equal(v, s1[k]) for k, v in s0.items())
     assert all(torch.equal(v, st1[n][r][k]) or (v.isnan() and st1[n][r][k].isnan())
                for n in st0 for r in st0[n] for k, v in st0[n][r].items())
+
+
+# -- data parallel: amax max-reduced across ranks ------------------------------------------------
+def _ddp_worker(rank, world, port, out_path):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from altgrad.linear import sync_amax_history
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 32)
+    ql = QuantizedLinear(lin, layer_cfg("E4M3", "E4M3", "E5M2", scaling="delayed"), backend="torch")
+    model = DDP(ql, broadcast_buffers=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    g = torch.Generator().manual_seed(3)
+    scales = []
+    for step in range(3):
+        x = torch.randn(32, 16, generator=g) * (rank + 1)  # rank 1 sees twice rank 0's magnitudes
+        model(x).square().sum().backward()
+        sync_amax_history(ql)
+        opt.step(), opt.zero_grad()
+        scales.append({r: ql.scalers[r].scale.item() for r in ("input", "weight", "grad_output")})
+    hist = ql.scalers["input"].amax_history.history.clone()
+    gathered = [torch.zeros_like(hist) for _ in range(world)]
+    dist.all_gather(gathered, hist)
+    if rank == 0:
+        torch.save({"hist": gathered}, out_path)
+    torch.save({"scales": scales}, f"{out_path}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_data_parallel_ranks_share_the_max_amax(tmp_path):
+    """2-process gloo DDP, rank 1's inputs twice rank 0's: after each step every rank holds the
+    group's max amax, so from the second step on both quantize with the same scales: the scale of
+    the larger magnitudes, not rank 0's (with which rank 1 would overflow)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "ddp.pt")
+    mp.spawn(_ddp_worker, args=(2, port, out), nprocs=2, join=True)
+    hist = torch.load(out)["hist"]
+    assert torch.equal(hist[0], hist[1]) and hist[0][0] > 0
+    s0, s1 = (torch.load(f"{out}.{r}")["scales"] for r in (0, 1))
+    for step in (1, 2):  # step 0: empty histories, each rank's own amax
+        assert s0[step]["input"] == s1[step]["input"]
+        assert s0[step]["weight"] == s1[step]["weight"] and s0[step]["grad_output"] == s1[step]["grad_output"]
+    assert s0[0]["input"] != s1[0]["input"]  # the data really differ in magnitude across ranks
+    # step 1 scales from the max over both ranks' step-0 amaxes: rank 1's (larger) one
+    assert s0[1]["input"] == s1[1]["input"] == min(s0[0]["input"], s1[0]["input"])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_stochastic_rounding_draws_agree_between_torch_and_triton(device):
+    """The same sr_state gives the same Philox draws on the reference and the kernel path: equal
+    stats and state after forward and backward (outputs differ only by accumulation order)."""
+    torch.manual_seed(4)
+    base = nn.Linear(45, 19).to(device)
+    layers = []
+    for backend in ("torch", "triton"):
+        lin = nn.Linear(45, 19).to(device)
+        lin.load_state_dict(base.state_dict())
+        rcs = [RoleConfig(f, scaling="delayed", rounding="stochastic") for f in ("E4M3", "E3M4", "E5M2")]
+        layers.append(QuantizedLinear(lin, LayerQuantConfig(*rcs), backend=backend, seed=123))
+    x = torch.randn(3, 7, 45, device=device)
+    dy = torch.randn(3, 7, 19, device=device)
+    outs = []
+    for ql in layers:
+        for _ in range(2):
+            y = ql(x)
+            y.backward(dy)
+        outs.append(y.detach())
+    for role in ("input", "weight", "grad_output"):
+        for k, v in layers[0].stats[role].items():
+            assert torch.equal(v, layers[1].stats[role][k]), (role, k)
+    s0, s1 = layers[0].state_dict(), layers[1].state_dict()
+    assert all(torch.equal(v, s1[k]) for k, v in s0.items())
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)

@@ -148,3 +148,22 @@ def test_bad_arguments():
         shadow.compare(model, make_batches(1), grad_accum=0)
     with pytest.raises(ValueError, match="at least one"):
         shadow.compare(model, [])
+
+
+def test_the_shadow_runs_in_true_fp32_even_when_tf32_is_on(seeded):
+    # train.py may enable TF32 (train.tf32, nanoGPT's choice); the reference gradients must not use it
+    model = GPT(CFG)
+    batches = make_batches(1)
+    backward(model, batches, 1)
+    shadow = FP32ShadowModel(model)
+    seen = []
+    shadow.shadow.lm_head.register_forward_hook(
+        lambda *_: seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)))
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        shadow.compare(model, batches, 1)
+        assert seen == [(False, False)]
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32  # restored after
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old

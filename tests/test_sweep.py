@@ -267,3 +267,30 @@ def test_ctrl_c_during_a_real_run_leaves_it_saved_and_resumable(tmp_path, fixtur
     assert "SIGINT: stopping after this step" in stderr  # train.py got exactly one signal: it saved
     assert "bf16_baseline_s42 stopped" in stderr.strip().splitlines()[-1]
     assert (out / "report" / "report.md").is_file() and "compared at step" in stdout
+
+
+@pytest.mark.slow
+def test_the_full_size_set_runs_end_to_end_at_tiny_size(tmp_path, fixture_text, prepare_module):
+    """scripts/full_size_sweep.sh as written, shrunk by overrides: 9 real runs, 3 at a time, one report."""
+    data = tmp_path / "data"
+    prepare_module.prepare(fixture_text, data)
+    out = tmp_path / "out"
+    repo = Path(__file__).resolve().parent.parent
+    tiny = ["--model.n_layer=1", "--model.n_head=2", "--model.n_embd=32", "--model.block_size=32",
+            "--train.device=cpu", "--train.batch_size=4", "--train.max_steps=4", "--train.warmup=1",
+            "--train.eval_interval=2", "--train.eval_iters=1", "--train.shadow_interval=2", f"--data.dir={data}"]
+    proc = subprocess.run([str(repo / "scripts" / "full_size_sweep.sh"), *tiny], capture_output=True, text=True,
+                          timeout=600, env=dict(os.environ, PYTHON=sys.executable, OUT=str(out), JOBS="3"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    names = ["bf16_baseline", "e5m2_fp8", "e4m3_fp8", "e3m4", "e2m5", "e1m6", "e6m1", "e7m0", "e0m7"]
+    rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines() if line.split()
+            and line.split()[0] in [f"{n}_s42" for n in names]}
+    assert list(rows) == [f"{n}_s42" for n in names]
+    fmt = {name: row[2] for name, row in rows.items()}
+    assert fmt["e5m2_fp8_s42"] == "E5M2" and fmt["e0m7_s42"] == "E0M7" and fmt["bf16_baseline_s42"] == "FP32"
+    assert rows["e4m3_fp8_s42"][2:5] == ["i:E4M3", "w:E4M3", "go:E5M2"]
+    for n in names:
+        summary = json.loads((out / f"{n}_s42" / "summary.json").read_text())
+        assert summary["status"] in ("completed", "diverged") and summary["config"]["train"]["max_steps"] == 4
+        assert summary["config"]["model"]["n_embd"] == 32 and summary["config"]["log"]["wandb_mode"] == "disabled"
+    assert "compared at step 4:" in proc.stdout and (out / "report" / "report.md").is_file()

@@ -198,3 +198,22 @@ def test_offline_run_logs_one_layer_panel_per_metric(tmp_path):
     assert panel_keys and all(k in history[-1] for k in panel_keys)
     assert any(k.startswith("layers/quant/input/overflow") for k in panel_keys), panel_keys
     assert not any("train/loss" in k for k in panel_keys)
+
+
+def test_wandb_online_without_network_says_so_and_falls_back_within_the_timeout(tmp_path, monkeypatch, capsys):
+    import altgrad.tracking as tracking
+
+    # a key (so wandb tries the server) and a server nobody answers on: as on a machine without network
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
+    monkeypatch.setattr(tracking, "WANDB_INIT_TIMEOUT_S", 3.0)
+    t0 = time.monotonic()
+    logger = RunLogger(tmp_path / "run", run_name="net", wandb_mode="online")
+    elapsed = time.monotonic() - t0
+    err = capsys.readouterr().err
+    assert err.startswith("W&B online: connecting (up to 3 s, then offline)")  # before the wait, not after
+    assert "W&B online failed" in err and logger.wandb_mode == "offline"
+    assert elapsed < 25, elapsed  # wandb's own default waits 90 s
+    logger.log(1, {"train/loss": 2.0})
+    logger.close()
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))

@@ -441,3 +441,82 @@ def test_a_layer_rule_that_matches_nothing_is_a_loud_warning(tmp_path, data_dir)
     proc = ok(train(tmp_path, data_dir, "--train.max_steps=2", "--log.run_name=rules", "--quant.default_format=E5M2",
                     "--quant.layer_rules=[{pattern: 'mlp\\.c_fcc', format: E4M3}]"))
     assert "warning: quant.layer_rules pattern 'mlp\\\\.c_fcc' matches no Linear layer" in proc.stderr
+
+
+# ---- stochastic rounding: its stream travels in the checkpoint, evaluation stays out of it -------------
+
+SR = ["--quant.default_format=E5M2", "--quant.rounding=stochastic", "--train.shadow_interval=0",
+      "--train.lr_decay_steps=20"]
+
+
+def _same_weights(a, b):
+    ca, cb = load_checkpoint(a / CKPT_LAST), load_checkpoint(b / CKPT_LAST)
+    assert ca["model"].keys() == cb["model"].keys()
+    for key in ca["model"]:
+        assert torch.equal(ca["model"][key], cb["model"][key]), key
+
+
+def test_stochastic_rounding_resumes_bit_for_bit(tmp_path, data_dir):
+    ok(train(tmp_path / "straight", data_dir, *SR, "--train.max_steps=20", "--log.run_name=sr"))
+    ok(train(tmp_path / "split", data_dir, *SR, "--train.max_steps=10", "--log.run_name=sr"))
+    ok(train(tmp_path / "split", data_dir, *SR, "--train.max_steps=20", "--log.run_name=sr", "--resume"))
+    a, b = tmp_path / "straight" / "sr", tmp_path / "split" / "sr"
+    assert losses(a) == losses(b) and sorted(losses(a)) == list(range(1, 21))
+    assert val_losses(a) == val_losses(b)
+    _same_weights(a, b)
+
+
+def test_evaluating_more_often_does_not_change_training(tmp_path, data_dir):
+    ok(train(tmp_path / "often", data_dir, *SR, "--train.max_steps=20", "--train.eval_interval=3",
+             "--log.run_name=ev"))
+    ok(train(tmp_path / "rarely", data_dir, *SR, "--train.max_steps=20", "--train.eval_interval=20",
+             "--log.run_name=ev"))
+    a, b = tmp_path / "often" / "ev", tmp_path / "rarely" / "ev"
+    assert sorted(val_losses(a)) == [0, 3, 6, 9, 12, 15, 18, 20] and sorted(val_losses(b)) == [0, 20]
+    assert losses(a) == losses(b) and val_losses(a)[20] == val_losses(b)[20]
+    _same_weights(a, b)
+
+
+# ---- smaller things a user sees -------------------------------------------------------------------------
+
+
+def test_resuming_a_finished_run_keeps_its_final_losses(tmp_path, data_dir):
+    ok(train(tmp_path, data_dir, "--train.max_steps=10", "--log.run_name=done"))
+    before = json.loads((tmp_path / "done" / "summary.json").read_text())
+    assert isinstance(before["final_train_loss"], float) and before["final_val_step"] == 10
+    proc = ok(train(tmp_path, data_dir, "--train.max_steps=10", "--log.run_name=done", "--resume"))
+    after = json.loads((tmp_path / "done" / "summary.json").read_text())
+    for key in ("final_train_loss", "final_val_loss", "final_val_step", "best_val_loss", "steps", "status"):
+        assert after[key] == before[key], key
+    assert f"completed at step 10 in " in proc.stdout and "@ step 10 (best" in proc.stdout
+
+
+def test_a_stopped_runs_last_line_says_which_step_its_val_loss_is_from(tmp_path, data_dir):
+    proc = start(tmp_path, data_dir, "--log.run_name=stop2", "--train.max_steps=100000", "--train.eval_interval=4")
+    wait_for_steps(proc, tmp_path / "stop2" / "metrics.jsonl", 6)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    summary = json.loads((tmp_path / "stop2" / "summary.json").read_text())
+    last = out.strip().splitlines()[-1]
+    val_step = summary["final_val_step"]
+    assert val_step % 4 == 0 and val_step <= summary["steps"]
+    assert last.startswith(f"stopped at step {summary['steps']} in ")
+    assert f"val loss {summary['final_val_loss']:.4f} @ step {val_step} (best" in last
+
+
+def test_summary_says_what_the_unsimulated_matmuls_ran_in(tmp_path, data_dir):
+    proc = ok(train(tmp_path, data_dir, "--train.max_steps=2", "--log.run_name=prec"))
+    summary = json.loads((tmp_path / "prec" / "summary.json").read_text())
+    assert summary["dtype"] == "fp32" and summary["high_precision_matmul"] == "fp32"
+    assert "high-precision matmuls fp32" in proc.stdout
+
+
+def test_resume_without_a_checkpoint_keeps_the_earlier_runs_files(tmp_path, data_dir):
+    # checkpoint_interval=0 and killed before the final save: metrics but no checkpoint
+    ok(train(tmp_path, data_dir, "--train.max_steps=4", "--log.run_name=nock", "--train.checkpoint_interval=0"))
+    (tmp_path / "nock" / CKPT_LAST).unlink()
+    first = (tmp_path / "nock" / "metrics.jsonl").read_text()
+    proc = ok(train(tmp_path, data_dir, "--train.max_steps=4", "--log.run_name=nock", "--resume"))
+    assert "no checkpoint in" in proc.stdout and "moved it to" in proc.stdout
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith("nock.")]
+    assert len(kept) == 1 and (kept[0] / "metrics.jsonl").read_text() == first

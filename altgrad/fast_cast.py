@@ -1,0 +1,195 @@
+"""The fast exact cast: round one operand to a format and count its stats in one fused pass.
+
+`cast(x, fmt, scale, ...)` returns what the reference (`altgrad.quantize`, backend "torch") returns
+for the same arguments, bit for bit, for every format, both saturate modes and both rounding modes
+(stochastic rounding draws the same Philox bits per element). It is `torch.compile`d once per input
+dtype and rounding mode, with the format passed as small parameter tensors, so one compiled graph
+serves every format and shape. Without a working compiler it runs the same code eagerly (slower,
+identical bits).
+
+Nearest rounding uses fp32 addition instead of bit fields ("magic constant" rounding). With
+m = min(|v|, 2**(t+1)) (t the exponent of the format's max) and e = max(exponent(m), emin),
+
+    C = 1.5 * 2**(e - M + 23)        r = (m + C) - C
+
+rounds m to a multiple of the quantum 2**(e - M) with IEEE round-half-to-even: C + m lies in
+[2**(e-M+23), 2**(e-M+24)), where the fp32 spacing is the quantum, and C is an even multiple of it,
+so "even" is the even code. Three fix-ups on the integer bits complete it:
+  - M = 0 (E7M0): codes are exponents, and a tie at 1.5 * 2**e goes to the even *exponent code*,
+    while the addition always rounds it up: ties in binades with an even biased exponent go down.
+  - overflow is r > max (inf is clamped to 2**(t+1) first); saturate or write inf / NaN.
+  - the sign is copied on the bits (inductor compiles with -fno-signed-zeros, so no float negation),
+    dropped on zero where the format has no -0; NaN becomes the canonical bf16 NaN 0x7FC0.
+The construction needs C to be a finite fp32 number: t + 24 - M <= 127, true for every registered
+format; a format past that (an extreme custom bias) uses the integer path.
+
+Stochastic rounding is the reference's integer recipe (32 bits below the code's LSB plus a 32-bit
+Philox draw), compiled.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+
+import torch
+
+from altgrad.formats import FormatSpec
+
+__all__ = ["cast", "magic_supported"]
+
+CANONICAL_NAN_BF16 = 0x7FC0  # the bf16 NaN every backend writes for a NaN result
+_INT32_SIGN = -(2**31)
+
+
+def magic_supported(fmt: FormatSpec) -> bool:
+    """Whether the magic-constant rounding's constant C stays a finite fp32 number for fmt."""
+    return math.floor(math.log2(fmt.max)) + 24 - fmt.man_bits <= 127
+
+
+@functools.lru_cache(maxsize=None)
+def _params(fmt_key: tuple, saturate: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int32 params, fp32 params) of a format layout, as device tensors the compiled cast reads."""
+    fmt = FormatSpec("cast", *fmt_key)
+    top_exp = math.floor(math.log2(fmt.max))
+    lim_bits = (top_exp + 1 + 127) << 23  # 2**(top_exp + 1): past max, and C stays finite
+    ip = torch.tensor([fmt.man_bits, fmt.emin, fmt.bias, lim_bits, int(fmt.has_neg_zero), int(saturate),
+                       (1 << fmt.exp_bits) - fmt.bias, fmt.max_code], dtype=torch.int32, device=device)
+    fp = torch.tensor([fmt.max, math.inf if fmt.has_inf else math.nan, 2.0 ** (fmt.emin - fmt.man_bits)],
+                      dtype=torch.float32, device=device)
+    return ip, fp
+
+
+def _finish(x, v, bits, nan, overflow, r, ip, fp, with_stats: bool):
+    """Shared tail: saturate or mark overflow, sign, canonical NaN, bf16 bits, stats."""
+    negzero, sat = ip[4], ip[5]
+    fmax, ovf = fp[0], fp[1]
+    mag = torch.where(overflow, torch.where(sat != 0, fmax, ovf), r)
+    mag_bits = mag.view(torch.int32)
+    keep_sign = (mag_bits != 0) | (negzero != 0)
+    q_bits = torch.where(keep_sign, mag_bits | (bits & _INT32_SIGN), mag_bits)
+    q_bits = torch.where(nan | (mag_bits > 0x7F800000), CANONICAL_NAN_BF16 << 16, q_bits)
+    q = (q_bits >> 16).to(torch.int16).view(torch.bfloat16)  # exact: format values fit in bf16
+    if not with_stats:
+        return q, None, None
+    nonzero = (v != 0) & ~nan
+    underflow = nonzero & (r == 0)
+    counts = torch.stack([overflow.sum(), underflow.sum(), nonzero.sum(), nan.sum()])
+    abs_bits = torch.where(nan, 0, x.float().view(torch.int32) & 0x7FFFFFFF)
+    return q, abs_bits.amax(), counts
+
+
+def _cast_nearest(x, scale, ip, fp, with_stats: bool):
+    """x: 1-D, non-empty. Returns (q bf16, amax bits int32 or None, counts int64[4] or None)."""
+    m_, emin, bias, lim = ip[0], ip[1], ip[2], ip[3]
+    v = x.float() * scale
+    bits = v.view(torch.int32)
+    a = bits & 0x7FFFFFFF
+    nan = a > 0x7F800000
+    mb = torch.minimum(a, lim)
+    e = (mb >> 23) - 127
+    ec = torch.maximum(e, emin)
+    c = (((ec + (150 - m_)) << 23) | 0x400000).view(torch.float32)
+    m = mb.view(torch.float32)
+    r = (m + c) - c
+    # M = 0: ties go to the even exponent code, not always up
+    tie = (m_ == 0) & ((mb & 0x7FFFFF) == 0x400000) & (e >= emin) & (((e + bias) & 1) == 0)
+    r = torch.where(tie, (mb & 0x7F800000).view(torch.float32), r)
+    overflow = (r > fp[0]) & ~nan
+    return _finish(x, v, bits, nan, overflow, r, ip, fp, with_stats)
+
+
+def _cast_stochastic(x, scale, k0, k1, ip, fp, with_stats: bool):
+    """As _cast_nearest, rounding stochastically with the Philox key (k0, k1) (0-dim int64)."""
+    from altgrad.quantize import philox_from_key
+
+    m_, emin, bias, top, max_code = ip[0], ip[1], ip[2], ip[6], ip[7]
+    v = x.float() * scale
+    bits = v.view(torch.int32)
+    a = bits & 0x7FFFFFFF
+    nan = a > 0x7F800000
+    inf = a == 0x7F800000
+    fe = a >> 23
+    sig = (a & 0x7FFFFF) | ((fe != 0).to(torch.int32) << 23)
+    e = torch.minimum(torch.clamp(fe, min=1) - 127, top)
+    normal = e >= emin
+    wide = torch.where(normal, ((e + (bias - 1)) << 23) + sig, sig).to(torch.int64)
+    shift = torch.where(normal, 23 - m_, (23 - m_ + emin) - e).to(torch.int64).clamp(max=60)
+    drop = (shift - 32).clamp(min=0)
+    wide, shift = wide >> drop, shift - drop
+    rbits = philox_from_key(torch.arange(x.numel(), dtype=torch.int64, device=x.device), k0, k1)
+    code = ((wide + (rbits >> (32 - shift))) >> shift).to(torch.int32)
+    overflow = ((code > max_code) | inf) & ~nan
+    code = torch.minimum(code, max_code)
+    normal_bits = (((code >> m_) + (127 - bias)) << 23) | ((code & ((1 << m_) - 1)) << (23 - m_))
+    r = torch.where(code >= (1 << m_), normal_bits.view(torch.float32), code.to(torch.float32) * fp[2])
+    return _finish(x, v, bits, nan, overflow, r, ip, fp, with_stats)
+
+
+# one top-level function per (rounding, stats) variant: dynamo keeps its compiled graphs per code
+# object, so each variant holds at most one graph per input dtype (no recompile limit in reach)
+def _nearest_stats(x, scale, ip, fp):
+    return _cast_nearest(x, scale, ip, fp, True)
+
+
+def _nearest_plain(x, scale, ip, fp):
+    return _cast_nearest(x, scale, ip, fp, False)
+
+
+def _stochastic_stats(x, scale, k0, k1, ip, fp):
+    return _cast_stochastic(x, scale, k0, k1, ip, fp, True)
+
+
+def _stochastic_plain(x, scale, k0, k1, ip, fp):
+    return _cast_stochastic(x, scale, k0, k1, ip, fp, False)
+
+
+_VARIANTS = {("nearest", True): _nearest_stats, ("nearest", False): _nearest_plain,
+             ("stochastic", True): _stochastic_stats, ("stochastic", False): _stochastic_plain}
+_COMPILED: dict[object, object] = {}
+COMPILE = True  # set False to run the cast eagerly (same bits, slower)
+
+
+def _run(fn, x, *args):
+    """fn compiled (once per input dtype), or eagerly where compiling is off or fails (e.g. no C++
+    compiler), and for single elements (which dynamic shapes would compile separately)."""
+    if not COMPILE or x.numel() < 2:
+        return fn(x, *args)
+    compiled = _COMPILED.get(fn)
+    if compiled is None:
+        compiled = _COMPILED[fn] = torch.compile(fn, dynamic=True, fullgraph=True)
+    if compiled is fn:
+        return fn(x, *args)
+    try:
+        return compiled(x, *args)
+    except Exception as err:  # a compiler failure: the eager code gives the same bits
+        warnings.warn(f"altgrad.fast_cast: torch.compile failed ({type(err).__name__}: {err}); "
+                      f"running the cast eagerly", RuntimeWarning, stacklevel=3)
+        _COMPILED[fn] = fn
+        return fn(x, *args)
+
+
+def cast(x: torch.Tensor, fmt: FormatSpec, scale: torch.Tensor, *, rounding: str, saturate: bool,
+         seed: int, stats: bool):
+    """round_fmt(x * scale) as bf16 of x's shape, and (amax fp32 0-dim, counts int64[4]) or None.
+
+    Arguments are trusted (altgrad.quantize.quantize_operand checks them): x fp32/bf16/fp16 with
+    numel > 0, scale a 0-dim fp32 tensor on x's device, seed an int in [0, 2**64).
+    """
+    key = (fmt.exp_bits, fmt.man_bits, fmt.bias, fmt.specials)
+    ip, fp = _params(key, saturate, x.device)
+    flat = x.reshape(-1)  # the row-major index is the Philox counter
+    scale = scale.reshape(())
+    if rounding == "stochastic":
+        k0 = torch.tensor(seed & 0xFFFFFFFF, dtype=torch.int64, device=x.device)
+        k1 = torch.tensor(seed >> 32, dtype=torch.int64, device=x.device)
+        q, amax_bits, counts = _run(_VARIANTS[rounding, stats], flat, scale, k0, k1, ip, fp)
+    elif magic_supported(fmt):
+        q, amax_bits, counts = _run(_VARIANTS[rounding, stats], flat, scale, ip, fp)
+    else:
+        return None  # the caller falls back to the reference
+    q = q.view(x.shape)
+    if not stats:
+        return q, None
+    return q, (amax_bits.view(torch.float32), counts)
