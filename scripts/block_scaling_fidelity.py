@@ -79,23 +79,31 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=40, help="fp32 steps before the probe")
     ap.add_argument("--data", default="data/shakespeare_char")
     ap.add_argument("--out", default="docs/results/block_scaling")
+    ap.add_argument("--table-only", action="store_true", help="rebuild fidelity.md from fidelity.jsonl")
     args = ap.parse_args(argv)
-    rows = []
-    for seed in args.seeds:
-        model, batches = warm_model(seed, args.warmup, args.data)
-        x, y = batches.next_batch()
-        for fmt in FORMATS:
-            for name, gran in GRANULARITIES.items():
-                r = probe(model, x, y, fmt, gran) | {"seed": seed, "format": fmt, "granularity": name}
-                rows.append(r)
-                print(json.dumps(r))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "fidelity.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    lines = ["| format | scaling | grad cosine | grad rel. L2 error | dy underflow |", "|---|---|---|---|---|"]
+    log = out / "fidelity.jsonl"
+    if not args.table_only:
+        log.write_text("")
+        for seed in args.seeds:
+            model, batches = warm_model(seed, args.warmup, args.data)
+            x, y = batches.next_batch()
+            for fmt in FORMATS:
+                for name, gran in GRANULARITIES.items():
+                    r = probe(model, x, y, fmt, gran) | {"seed": seed, "format": fmt, "granularity": name}
+                    with log.open("a") as f:  # row by row: a cut-off run keeps what it measured
+                        f.write(json.dumps(r) + "\n")
+                    print(json.dumps(r))
+    rows = [r for line in log.read_text().splitlines() if line.strip() and (r := json.loads(line))["seed"] in args.seeds]
+    seeds = sorted({r["seed"] for r in rows})
+    lines = [f"seeds {seeds}; mean ± std over seeds", "",
+             "| format | scaling | grad cosine | grad rel. L2 error | dy underflow |", "|---|---|---|---|---|"]
     for fmt in FORMATS:
         for name in GRANULARITIES:
             sel = [r for r in rows if r["format"] == fmt and r["granularity"] == name]
+            if not sel:
+                continue
 
             def ms(key, f="{:.4f}"):
                 v = np.array([r[key] for r in sel])
