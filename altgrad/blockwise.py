@@ -161,14 +161,14 @@ def _check_tensor_layout(x: torch.Tensor, axis: int, block_2d: bool) -> int:
 # -- the reference -------------------------------------------------------------------------------
 def _cast_torch(x, fmt, block_size, axis, scale_format, scale_rounding, rounding, saturate, block_2d,
                 generator) -> BlockCast:
-    from altgrad.quantize import _round  # local: altgrad.quantize re-exports this module
+    from altgrad.quantize import round_with_masks  # local: altgrad.quantize re-exports this module
 
     v = x.float()
     blocks, undo = _blocked(v, axis, block_size, block_2d)
     amax_dims = (1, 3) if block_2d else (-1,)
     amax = blocks.abs().amax(dim=amax_dims, keepdim=True) if blocks.numel() else blocks.sum(amax_dims, keepdim=True)
     scale, inv_scale = block_scales(amax, fmt, scale_format, scale_rounding)
-    q, overflow, nan = _round(blocks * scale, fmt, rounding, saturate, generator)
+    q, overflow, nan = round_with_masks(blocks * scale, fmt, rounding, saturate, generator)
     squeeze = (lambda s: s[:, 0, :, 0].movedim(-1, axis)) if block_2d else (lambda s: s.squeeze(-1).movedim(-1, axis))
     return BlockCast(undo(q), squeeze(scale), squeeze(inv_scale), undo(overflow), undo(nan))
 
@@ -203,14 +203,14 @@ def quantize_blockwise_cast(x: torch.Tensor, fmt: FormatSpec | str, block_size: 
         ValueError: an unknown format, block_size, axis, scale_format, scale_rounding, rounding
             or backend, or block_2d on a tensor that is not 2-D.
     """
-    from altgrad.quantize import _as_fp32, _check_rounding, _resolve_backend, kernel_seed  # see _cast_torch
+    from altgrad.quantize import as_fp32, check_rounding, resolve_backend, kernel_seed  # see _cast_torch
 
     fmt = get_format(fmt)
-    _as_fp32(x, "x")
+    as_fp32(x, "x")
     _check_args(block_size, scale_format, scale_rounding, block_2d)
-    _check_rounding(rounding)
+    check_rounding(rounding)
     axis = _check_tensor_layout(x, axis, block_2d)
-    want = _resolve_backend(backend, x)
+    want = resolve_backend(backend, x)
     kernel_ok = x.dim() == 2 and axis == 1 and not block_2d and scale_format == "e8m0"
     if want == "triton" and kernel_ok:
         from altgrad.kernels import block_quantize as kbq

@@ -112,10 +112,6 @@ class FormatSpec:
     def has_neg_zero(self) -> bool:
         return self.specials in ("ieee", "fn", "none")
 
-    @property
-    def machine_eps(self) -> float:
-        return 2.0 ** -self.man_bits
-
     # -- codes <-> values --------------------------------------------------------------------
     def decode(self, code: int) -> float:
         """Real value of a `bits`-wide code (0 .. 2**bits - 1), specials included."""

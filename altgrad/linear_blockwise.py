@@ -84,9 +84,9 @@ _USES = ("input", "weight", "grad_output", "weight_grad", "input:wgrad", "weight
 def _generator(mod, role: str, use: str, device) -> torch.Generator:
     """Stochastic-rounding draws keyed by the layer's sr_state (base seed, training-forward count)
     and the use, as QuantizedLinear's per-tensor casts are: the global RNG is never touched."""
-    from altgrad.linear import _sr_seed  # local: altgrad.linear imports this module
+    from altgrad.linear import sr_seed  # local: altgrad.linear imports this module
 
-    seed = (_sr_seed(mod.sr_state, role) * len(_USES) + _USES.index(use)) % (2**63 - 1)
+    seed = (sr_seed(mod.sr_state, role) * len(_USES) + _USES.index(use)) % (2**63 - 1)
     return torch.Generator(device).manual_seed(seed)
 
 
@@ -158,12 +158,12 @@ def _weight_operands(mod, w: torch.Tensor) -> tuple[Operand, Operand | None]:
 def _tensor_cast(mod, role: str, mat: torch.Tensor):
     """(q fp32, inv 0-dim) of a per-tensor role through QuantizedLinear's own cast (its scaler,
     delayed history and stats buffer)."""
-    from altgrad.linear import _cast  # local: altgrad.linear imports this module
+    from altgrad.linear import cast_role  # local: altgrad.linear imports this module
 
     backend = mod.backend if mod.backend in ("torch", "fast") else ("triton" if mat.is_cuda else "fast")
     plan = mod._plans[backend][_ROLE_INDEX[role]]
     update = mod.training and mat.numel() > 0
-    q, inv = _cast(mat, mod._state(role), plan, update, False, mod._full_stats)
+    q, inv = cast_role(mat, mod._state(role), plan, update, False, mod._full_stats)
     return q.float(), inv
 
 

@@ -144,9 +144,11 @@ def _code_values(code: torch.Tensor, fmt: FormatSpec) -> torch.Tensor:
     return torch.where(code >= (1 << m), normal, subnormal)
 
 
-def _round(v: torch.Tensor, fmt: FormatSpec, rounding: str, saturate: bool,
+def round_with_masks(v: torch.Tensor, fmt: FormatSpec, rounding: str, saturate: bool,
            generator: torch.Generator | None = None, seed: int | None = None):
-    """round_fmt(v) for fp32 v. Returns (q fp32, overflow mask, nan mask). Stochastic rounding uses
+    """round_fmt(v) for fp32 v, unchecked (callers validate): the reference rounding every cast shares.
+
+    Returns (q fp32 of v's shape, overflow bool mask, nan bool mask). Stochastic rounding uses
     `seed`, or one drawn from `generator` (the global CPU RNG by default) when seed is None."""
     if rounding == "stochastic" and seed is None:
         seed = kernel_seed(rounding, generator)
@@ -190,16 +192,18 @@ def round_to_format(v: torch.Tensor, fmt: FormatSpec | str, *, rounding: str = "
     """round_fmt(v): v already scaled; returns fp32 format-domain values (exact in bf16).
     Stochastic rounding: see `quantize` for `seed` and `generator`."""
     fmt = get_format(fmt)
-    _check_rounding(rounding)
+    check_rounding(rounding)
     _check_seed_arg(seed)
-    return _round(_as_fp32(v, "v"), fmt, rounding, saturate, generator, seed)[0]
+    return round_with_masks(as_fp32(v, "v"), fmt, rounding, saturate, generator, seed)[0]
 
 
 # -- argument checks ----------------------------------------------------------------------------
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _as_fp32(x, arg: str) -> torch.Tensor:
+def as_fp32(x, arg: str) -> torch.Tensor:
+    """x as float32 (a copy only if x is bf16 / fp16). Raises TypeError naming `arg` if x is not a
+    float32 / bfloat16 / float16 tensor. Shared by the casts in altgrad.blockwise."""
     _check_float(x, arg)
     return x.float()
 
@@ -211,7 +215,8 @@ def _check_float(x, arg: str) -> None:
         raise TypeError(f"{arg} must be float32, bfloat16 or float16 (got {x.dtype})")
 
 
-def _check_rounding(rounding: str) -> None:
+def check_rounding(rounding: str) -> None:
+    """Raises ValueError unless rounding is "nearest" or "stochastic"."""
     if rounding not in ROUNDING_MODES:
         raise ValueError(f"rounding must be one of {ROUNDING_MODES} (got {rounding!r})")
 
@@ -240,7 +245,9 @@ def _scale_tensor(scale, device) -> torch.Tensor | None:
     return s
 
 
-def _resolve_backend(backend: str, x: torch.Tensor) -> str:
+def resolve_backend(backend: str, x: torch.Tensor) -> str:
+    """The backend a cast of x runs on: "auto" is "triton" for CUDA x, else "torch".
+    Raises ValueError for a name outside BACKENDS."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} (got {backend!r})")
     if backend == "auto":
@@ -265,7 +272,7 @@ def _quantize_torch(x, fmt, scale, rounding, saturate, seed):
     v = x.float()
     if scale is not None:
         v = v * scale
-    q, overflow, nan = _round(v, fmt, rounding, saturate, seed=seed)
+    q, overflow, nan = round_with_masks(v, fmt, rounding, saturate, seed=seed)
     y = dequantize(q, None if scale is None else torch.reciprocal(scale), x.dtype, saturate)
     return y, q, overflow, nan, v
 
@@ -317,10 +324,10 @@ def quantize_with_stats(x: torch.Tensor, fmt: FormatSpec | str, scale=None, *, r
     """quantize() plus per-tensor QuantStats (see its docstring for the exact definitions)."""
     fmt = get_format(fmt)
     _check_float(x, "x")
-    _check_rounding(rounding)
+    check_rounding(rounding)
     _check_seed_arg(seed)
     s = _scale_tensor(scale, x.device)
-    backend = _resolve_backend(backend, x)
+    backend = resolve_backend(backend, x)
     if rounding == "stochastic" and seed is None:
         seed = kernel_seed(rounding, generator)
     if backend == "triton":
@@ -355,7 +362,7 @@ class _QuantizeSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, fmt, scale, rounding, saturate, seed, backend, ste):
         s = _scale_tensor(scale, x.device)
-        if ste == "clipped" or _resolve_backend(backend, x) == "torch":
+        if ste == "clipped" or resolve_backend(backend, x) == "torch":
             y, _, overflow, _, _ = _quantize_torch(x, fmt, s, rounding, saturate, seed)
         else:
             y, overflow = quantize(x, fmt, s, rounding=rounding, saturate=saturate,
@@ -384,7 +391,7 @@ def quantize_ste(x: torch.Tensor, fmt: FormatSpec | str, scale=None, *, ste: str
         raise ValueError(f"ste must be one of {STE_MODES} (got {ste!r})")
     fmt = get_format(fmt)
     _check_float(x, "x")
-    _check_rounding(rounding)
+    check_rounding(rounding)
     _check_seed_arg(seed)
     if rounding == "stochastic" and seed is None:
         seed = kernel_seed(rounding, generator)
@@ -437,7 +444,7 @@ def quantize_operand(x: torch.Tensor, fmt: FormatSpec | str, scale: torch.Tensor
     """
     fmt = get_format(fmt)
     _check_float(x, "x")
-    _check_rounding(rounding)
+    check_rounding(rounding)
     check_seed(seed)
     if backend not in OPERAND_BACKENDS:
         raise ValueError(f"backend must be one of {OPERAND_BACKENDS} (got {backend!r})")
@@ -463,7 +470,7 @@ def quantize_operand(x: torch.Tensor, fmt: FormatSpec | str, scale: torch.Tensor
             q, st = out
             return q, (QuantStats(st[0], *st[1].unbind(0)) if stats else None)
     v = x.float() * s
-    q, overflow, nan = _round(v, fmt, rounding, saturate, seed=seed)
+    q, overflow, nan = round_with_masks(v, fmt, rounding, saturate, seed=seed)
     return _to_bf16_canonical(q), (stats_from_masks(x, v, q, overflow, nan) if stats else None)
 
 
