@@ -28,7 +28,7 @@ a loop's once-per-program code is included, so it is an upper bound on the per-e
 
 How, without a GPU: a stand-in Triton driver reports the target (`GPUTarget("cuda", 90, 32)`), every
 kernel launch is turned into a compile-only `warmup` (Triton's JIT binder, `triton.compile`,
-Triton's bundled ptxas), and the launchers' device checks (`_check_device`, `_device_capability`)
+Triton's bundled ptxas), and the launchers' device checks (`check_device`, `_device_capability`)
 are bypassed for the duration. Resource usage is read from the cubin with Triton's bundled
 cuobjdump. Uses only APIs present in Triton 3.6 through 3.9. Must run in a process where
 TRITON_INTERPRET is unset before triton is imported (the test runs it as a subprocess).
@@ -186,8 +186,8 @@ def _compile_only(target_name: str):
         rec.record(kernel, self.__name__, kwargs)
         return kernel
 
-    patches = [(JITFunction, "run", run), (kq, "_check_device", lambda x, name: None),
-               (ksm, "_check_device", lambda x, name: None), (ksm, "_device_capability", lambda d: divmod(cc, 10))]
+    patches = [(JITFunction, "run", run), (kq, "check_device", lambda x, name: None),
+               (ksm, "check_device", lambda x, name: None), (ksm, "_device_capability", lambda d: divmod(cc, 10))]
     saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
     driver.set_active(_CompileOnlyDriver(GPUTarget("cuda", cc, 32), target_name))
     try:
@@ -338,7 +338,7 @@ def _matmul_cases(rec: _Recorder, fp8: bool, paths=None) -> None:
             call("fp8 in-loop A+B bf16 E5M2xE4M3", "dgrad", 256, 256, 256, cfg, qa=e5m2, qb=e4m3, fp8_=True)
             call("fp8 in-loop A+B bf16 E5M2xE4M3", "wgrad", 256, 256, 256, cfg, qa=e5m2, qb=e4m3, fp8_=True)
     # 64-bit index math (chosen on the host past 2**31 element offsets): force it on small tensors
-    saved, ksm._INT32_LIMIT = ksm._INT32_LIMIT, 0
+    saved, ksm.INT32_LIMIT = ksm.INT32_LIMIT, 0
     try:
         for path in sorted(paths):
             cfgs = ksm.MATMUL_CONFIGS[path]
@@ -348,7 +348,7 @@ def _matmul_cases(rec: _Recorder, fp8: bool, paths=None) -> None:
                 call(f"int64-index {path}", "fwd", 256, 256, 256, cfg, da=dtype, db=dtype, bias=True, out=bf16,
                      qa=quant, qb=quant, fp8_=path.startswith("fp8"))
     finally:
-        ksm._INT32_LIMIT = saved
+        ksm.INT32_LIMIT = saved
 
 
 KERNELS = ("quantize", "block_quantize", "scaled_matmul")

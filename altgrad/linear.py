@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import warnings
 import zlib
 from typing import Optional
@@ -68,7 +67,7 @@ from torch import nn
 
 from altgrad.config import LayerQuantConfig, RoleConfig
 from altgrad.formats import FormatSpec
-from altgrad.linear_blockwise import blockwise_linear, needs_blockwise
+from altgrad.linear_blockwise import accumulation_domain, blockwise_linear, needs_blockwise
 from altgrad.quantize import quantize_operand, round_with_masks
 from altgrad.scaling import TensorScaler, compute_scale
 from altgrad.vocabulary import OPERAND_ROLES, STAT_FIELDS, Backend, Role, choices
@@ -82,7 +81,6 @@ _ROLE_ID = {r: i for i, r in enumerate(_ROLES, start=1)}  # stochastic-rounding 
 
 
 # -- one operand's plan: everything a cast needs that is not a tensor, as one constant string ----
-_HEADROOM_LOG2 = 52  # operands are carried below 2**52 so fp32 sums of their products stay finite
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,10 +98,6 @@ class _Plan:
     backend: str  # cast backend: torch / fast / triton
 
 
-def _accumulation_shift(fmt: FormatSpec) -> int:
-    return max(0, math.ceil(math.log2(fmt.max)) - _HEADROOM_LOG2)
-
-
 def _plan_key(rc: RoleConfig, role: str, backend: str) -> str:
     f = rc.format
     return "|".join(map(str, (f.name, f.exp_bits, f.man_bits, f.bias, f.specials, rc.rounding, int(rc.saturate),
@@ -114,8 +108,8 @@ def _plan_key(rc: RoleConfig, role: str, backend: str) -> str:
 def _plan(key: str) -> _Plan:
     name, e, m, bias, specials, rounding, sat, scaling, margin, pow2, algo, role, backend = key.split("|")
     fmt = FormatSpec(name, int(e), int(m), int(bias), specials)
-    k = _accumulation_shift(fmt)
-    domain = FormatSpec(f"{name}>>{k}", fmt.exp_bits, fmt.man_bits, fmt.bias + k, fmt.specials) if k else fmt
+    domain = accumulation_domain(fmt)
+    k = domain.bias - fmt.bias
     return _Plan(fmt, domain, k, rounding, bool(int(sat)), scaling, int(margin), bool(int(pow2)), algo, role, backend)
 
 

@@ -29,9 +29,10 @@ from collections.abc import Callable, Iterable, Mapping
 
 import torch.nn as nn
 
-from altgrad.config import _ROLE_ABBREV, ROLES, QuantizationConfig, _compile, _format_or_none
+from altgrad.config import QuantizationConfig, _compile, _format_or_none
 from altgrad.formats import FormatSpec
 from altgrad.linear import BACKENDS, QuantizedLinear
+from altgrad.vocabulary import ROLE_ABBREV, Role
 
 __all__ = ["quantize_model", "dequantize_model", "describe_quantization", "quantized_layers"]
 
@@ -171,7 +172,7 @@ def quantized_layers(model: nn.Module) -> list[tuple[str, QuantizedLinear]]:
 # -- describing --------------------------------------------------------------------------------
 def _options_summary(layer_config) -> str:
     """'scaling=delayed', or per role where roles differ; rounding/saturation only when unusual."""
-    present = [r for r in ROLES if getattr(layer_config, r) is not None]
+    present = [r for r in Role if getattr(layer_config, r) is not None]
     parts = []
     for option, usual in (("scaling", None), ("rounding", "nearest"), ("saturate", True)):
         values = {r: getattr(getattr(layer_config, r), option) for r in present}
@@ -181,7 +182,7 @@ def _options_summary(layer_config) -> str:
         if len(distinct) == 1:
             parts.append(f"{option}={distinct.pop()}")
         else:
-            parts.append(f"{option}=" + ",".join(f"{_ROLE_ABBREV[r]}:{v}" for r, v in values.items()))
+            parts.append(f"{option}=" + ",".join(f"{ROLE_ABBREV[r]}:{v}" for r, v in values.items()))
     return " ".join(parts)
 
 

@@ -294,14 +294,16 @@ def check_format(exp_bits, man_bits, bias, specials) -> None:
         raise ValueError(f"E{exp_bits}M{man_bits} with {specials} specials has no positive finite value")
 
 
-def _check_device(x: torch.Tensor, name: str) -> None:
+def check_device(x: torch.Tensor, name: str) -> None:
+    """Raise ValueError unless x can feed a kernel: a CUDA tensor, or a CPU one under TRITON_INTERPRET=1."""
     if not (x.is_cuda or (_INTERPRET and x.device.type == "cpu")):
         raise ValueError(f"{name} is on {x.device}: the Triton kernels need a CUDA tensor, or a CPU tensor "
                          f"with TRITON_INTERPRET=1 set before triton is imported")
 
 
-def _scalar_tensor(s, name: str, device) -> torch.Tensor:
-    """A 1-element fp32 tensor on `device` from None (-> 1), a float or a 1-element tensor (no host sync)."""
+def scalar_tensor(s, name: str, device) -> torch.Tensor:
+    """A 1-element fp32 tensor on `device` from None (-> 1), a float or a 1-element float tensor on
+    `device` (no host sync). Raises ValueError naming `name` otherwise. Shared by every launcher."""
     if s is None:
         return torch.ones(1, dtype=torch.float32, device=device)
     if isinstance(s, (int, float)) and not isinstance(s, bool):
@@ -367,9 +369,9 @@ def quantize(x: torch.Tensor, scale=None, *, exp_bits: int, man_bits: int, bias:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
         raise ValueError(f"seed must be an int in [0, 2**64) (got {seed!r})")
     check_format(exp_bits, man_bits, bias, specials)
-    _check_device(x, "x")
-    s = _scalar_tensor(scale, "scale", x.device)
-    inv = torch.reciprocal(s) if inv_scale is None else _scalar_tensor(inv_scale, "inv_scale", x.device)
+    check_device(x, "x")
+    s = scalar_tensor(scale, "scale", x.device)
+    inv = torch.reciprocal(s) if inv_scale is None else scalar_tensor(inv_scale, "inv_scale", x.device)
     q = torch.empty(x.shape, dtype=torch.bfloat16, device=x.device) if out_q else None
     dq = torch.empty(x.shape, dtype=x.dtype, device=x.device) if out_dq else None
     amax_bits = torch.zeros(1, dtype=torch.int32, device=x.device)
@@ -418,8 +420,8 @@ def quantize_ref(x: torch.Tensor, scale=None, *, exp_bits: int, man_bits: int, b
     _check_common(x, rounding, saturate)
     check_format(exp_bits, man_bits, bias, specials)
     dev = x.device
-    s = _scalar_tensor(scale, "scale", dev) if scale is not None else torch.ones(1, device=dev)
-    inv = torch.reciprocal(s) if inv_scale is None else _scalar_tensor(inv_scale, "inv_scale", dev)
+    s = scalar_tensor(scale, "scale", dev) if scale is not None else torch.ones(1, device=dev)
+    inv = torch.reciprocal(s) if inv_scale is None else scalar_tensor(inv_scale, "inv_scale", dev)
     v = x.float() * s  # fp32, one multiply
     table = _format_values(exp_bits, man_bits, bias, specials).to(dev)
     mc = table.numel() - 2

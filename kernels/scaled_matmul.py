@@ -46,10 +46,10 @@ import triton
 import triton.language as tl
 
 try:  # installed as altgrad.kernels
-    from .quantize import (SPECIALS, _check_device, _scalar_tensor, check_format, fp32_to_bf16_rne, main,
+    from .quantize import (SPECIALS, check_device, scalar_tensor, check_format, fp32_to_bf16_rne, main,
                            quantize_ref, round_fp32_to_format)
 except ImportError:  # pasted next to quantize.py, or run as a script
-    from quantize import (SPECIALS, _check_device, _scalar_tensor, check_format, fp32_to_bf16_rne, main,
+    from quantize import (SPECIALS, check_device, scalar_tensor, check_format, fp32_to_bf16_rne, main,
                           quantize_ref, round_fp32_to_format)
 
 __all__ = ["scaled_matmul", "scaled_matmul_ref", "FP8_FORMATS", "MATMUL_CONFIGS", "MatmulConfig",
@@ -219,7 +219,7 @@ def _autotuned(path: str):
 
 
 AUTOTUNE_ENV = "ALTGRAD_MATMUL_AUTOTUNE"
-_INT32_LIMIT = 2**31  # element offsets at or past this need 64-bit index math
+INT32_LIMIT = 2**31  # element offsets at or past this need 64-bit index math
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,7 +253,7 @@ def _device_capability(device) -> tuple[int, int]:
 
 
 def _check_fp8_device(device) -> None:
-    if _INTERPRET:  # (CPU tensors without the interpreter are refused by _check_device)
+    if _INTERPRET:  # (CPU tensors without the interpreter are refused by check_device)
         raise ValueError("fp8=True needs a CUDA GPU with FP8 tensor cores (sm_89+); not available under "
                          "TRITON_INTERPRET or on the CPU")
     cap = _device_capability(device)
@@ -292,7 +292,7 @@ def scaled_matmul(a: torch.Tensor, b: torch.Tensor, inv_scale_a=None, inv_scale_
     dev = a.device
     if b.device != dev:
         raise ValueError(f"a is on {dev} but b is on {b.device}")
-    _check_device(a, "a")
+    check_device(a, "a")
     if fp8:
         _check_fp8_device(dev)
     if out_dtype not in (torch.float32, torch.bfloat16):
@@ -306,11 +306,11 @@ def scaled_matmul(a: torch.Tensor, b: torch.Tensor, inv_scale_a=None, inv_scale_
     if fmt_b is None and scale_b is not None:
         raise ValueError("scale_b is only used with fmt_b (in-loop quantization); pass inv_scale_b instead")
 
-    sa, sb = _scalar_tensor(scale_a, "scale_a", dev), _scalar_tensor(scale_b, "scale_b", dev)
+    sa, sb = scalar_tensor(scale_a, "scale_a", dev), scalar_tensor(scale_b, "scale_b", dev)
     inv_a = torch.reciprocal(sa) if fmt_a is not None and inv_scale_a is None else \
-        _scalar_tensor(inv_scale_a, "inv_scale_a", dev)
+        scalar_tensor(inv_scale_a, "inv_scale_a", dev)
     inv_b = torch.reciprocal(sb) if fmt_b is not None and inv_scale_b is None else \
-        _scalar_tensor(inv_scale_b, "inv_scale_b", dev)
+        scalar_tensor(inv_scale_b, "inv_scale_b", dev)
     bias_arg = bias.contiguous() if bias is not None else None
     # the masks' bounds M, N, K decide vector loads as much as the strides (C is (M, N) contiguous)
     aligned = is_aligned(a, b, *([bias_arg] if bias is not None else [])) and M % 16 == N % 16 == K % 16 == 0
@@ -329,7 +329,7 @@ def scaled_matmul(a: torch.Tensor, b: torch.Tensor, inv_scale_a=None, inv_scale_
         return c
     args = (a, b, c, bias_arg if bias is not None else c, sa, sb, inv_a, inv_b, M, N, K, a.stride(0), a.stride(1),
             b.stride(0), b.stride(1), c.stride(0), c.stride(1))
-    idx64 = max(_max_offset(a), _max_offset(b), _max_offset(c)) >= _INT32_LIMIT
+    idx64 = max(_max_offset(a), _max_offset(b), _max_offset(c)) >= INT32_LIMIT
     meta = dict(A_EXP_BITS=fa[0], A_MAN_BITS=fa[1], A_BIAS=fa[2], A_SPECIALS=SPECIALS[fa[3]],
                 B_EXP_BITS=fb[0], B_MAN_BITS=fb[1], B_BIAS=fb[2], B_SPECIALS=SPECIALS[fb[3]],
                 QUANT_A=fmt_a is not None, QUANT_B=fmt_b is not None, A_DOT=a_dot, B_DOT=b_dot, FP8=fp8,

@@ -151,7 +151,7 @@ def test_reference_agrees_with_direct_float64(seeded):
 def test_int64_index_path(M, N, K, seeded, monkeypatch):
     """The 64-bit index variant (chosen past 2**31 element offsets) computes the same products:
     forced here on small operands by lowering the threshold."""
-    monkeypatch.setattr(ksm, "_INT32_LIMIT", 0)
+    monkeypatch.setattr(ksm, "INT32_LIMIT", 0)
     g = torch.Generator().manual_seed(seeded)
     x, w, dy = _problem(M, N, K, g)
     sx, sw, sg = _scale_for(x, "E4M3"), _scale_for(w, "E4M3"), _scale_for(dy, "E5M2")
