@@ -219,25 +219,25 @@ def _quantize_cases(rec: _Recorder) -> None:
         for rounding in ("nearest", "stochastic"):
             for stats in (True, False):
                 rec.case = f"{name} {rounding} stats={'on' if stats else 'off'} bf16->q"
-                kq.quantize(x, s, exp_bits=e, man_bits=m, bias=b, specials=sp, rounding=rounding, seed=12345,
+                kq.cast(x, s, exp_bits=e, man_bits=m, bias=b, specials=sp, rounding=rounding, seed=12345,
                             out_q=True, out_dq=False, stats=stats)
     e4m3 = dict(exp_bits=4, man_bits=3, bias=7, specials="fn")
     for e, m, b, sp in ((4, 3, 7, "fn"), (7, 0, 74, "p3109")):  # one tile per program (small tensors)
         for rounding in ("nearest", "stochastic"):
             for stats in (True, False):
                 rec.case = f"{fields[(e, m, b, sp)]} {rounding} stats={'on' if stats else 'off'} bf16->q one tile"
-                kq.quantize(torch.zeros(2048, dtype=torch.bfloat16), s, exp_bits=e, man_bits=m, bias=b, specials=sp,
+                kq.cast(torch.zeros(2048, dtype=torch.bfloat16), s, exp_bits=e, man_bits=m, bias=b, specials=sp,
                             rounding=rounding, seed=12345, out_q=True, out_dq=False, stats=stats)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for rounding in ("nearest", "stochastic"):
             rec.case = f"E4M3 {rounding} {str(dtype)[6:]}->q,dq"
-            kq.quantize(torch.zeros(8192, dtype=dtype), s, **e4m3, rounding=rounding, seed=12345)
+            kq.cast(torch.zeros(8192, dtype=dtype), s, **e4m3, rounding=rounding, seed=12345)
     rec.case = "E4M3 fp32 strided ->q,dq"
-    kq.quantize(torch.zeros(64, 96)[:, ::3], s, **e4m3)
+    kq.cast(torch.zeros(64, 96)[:, ::3], s, **e4m3)
     rec.case = "E4M3 fp32->dq saturate off"
-    kq.quantize(torch.zeros(8192), s, **e4m3, saturate=False, out_q=False)
+    kq.cast(torch.zeros(8192), s, **e4m3, saturate=False, out_q=False)
     rec.case = "E4M3 bf16 odd size ->q,dq"
-    kq.quantize(torch.zeros(37 * 29, dtype=torch.bfloat16), s, **e4m3)
+    kq.cast(torch.zeros(37 * 29, dtype=torch.bfloat16), s, **e4m3)
 
 
 def _block_quantize_cases(rec: _Recorder) -> None:

@@ -46,11 +46,11 @@ import triton
 import triton.language as tl
 
 try:  # installed as altgrad.kernels
-    from .quantize import (SPECIALS, check_device, scalar_tensor, check_format, fp32_to_bf16_rne, main,
-                           quantize_ref, round_fp32_to_format)
+    from .quantize import (SPECIALS, check_device, scalar_tensor, check_format, fp32_to_bf16_rne, run_self_check,
+                           cast_ref, round_fp32_to_format, ROUNDING_NEAREST)
 except ImportError:  # pasted next to quantize.py, or run as a script
-    from quantize import (SPECIALS, check_device, scalar_tensor, check_format, fp32_to_bf16_rne, main,
-                          quantize_ref, round_fp32_to_format)
+    from quantize import (SPECIALS, check_device, scalar_tensor, check_format, fp32_to_bf16_rne, run_self_check,
+                          cast_ref, round_fp32_to_format, ROUNDING_NEAREST)
 
 __all__ = ["scaled_matmul", "scaled_matmul_ref", "FP8_FORMATS", "MATMUL_CONFIGS", "MatmulConfig",
            "pick_config", "matmul_path", "is_aligned"]
@@ -74,19 +74,27 @@ def _load_operand(ptrs, mask, scale, EXP_BITS: tl.constexpr, MAN_BITS: tl.conste
     (exact: format values fit every DOT_DTYPE used here)."""
     t = tl.load(ptrs, mask=mask, other=0.0)
     if QUANT:
-        t, _ = round_fp32_to_format(t.to(tl.float32) * scale, t, EXP_BITS, MAN_BITS, BIAS, SPECIALS, True, 0)
+        t, _ = round_fp32_to_format(t.to(tl.float32) * scale, t, EXP_BITS, MAN_BITS, BIAS, SPECIALS,
+                                    True, ROUNDING_NEAREST)
     return t.to(DOT_DTYPE)
 
 
 @triton.jit
 def _scaled_matmul_kernel(
+        # tensors: a (M, K), b (N, K), c (M, N), bias (N,); scale_* and inv_* (1,) fp32
         a_ptr, b_ptr, c_ptr, bias_ptr, scale_a_ptr, scale_b_ptr, inv_a_ptr, inv_b_ptr,
+        # shapes and strides (elements)
         M, N, K, stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
+        # the formats a and b are rounded to in the loop (when QUANT_A / QUANT_B)
         A_EXP_BITS: tl.constexpr, A_MAN_BITS: tl.constexpr, A_BIAS: tl.constexpr, A_SPECIALS: tl.constexpr,
         B_EXP_BITS: tl.constexpr, B_MAN_BITS: tl.constexpr, B_BIAS: tl.constexpr, B_SPECIALS: tl.constexpr,
+        # the path: in-loop quantization, tl.dot operand dtypes, FP8 inputs, bias, output dtype, 64-bit offsets
         QUANT_A: tl.constexpr, QUANT_B: tl.constexpr, A_DOT: tl.constexpr, B_DOT: tl.constexpr,
         FP8: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_BF16: tl.constexpr, IDX64: tl.constexpr,
+        # tiles
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """c (M, N) = (a (M, K) @ b (N, K)^T) * inv_a * inv_b (+ bias), fp32 accumulation: one program
+    per BLOCK_M x BLOCK_N tile of c."""
     # grouped tile order: GROUP_M row-tiles share B tiles in L2 (Triton matmul tutorial)
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -354,11 +362,11 @@ def _max_offset(t: torch.Tensor) -> int:
 def scaled_matmul_ref(a: torch.Tensor, b: torch.Tensor, inv_scale_a=None, inv_scale_b=None, bias=None, *,
                       out_dtype: torch.dtype = torch.float32, fmt_a=None, scale_a=None, fmt_b=None,
                       scale_b=None) -> torch.Tensor:
-    """Same contract as `scaled_matmul`, in float64 torch (operands quantized by `quantize_ref`)."""
+    """Same contract as `scaled_matmul`, in float64 torch (operands quantized by `cast_ref`)."""
     def operand(t, fmt, scale, inv):
         if fmt is None:
             return t.double(), (1.0 if inv is None else inv)
-        q = quantize_ref(t, scale, exp_bits=fmt[0], man_bits=fmt[1], bias=fmt[2], specials=fmt[3]).q
+        q = cast_ref(t, scale, exp_bits=fmt[0], man_bits=fmt[1], bias=fmt[2], specials=fmt[3]).q
         s = torch.as_tensor(scale, dtype=torch.float32, device=t.device)
         return q.double(), (torch.reciprocal(s) if inv is None else inv)
 
@@ -379,7 +387,7 @@ def _self_check(device) -> bool:
     x, w, dy = (torch.randn(shape, generator=g).to(device) for shape in ((M, K), (N, K), (M, N)))
     bias = torch.randn(N, generator=g).to(device)
     sx, sw, sg = (torch.tensor(v, device=device) for v in (50.0, 200.0, 3e3))
-    xq, wq, gq = (quantize_ref(t, s, exp_bits=f[0], man_bits=f[1], bias=f[2], specials=f[3]).q
+    xq, wq, gq = (cast_ref(t, s, exp_bits=f[0], man_bits=f[1], bias=f[2], specials=f[3]).q
                   for t, s, f in ((x, sx, e4m3), (w, sw, e4m3), (dy, sg, e5m2)))
     ix, iw, ig = (torch.reciprocal(s) for s in (sx, sw, sg))
     cases = {
@@ -418,4 +426,4 @@ def _benchmark() -> None:
 
 
 if __name__ == "__main__":
-    main(_self_check, _benchmark)
+    run_self_check(_self_check, _benchmark)

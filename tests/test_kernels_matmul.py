@@ -137,7 +137,7 @@ def test_empty_and_k0():
 
 
 def test_reference_agrees_with_direct_float64(seeded):
-    """scaled_matmul_ref (quantize_ref + float64) equals the test's own float64 computation."""
+    """scaled_matmul_ref (cast_ref + float64) equals the test's own float64 computation."""
     g = torch.Generator().manual_seed(seeded)
     x, w, _ = _problem(9, 7, 5, g)
     sx, sw = _scale_for(x, "E3M4"), _scale_for(w, "E4M3")

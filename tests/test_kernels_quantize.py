@@ -31,7 +31,7 @@ LAYOUTS = _layouts()
 
 def _kq(x, fmt, scale=None, **kw):
     f = get_format(fmt)
-    return kq.quantize(x, scale, exp_bits=f.exp_bits, man_bits=f.man_bits, bias=f.bias, specials=f.specials, **kw)
+    return kq.cast(x, scale, exp_bits=f.exp_bits, man_bits=f.man_bits, bias=f.bias, specials=f.specials, **kw)
 
 
 def _assert_bits_equal(got, want, what=""):
@@ -330,11 +330,11 @@ def test_philox_matches_triton_randint_and_the_torch_reference(seed, base):
 # -- the file's own reference -----------------------------------------------------------------------
 @pytest.mark.parametrize("saturate", [True, False])
 def test_quantize_ref_matches_library_reference(saturate):
-    """kernels' quantize_ref (table search) vs altgrad.quantize (bit arithmetic): two algorithms."""
+    """kernels' cast_ref (table search) vs altgrad.quantize (bit arithmetic): two algorithms."""
     for name in LAYOUTS:
         f = get_format(name)
         x = midpoint_values(f)
-        ref = kq.quantize_ref(x, exp_bits=f.exp_bits, man_bits=f.man_bits, bias=f.bias, specials=f.specials,
+        ref = kq.cast_ref(x, exp_bits=f.exp_bits, man_bits=f.man_bits, bias=f.bias, specials=f.specials,
                               saturate=saturate)
         _assert_bits_equal(ref.q, round_to_format(x, f, saturate=saturate), name)
 
@@ -353,9 +353,9 @@ def test_bad_arguments(kwargs, match):
     args = dict(exp_bits=4, man_bits=3, bias=7, specials="fn", scale=None) | kwargs
     scale = args.pop("scale")
     with pytest.raises(ValueError, match=match):
-        kq.quantize(torch.ones(4, device=DEVICE), scale if scale is None else scale.to(DEVICE), **args)
+        kq.cast(torch.ones(4, device=DEVICE), scale if scale is None else scale.to(DEVICE), **args)
 
 
 def test_bad_input_dtype():
     with pytest.raises(ValueError, match="x must be a float32, bfloat16 or float16"):
-        kq.quantize(torch.ones(4, dtype=torch.int32, device=DEVICE), exp_bits=4, man_bits=3, bias=7, specials="fn")
+        kq.cast(torch.ones(4, dtype=torch.int32, device=DEVICE), exp_bits=4, man_bits=3, bias=7, specials="fn")
