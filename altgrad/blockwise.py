@@ -215,8 +215,7 @@ def quantize_blockwise_cast(x: torch.Tensor, fmt: FormatSpec | str, block_size: 
     if want == "triton" and kernel_ok:
         from altgrad.kernels import block_quantize as kbq
 
-        res = kbq.block_quantize(x, exp_bits=fmt.exp_bits, man_bits=fmt.man_bits, bias=fmt.bias,
-                                 specials=fmt.specials, block_size=block_size or x.shape[1],
+        res = kbq.block_quantize(x, **fmt.kernel_fields, block_size=block_size or x.shape[1],
                                  emax_elem=emax_elem(fmt), fmt_max=fmt.max, scale_format=scale_format,
                                  scale_rounding=scale_rounding, rounding=rounding, saturate=saturate,
                                  seed=kernel_seed(rounding, generator))

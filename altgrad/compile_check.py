@@ -211,7 +211,7 @@ def _quantize_cases(rec: _Recorder) -> None:
     from altgrad.formats import FORMAT_REGISTRY
     from altgrad.kernels import quantize as kq
 
-    fields = {(f.exp_bits, f.man_bits, f.bias, f.specials): n for n, f in FORMAT_REGISTRY.items()}
+    fields = {tuple(f.kernel_fields.values()): n for n, f in FORMAT_REGISTRY.items()}
     fields[(7, 0, 74, "p3109")] = "E7M0>>10"  # QuantizedLinear's accumulation-headroom carry
     x = torch.zeros(8192, dtype=torch.bfloat16)
     s = torch.ones(1)
@@ -249,15 +249,15 @@ def _block_quantize_cases(rec: _Recorder) -> None:
 
     def call(label, f, x, block_size, scale_rounding="floor", rounding="nearest"):
         rec.case = f"{label} block {block_size} {scale_rounding} {rounding} {tuple(x.shape)}"
-        kbq.block_quantize(x, exp_bits=f.exp_bits, man_bits=f.man_bits, bias=f.bias, specials=f.specials,
+        kbq.block_quantize(x, **f.kernel_fields,
                            block_size=block_size, emax_elem=emax_elem(f), fmt_max=f.max,
                            scale_rounding=scale_rounding, rounding=rounding, seed=12345)
 
     x = torch.zeros(64, 384)
     seen = set()
     for name, f in FORMAT_REGISTRY.items():  # MX block 32 in every format
-        if (f.exp_bits, f.man_bits, f.bias, f.specials) not in seen:
-            seen.add((f.exp_bits, f.man_bits, f.bias, f.specials))
+        if tuple(f.kernel_fields.values()) not in seen:
+            seen.add(tuple(f.kernel_fields.values()))
             call(name, f, x, 32)
     e4m3 = FORMAT_REGISTRY["E4M3"]
     for block_size in (16, 32, 128, 384):  # 384: one scale per row

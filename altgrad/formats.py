@@ -109,6 +109,13 @@ class FormatSpec:
         return self.specials in ("fn", "fnuz", "p3109") or (self.specials == "ieee" and self.man_bits > 0)
 
     @property
+    def kernel_fields(self) -> dict:
+        """{exp_bits, man_bits, bias, specials}: the format as the kernels in kernels/ take it, as
+        keywords (`cast(x, scale, **fmt.kernel_fields)`) or, in this order, as scaled_matmul's
+        `fmt_a` tuple. The kernels' own `check_format` accepts every registered format."""
+        return {"exp_bits": self.exp_bits, "man_bits": self.man_bits, "bias": self.bias, "specials": self.specials}
+
+    @property
     def has_neg_zero(self) -> bool:
         return self.specials in ("ieee", "fn", "none")
 

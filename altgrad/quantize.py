@@ -289,8 +289,7 @@ def _quantize_triton(x, fmt, scale, rounding, saturate, seed, stats):
     from altgrad.kernels import quantize as kq
 
     s = scale if scale is not None else torch.ones((), dtype=torch.float32, device=x.device)
-    return kq.cast(x, s, exp_bits=fmt.exp_bits, man_bits=fmt.man_bits, bias=fmt.bias,
-                       specials=fmt.specials, rounding=rounding, saturate=saturate, seed=seed,
+    return kq.cast(x, s, **fmt.kernel_fields, rounding=rounding, saturate=saturate, seed=seed,
                        out_q=False, out_dq=True, stats=stats)
 
 
@@ -458,8 +457,7 @@ def quantize_operand(x: torch.Tensor, fmt: FormatSpec | str, scale: torch.Tensor
     if backend == "triton":
         from altgrad.kernels import quantize as kq
 
-        res = kq.cast(x, s, exp_bits=fmt.exp_bits, man_bits=fmt.man_bits, bias=fmt.bias,
-                          specials=fmt.specials, rounding=rounding, saturate=saturate, seed=seed,
+        res = kq.cast(x, s, **fmt.kernel_fields, rounding=rounding, saturate=saturate, seed=seed,
                           out_q=True, out_dq=False, stats=stats)
         return res.q, (QuantStats(res.amax, *res.counts.unbind(0)) if stats else None)
     if backend == "fast":

@@ -50,7 +50,7 @@ def _wall(benchmark, fn, rounds=20):
 
 def _fields(name):
     f = get_format(name)
-    return dict(exp_bits=f.exp_bits, man_bits=f.man_bits, bias=f.bias, specials=f.specials)
+    return f.kernel_fields
 
 
 # -- quantize ---------------------------------------------------------------------------------------
@@ -176,7 +176,7 @@ def test_matmul_in_loop_input(benchmark, linear):
     sx = torch.tensor(100.0, device="cuda")
     f = get_format("E4M3")
     benchmark.group = f"matmul {linear} fwd"
-    fn = lambda: ksm.scaled_matmul(x, wq, None, iw, fmt_a=(f.exp_bits, f.man_bits, f.bias, f.specials),  # noqa
+    fn = lambda: ksm.scaled_matmul(x, wq, None, iw, fmt_a=tuple(f.kernel_fields.values()),  # noqa
                                    scale_a=sx)
     _ratio(benchmark, (linear, "fwd"), _device_ms(fn))
     _wall(benchmark, fn)

@@ -178,7 +178,7 @@ def _self_check(device) -> bool:
         for bs in (16, 32, 128):
             for rnd in ("floor", "ceil"):
                 ref = quantize_blockwise_cast(x, f, bs, scale_rounding=rnd, backend="torch")
-                got = block_quantize(x, exp_bits=f.exp_bits, man_bits=f.man_bits, bias=f.bias, specials=f.specials,
+                got = block_quantize(x, **f.kernel_fields,
                                      block_size=bs, emax_elem=emax_elem(f), fmt_max=f.max, scale_rounding=rnd)
                 same = all(_same(a, b) for a, b in zip(got, ref))
                 if not same:

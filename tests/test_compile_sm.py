@@ -96,7 +96,7 @@ def _aliases(name):
 
     f = FORMAT_REGISTRY[name]
     same = [n for n, g in FORMAT_REGISTRY.items()
-            if (g.exp_bits, g.man_bits, g.bias, g.specials) == (f.exp_bits, f.man_bits, f.bias, f.specials)]
+            if tuple(g.kernel_fields.values()) == tuple(f.kernel_fields.values())]
     return set(same)
 
 

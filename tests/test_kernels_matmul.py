@@ -15,7 +15,7 @@ FP32_EPS = 2.0**-24
 
 def _fields(name):
     f = get_format(name)
-    return (f.exp_bits, f.man_bits, f.bias, f.specials)
+    return tuple(f.kernel_fields.values())
 
 
 def _scale_for(t, name):
