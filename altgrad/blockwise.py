@@ -43,15 +43,11 @@ from typing import NamedTuple
 
 import torch
 
-from altgrad.config import BLOCK_SIZES, GRANULARITIES, SCALE_FORMATS, SCALE_ROUNDINGS
 from altgrad.formats import FormatSpec, get_format
 from altgrad.scaling import compute_scale
+from altgrad.vocabulary import ScaleFormat, ScaleRounding, choices
 
 __all__ = [
-    "GRANULARITIES",
-    "BLOCK_SIZES",
-    "SCALE_FORMATS",
-    "SCALE_ROUNDINGS",
     "BlockCast",
     "emax_elem",
     "block_scales",
@@ -90,10 +86,10 @@ def _check_args(block_size, scale_format, scale_rounding, block_2d) -> None:
     if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int)
                                    or block_size < 1):
         raise ValueError(f"block_size must be a positive int, or None for one scale per row (got {block_size!r})")
-    if scale_format not in SCALE_FORMATS:
-        raise ValueError(f"scale_format must be one of {SCALE_FORMATS} (got {scale_format!r})")
-    if scale_rounding not in SCALE_ROUNDINGS:
-        raise ValueError(f"scale_rounding must be one of {SCALE_ROUNDINGS} (got {scale_rounding!r})")
+    if scale_format not in choices(ScaleFormat):
+        raise ValueError(f"scale_format must be one of {choices(ScaleFormat)} (got {scale_format!r})")
+    if scale_rounding not in choices(ScaleRounding):
+        raise ValueError(f"scale_rounding must be one of {choices(ScaleRounding)} (got {scale_rounding!r})")
     if block_2d and block_size is None:
         raise ValueError("block_2d needs a block_size (2-D tiles of block_size x block_size)")
 

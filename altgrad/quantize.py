@@ -21,13 +21,14 @@ from typing import NamedTuple
 import torch
 
 from altgrad.formats import FormatSpec, get_format
+from altgrad.vocabulary import Backend, Rounding, choices
 
 __all__ = ["quantize", "quantize_ste", "quantize_with_stats", "quantize_operand", "round_to_format",
            "round_to_codes", "QuantStats"]
 
-ROUNDING_MODES = ("nearest", "stochastic")
-BACKENDS = ("auto", "torch", "triton")
-OPERAND_BACKENDS = ("auto", "torch", "fast", "triton")
+ROUNDING_MODES = choices(Rounding)
+BACKENDS = choices(Backend)  # quantize_operand's: every backend
+CAST_BACKENDS = tuple(b for b in BACKENDS if b != Backend.FAST)  # quantize / quantize_with_stats: no fused cast
 _SR_BITS = 32  # random bits per stochastic rounding: P(round up) is exact to 2**-32 of a quantum
 
 
@@ -247,9 +248,9 @@ def _scale_tensor(scale, device) -> torch.Tensor | None:
 
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
     """The backend a cast of x runs on: "auto" is "triton" for CUDA x, else "torch".
-    Raises ValueError for a name outside BACKENDS."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS} (got {backend!r})")
+    Raises ValueError for a name outside CAST_BACKENDS."""
+    if backend not in CAST_BACKENDS:
+        raise ValueError(f"backend must be one of {CAST_BACKENDS} (got {backend!r})")
     if backend == "auto":
         return "triton" if x.is_cuda else "torch"
     return backend
@@ -445,8 +446,8 @@ def quantize_operand(x: torch.Tensor, fmt: FormatSpec | str, scale: torch.Tensor
     _check_float(x, "x")
     check_rounding(rounding)
     check_seed(seed)
-    if backend not in OPERAND_BACKENDS:
-        raise ValueError(f"backend must be one of {OPERAND_BACKENDS} (got {backend!r})")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} (got {backend!r})")
     if backend == "auto":
         backend = "triton" if x.is_cuda else "fast"
     s = _operand_scale(scale, x.device)

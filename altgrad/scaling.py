@@ -23,12 +23,13 @@ import torch
 from torch import nn
 
 from altgrad.formats import FormatSpec, get_format
+from altgrad.vocabulary import AmaxAlgo, ScalingType, choices
 
 __all__ = ["AmaxHistory", "TensorScaler", "compute_scale", "SCALING_MODES", "AMAX_ALGOS"]
 
-SCALING_MODES = ("delayed", "current", "none")
+SCALING_MODES = choices(ScalingType)
 MIN_SCALE = 2.0**-126  # smallest normal fp32: its reciprocal 2**126 is finite
-AMAX_ALGOS = ("max", "most_recent")
+AMAX_ALGOS = choices(AmaxAlgo)
 
 
 def compute_scale(amax: torch.Tensor, fmt: FormatSpec | str, margin: int = 0, pow2: bool = False,
