@@ -1,4 +1,4 @@
-"""Stability metrics for quantized training (DESIGN §8): where a format hurts.
+"""Stability metrics for quantized training (docs/design.md §8): where a format hurts.
 
 All functions read device tensors and cross to the host once per call (one stacked `.tolist()`),
 so train.py calls them on logging steps only and the other steps pay nothing.

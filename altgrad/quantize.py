@@ -1,6 +1,6 @@
 """Torch reference quantizer: the bit-exact oracle the Triton kernels must equal.
 
-Convention (DESIGN §3): `quantize(x, fmt, scale)` returns `round_fmt(x * scale) * inv_scale` in x's
+Convention (docs/design.md §3): `quantize(x, fmt, scale)` returns `round_fmt(x * scale) * inv_scale` in x's
 dtype, computed in fp32 with `inv_scale = 1 / scale` (fp32). Rounding works on the fp32 bit pattern
 with integer arithmetic only, so it is exact on every device and needs no float casts:
 

@@ -1,4 +1,4 @@
-"""Per-tensor scaling (DESIGN §4), in the torchao / TransformerEngine convention:
+"""Per-tensor scaling (docs/design.md §4), in the torchao / TransformerEngine convention:
 
     scale = fmt.max / amax / 2**margin       q = round_fmt(x * scale)       x ~ q * inv_scale
 

@@ -1,4 +1,4 @@
-"""FP32 shadow model: how faithful are the quantized model's gradients? (DESIGN §8)
+"""FP32 shadow model: how faithful are the quantized model's gradients? (docs/design.md §8)
 
 `FP32ShadowModel(model)` keeps an unquantized float32 copy of the model. `compare(model, batches,
 grad_accum)` copies the current weights into it, runs forward/backward on the same micro-batches

@@ -117,7 +117,7 @@ def test_special_values(name, saturate):
 
 
 @pytest.mark.parametrize("name,value,want", [
-    ("E4M3", 464.0, 448.0),  # the overflow tie rounds to the even code (max), DESIGN §3
+    ("E4M3", 464.0, 448.0),  # the overflow tie rounds to the even code (max), docs/design.md §3
     ("E4M3", 465.0, None),  # past the threshold: overflow
     ("E4M3", 2.0**-10, 0.0),  # half the smallest subnormal ties to the even code 0
     ("E4M3", 1.5 * 2.0**-10, 2.0**-9),
