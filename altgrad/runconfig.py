@@ -77,17 +77,17 @@ class TrainSection:
     warmup: int = 100
     lr_decay_steps: int | None = None  # null: max_steps, so a shorter run decays to min_lr by its end
     weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[float, float] = (0.9, 0.99)  # beta2 0.99: few tokens per step (nanoGPT shakespeare_char)
     grad_clip: float = 1.0  # 0 disables clipping
     seed: int = 42  # in [0, 2**32)
     eval_interval: int = 100
-    eval_iters: int = 20
+    eval_iters: int = 100
     log_interval: int = 10
     checkpoint_interval: int = 100  # 0: only the final checkpoint
     max_checkpoints: int = 3
     resume: bool = False
     nan_patience: int = 10  # consecutive non-finite steps before the run is declared diverged
-    shadow_interval: int = 0  # FP32 shadow gradient fidelity every N steps; 0 = off
+    shadow_interval: int = 10  # FP32 shadow gradient cosine / SNR every N steps; 0 = off
     metrics: bool = True  # quantization / update / dead-neuron diagnostics on logging steps
 
     def lr_at(self, step: int) -> float:
@@ -105,7 +105,7 @@ class TrainSection:
 
 @dataclass(frozen=True)
 class DataSection:
-    dataset: str = "shakespeare_char"
+    dataset: str = "shakespeare_complete_char"  # Shakespeare's complete works (5.06 MB), chars
     dir: str | None = None  # null: data/<dataset>
 
 
@@ -113,7 +113,7 @@ class DataSection:
 class LogSection:
     out_dir: str = "out"
     run_name: str | None = None  # null: the config file's name without .yaml
-    wandb_mode: Literal["online", "offline", "disabled"] = "disabled"
+    wandb_mode: Literal["online", "offline", "disabled"] = "offline"  # offline: no network; `wandb sync` later
     wandb_project: str = "altgrad"
     wandb_entity: str | None = None
     tags: tuple[str, ...] = ()
