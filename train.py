@@ -23,7 +23,6 @@ import os
 import signal
 import sys
 import time
-import re
 import traceback
 from contextlib import nullcontext
 
@@ -38,7 +37,7 @@ from altgrad import inference
 from altgrad.model import GPT, GPTConfig
 from altgrad.reproducibility import get_rng_state, set_rng_state, set_seed_for_reproducibility
 from altgrad.rundir import RunLock, RunLockedError, clean_partial_files, move_aside
-from altgrad.runconfig import ConfigError, build_quant_config, format_config, load_config, parse_args, save_config
+from altgrad.runconfig import ConfigError, format_config, load_config, parse_args, save_config
 from altgrad.shadow import FP32ShadowModel
 from altgrad.tracking import RunLogger, git_commit, git_diff, run_versions, write_json_atomic, write_text_atomic
 
@@ -101,7 +100,7 @@ set_seed_for_reproducibility(tc.seed)
 train_data = TokenBatches(cfg.data_dir, "train", cfg.model.block_size, tc.batch_size, device,
                           seed=tc.seed, rank=rank, world_size=world_size)
 model = GPT(GPTConfig(**dataclasses.asdict(cfg.model)))
-quant_config = build_quant_config(cfg)
+quant_config = cfg.quant  # a QuantizationConfig, validated when the config was read; None: baseline
 if quant_config is not None:
     from altgrad.linear import round_master_weights, set_full_stats, set_weight_cache, sync_amax_history, weight_updated
     from altgrad.surgery import describe_quantization, quantize_model, quantized_layers
@@ -110,15 +109,13 @@ if quant_config is not None:
     quantize_model(model, config=quant_config)
     set_weight_cache(model, accum > 1 and not tc.compile)  # cast each weight once per step (eager)
     # a pattern that matches no layer is almost always a typo: say so; quantizing nothing is an error
-    for kind, patterns in (("quant.layer_rules", [r.pattern for r in quant_config.layer_rules]),
-                           ("quant.skip_patterns", list(quant_config.skip_patterns))):
-        for pattern in patterns:
-            if master and not any(re.search(pattern, n) for n in linear_names):
-                print(f"warning: {kind} pattern {pattern!r} matches no Linear layer "
-                      f"(layers: {', '.join(linear_names[:4])}, ...)", file=sys.stderr)
+    for i, rule in enumerate(quant_config.layer_rules):
+        if master and not any(rule.matches(n) for n in linear_names):
+            print(f"warning: quant.layer_rules[{i}] pattern {rule.pattern!r} matches no Linear layer "
+                  f"(layers: {', '.join(linear_names[:4])}, ...)", file=sys.stderr)
     if not any(True for _ in quantized_layers(model)):
         fail("quant: this config quantizes none of the model's Linear layers; use quant: null for the "
-             "high-precision baseline, or fix quant.default_format / layer_rules / skip_patterns")
+             "high-precision baseline, or fix quant.default_format / layer_rules")
 
 # ---------------------------------------------------------------------------------------
 # run directory: lock it (rank 0), then resume from its newest readable checkpoint, or move an

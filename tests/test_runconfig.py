@@ -146,8 +146,14 @@ def test_yaml_exponent_without_dot_is_a_float(tmp_path):
 def test_quant_overrides_edit_the_mapping_at_any_depth(tmp_path):
     base = write(tmp_path, "quant: null\n")
     cfg = load_config(base, ["--quant.default_format=E4M3", "--quant.grad_output_format=E5M2"])
-    assert cfg.quant == {"default_format": "E4M3", "grad_output_format": "E5M2"}
-    assert build_quant_config(cfg).layer_config("x").formats["grad_output"].name == "E5M2"
+    assert cfg.quant == QuantizationConfig("E4M3", grad_output_format="E5M2")  # parsed straight into the typed config
+    assert build_quant_config(cfg) is cfg.quant
+    per_role = load_config(base, ["--quant.default_format=E4M3", "--quant.scaling.grad_output=current",
+                                  "--quant.rounding={weight: stochastic}"]).quant.layer_config("x")
+    assert (per_role.grad_output.scaling, per_role.input.scaling, per_role.weight.rounding) == \
+        ("current", "delayed", "stochastic")
+    with pytest.raises(ConfigError, match=r"^quant\.scaling\.grad_output must be one of 'delayed', 'current'"):
+        load_config(base, ["--quant.default_format=E4M3", "--quant.scaling.grad_output=dynamic"])
     assert load_config(CONFIGS / "e5m2_fp8.yaml", ["--quant=null"]).quant is None
     raw = apply_overrides({"quant": {"a": {"b": 1}}}, ["--quant.a.c=2", "--quant.d.e=3"])
     assert raw["quant"] == {"a": {"b": 1, "c": 2}, "d": {"e": 3}}
