@@ -1,6 +1,6 @@
 """Compare training runs: a table with verdicts, report.md and PNG plots.
 
-    python -m altgrad.report out/bf16_baseline out/e5m2_fp8 [more runs] [--baseline DIR] [--out DIR]
+    python -m altgrad.report out/baseline out/e5m2_fp8 [more runs] [--baseline DIR] [--out DIR]
 
 Reads each run directory's `summary.json` and `metrics.jsonl` (written by train.py; W&B is not
 needed). The baseline is the first run unless `--baseline` names another.

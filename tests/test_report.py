@@ -279,7 +279,7 @@ def test_whole_chain_two_real_runs_and_report(tmp_path, fixture_text, prepare_mo
     data = tmp_path / "data"
     prepare_module.prepare(fixture_text, data)
     out = tmp_path / "out"
-    configs = [str(REPO_ROOT / "configs" / f) for f in ("bf16_baseline.yaml", "e5m2_fp8.yaml")]  # the shipped ones
+    configs = [str(REPO_ROOT / "configs" / f) for f in ("baseline.yaml", "e5m2_fp8.yaml")]  # the shipped ones
     sets = [a for s in TINY + [f"data.dir={data}"] for a in ("--set", s)]
     assert sweep.main(configs + sets + ["--out-root", str(out)]) == 0
     printed = capsys.readouterr().out
@@ -291,11 +291,11 @@ def test_whole_chain_two_real_runs_and_report(tmp_path, fixture_text, prepare_mo
                 "update/bit_stall", "update/ulp_ratio", "shadow/grad_cos_mean", "shadow/lm_head/grad_snr_db",
                 "mlp/dead_frac", "grad/transformer.h.0.mlp.c_fc/l2", "perf/shadow_ms"):
         assert key in keys, key
-    names = ("bf16_baseline_s42", "e5m2_fp8_s42")
+    names = ("baseline_s42", "e5m2_fp8_s42")
     row = {line.split()[0]: line for line in printed.splitlines() if line.startswith(names)}
-    assert row["bf16_baseline_s42"].rstrip().endswith("baseline")
+    assert row["baseline_s42"].rstrip().endswith("baseline")
     assert row["e5m2_fp8_s42"].rstrip().endswith(("PASS", "INVESTIGATE")) and " E5M2 " in row["e5m2_fp8_s42"]
-    loaded = [report.load_run(out / n) for n in ("bf16_baseline_s42", "e5m2_fp8_s42")]
+    loaded = [report.load_run(out / n) for n in ("baseline_s42", "e5m2_fp8_s42")]
     base, e5 = report.summarize(loaded, loaded[0])
     # the fp32 baseline's shadow is itself: cosine 1; E5M2 gradients are close but not equal
     assert base.grad_cos == pytest.approx(1.0, abs=1e-6) and 0.9 < e5.grad_cos < 1.0
