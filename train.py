@@ -4,7 +4,8 @@
     torchrun --standalone --nproc_per_node=2 train.py configs/e5m2_fp8.yaml --train.grad_accum=2   # DDP
     python train.py --help          # every section and key with its type and default
 
-Outputs in out/<run_name>/: config.yaml (resolved), metrics.jsonl, summary.json, checkpoints
+Outputs in out/<run_name>/: config.yaml (resolved), metrics.jsonl, summary.json, git_diff.patch
+(`git diff HEAD`, only with uncommitted changes), checkpoints
 (ckpt_<step>.pt, at most train.max_checkpoints, and ckpt_last.pt) and W&B files when enabled.
 While a run lives, out/.<run_name>.lock holds its PID and host: a second run of the same name
 stops before touching anything. Every check of the config, the data and the checkpoint to resume
@@ -22,7 +23,6 @@ import os
 import signal
 import sys
 import time
-import re
 import traceback
 from contextlib import nullcontext
 
@@ -37,9 +37,9 @@ from altgrad import inference
 from altgrad.model import GPT, GPTConfig
 from altgrad.reproducibility import get_rng_state, set_rng_state, set_seed_for_reproducibility
 from altgrad.rundir import RunLock, RunLockedError, clean_partial_files, move_aside
-from altgrad.runconfig import ConfigError, build_quant_config, format_config, load_config, parse_args, save_config
+from altgrad.runconfig import ConfigError, format_config, load_config, parse_args, save_config
 from altgrad.shadow import FP32ShadowModel
-from altgrad.tracking import RunLogger, git_commit, run_versions, write_json_atomic
+from altgrad.tracking import RunLogger, git_commit, git_diff, run_versions, write_json_atomic, write_text_atomic
 
 EXIT_FAILED, EXIT_USAGE, EXIT_DIVERGED, EXIT_STOPPED = 1, 2, 3, 130
 
@@ -100,7 +100,7 @@ set_seed_for_reproducibility(tc.seed)
 train_data = TokenBatches(cfg.data_dir, "train", cfg.model.block_size, tc.batch_size, device,
                           seed=tc.seed, rank=rank, world_size=world_size)
 model = GPT(GPTConfig(**dataclasses.asdict(cfg.model)))
-quant_config = build_quant_config(cfg)
+quant_config = cfg.quant  # a QuantizationConfig, validated when the config was read; None: baseline
 if quant_config is not None:
     from altgrad.linear import round_master_weights, set_full_stats, set_weight_cache, sync_amax_history, weight_updated
     from altgrad.surgery import describe_quantization, quantize_model, quantized_layers
@@ -109,15 +109,13 @@ if quant_config is not None:
     quantize_model(model, config=quant_config)
     set_weight_cache(model, accum > 1 and not tc.compile)  # cast each weight once per step (eager)
     # a pattern that matches no layer is almost always a typo: say so; quantizing nothing is an error
-    for kind, patterns in (("quant.layer_rules", [r.pattern for r in quant_config.layer_rules]),
-                           ("quant.skip_patterns", list(quant_config.skip_patterns))):
-        for pattern in patterns:
-            if master and not any(re.search(pattern, n) for n in linear_names):
-                print(f"warning: {kind} pattern {pattern!r} matches no Linear layer "
-                      f"(layers: {', '.join(linear_names[:4])}, ...)", file=sys.stderr)
+    for i, rule in enumerate(quant_config.layer_rules):
+        if master and not any(rule.matches(n) for n in linear_names):
+            print(f"warning: quant.layer_rules[{i}] pattern {rule.pattern!r} matches no Linear layer "
+                  f"(layers: {', '.join(linear_names[:4])}, ...)", file=sys.stderr)
     if not any(True for _ in quantized_layers(model)):
         fail("quant: this config quantizes none of the model's Linear layers; use quant: null for the "
-             "high-precision baseline, or fix quant.default_format / layer_rules / skip_patterns")
+             "high-precision baseline, or fix quant.default_format / layer_rules")
 
 # ---------------------------------------------------------------------------------------
 # run directory: lock it (rank 0), then resume from its newest readable checkpoint, or move an
@@ -133,40 +131,37 @@ if master:
     if stale:
         print(f"note: took over the stale lock of pid {stale.get('pid')} on host {stale.get('host')} "
               f"(that run is gone)")
-step, best_val, best_val_step, last_val, last_val_step, streak, skipped, wall_before = 0, None, None, None, None, 0, 0, 0.0
-train_loss = None
-resume_path = state = None
+# the run's state: what a checkpoint stores beside the weights, optimizer, RNG and data position
+run = {"step": 0, "best_val_loss": None, "best_val_step": None, "last_val_loss": None, "last_val_step": None,
+       "last_train_loss": None, "nonfinite_streak": 0, "skipped_steps": 0, "wall_time_s": 0.0}
+resume_path = checkpoint = None
 if tc.resume:
     try:  # a damaged newest checkpoint falls back to the next older one, with a warning
-        resume_path, state = ckpt.load_latest_checkpoint(
+        resume_path, checkpoint = ckpt.load_latest_checkpoint(
             run_dir, map_location="cpu", warn=lambda msg: print(msg, file=sys.stderr) if master else None)
     except ckpt.CheckpointError as e:
         fail(e)
-if state is not None:
+if checkpoint is not None:
     for section in ("model", "quant"):  # train/log may change on resume (e.g. more steps)
-        if state["config"][section] != cfg.to_dict()[section]:
-            fail(f"{section}: differs from the checkpoint's {resume_path} ({state['config'][section]}); "
+        if checkpoint["config"][section] != cfg.to_dict()[section]:
+            fail(f"{section}: differs from the checkpoint's {resume_path} ({checkpoint['config'][section]}); "
                  f"resume with the same {section} section or use another log.run_name")
-    saved_seed = state["config"]["train"]["seed"]
+    saved_seed = checkpoint["config"]["train"]["seed"]
     if saved_seed != tc.seed:  # the seed chose the initial weights and the data order
         fail(f"train.seed={tc.seed} differs from the checkpoint's {resume_path} seed {saved_seed}; "
              f"resume with --train.seed={saved_seed} or use another log.run_name")
-    raw_model_state = state["model"]
-    model.load_state_dict(raw_model_state)  # QuantizedLinear scales/AmaxHistory are buffers
-    train_data.load_state_dict(state["data"])
-    set_rng_state(state["rng"])
-    step, streak, skipped, wall_before = state["step"], state["nonfinite_streak"], state["skipped_steps"], \
-        state["wall_time_s"]
-    best_val, best_val_step, last_val = state["best_val_loss"], state["best_val_step"], state["last_val_loss"]
-    last_val_step, train_loss = state.get("last_val_step"), state.get("last_train_loss")
-start_step = step
+    model.load_state_dict(checkpoint["model"])  # QuantizedLinear scales/AmaxHistory are buffers
+    train_data.load_state_dict(checkpoint["data"])
+    set_rng_state(checkpoint["rng"])
+    run.update({key: checkpoint.get(key, run[key]) for key in run})
+start_step, wall_before = run["step"], run["wall_time_s"]
 if master:
     removed = clean_partial_files(run_dir)  # temp files of writes killed mid-way (we hold the lock)
     if removed:
         print(f"note: removed {len(removed)} partial file(s) of an interrupted write: "
               f"{', '.join(p.name for p in removed)}")
     if resume_path is not None:
-        print(f"resuming from {resume_path} at step {step}")
+        print(f"resuming from {resume_path} at step {start_step}")
     else:
         if tc.resume:
             print(f"train.resume: no checkpoint in {run_dir}, starting from step 0")
@@ -181,24 +176,31 @@ model.to(device)
 raw_model = model  # state_dict, diagnostics and shadow use the unwrapped module
 optimizer = raw_model.configure_optimizers(tc.weight_decay, tc.lr, tc.betas, device_type)
 params = [p for p in raw_model.parameters() if p.requires_grad]
-if state is not None:
-    optimizer.load_state_dict(state["optimizer"])
-    del state, raw_model_state
+if checkpoint is not None:
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    del checkpoint
 tokens_per_step = tc.batch_size * cfg.model.block_size * tc.grad_accum
 versions, commit = run_versions(), git_commit()
+# the code that made the run: HEAD plus, with a dirty tree, `git diff HEAD` in git_diff.patch
+diff = git_diff() if commit is not None and commit.endswith("-dirty") else None
 device_name = torch.cuda.get_device_name(device) if device_type == "cuda" else f"{torch.get_num_threads()} threads"
 t_start = time.time()
 logger = None
 
 
+def wall_time():
+    return wall_before + time.time() - t_start
+
+
 def write_summary(status, diverged_step=None, **extra):
     write_json_atomic(run_dir / "summary.json", extra | {
-        "run_name": cfg.log.run_name, "status": status, "steps": step, "diverged_step": diverged_step,
-        "final_train_loss": train_loss, "final_val_loss": last_val, "final_val_step": last_val_step,
-        "best_val_loss": best_val, "best_val_step": best_val_step, "skipped_steps": skipped,
-        "wall_time_s": wall_before + time.time() - t_start, "num_params": raw_model.get_num_params(),
-        "tokens_per_step": tokens_per_step, "versions": versions, "device": f"{device} ({device_name})",
-        "dtype": dtype, "high_precision_matmul": hp_matmul, "world_size": world_size, "git_commit": commit,
+        "run_name": cfg.log.run_name, "status": status, "steps": run["step"], "diverged_step": diverged_step,
+        "final_train_loss": run["last_train_loss"], "final_val_loss": run["last_val_loss"],
+        "final_val_step": run["last_val_step"], "best_val_loss": run["best_val_loss"],
+        "best_val_step": run["best_val_step"], "skipped_steps": run["skipped_steps"], "wall_time_s": wall_time(),
+        "num_params": raw_model.get_num_params(), "tokens_per_step": tokens_per_step, "versions": versions,
+        "device": f"{device} ({device_name})", "dtype": dtype, "high_precision_matmul": hp_matmul,
+        "world_size": world_size, "git_commit": commit, "git_diff": "git_diff.patch" if diff else None,
         "pid": os.getpid(), "host": os.uname().nodename, "config": cfg.to_dict()})
 
 
@@ -216,18 +218,20 @@ def on_crash(exc_type, exc, tb):
                 logger.close({"status": "failed"}, exit_code=EXIT_FAILED)
         except Exception as e:  # e.g. the disk is still full
             print(f"could not record the failure in {run_dir / 'summary.json'}: {e}", file=sys.stderr)
-        print(f"failed at step {step}: {reason} -> {run_dir}", file=sys.stderr)
+        print(f"failed at step {run['step']}: {reason} -> {run_dir}", file=sys.stderr)
 
 
 if master:
     sys.excepthook = on_crash  # from here on a crash is recorded (exit code 1, Python's own)
     save_config(cfg, run_dir / "config.yaml")
+    if diff:
+        write_text_atomic(run_dir / "git_diff.patch", diff)
     print(format_config(cfg), end="")
     if quant_config is not None:
         print(describe_quantization(raw_model))
     logger = RunLogger(run_dir, config=cfg.to_dict(), project=cfg.log.wandb_project, run_name=cfg.log.run_name,
                        tags=cfg.log.tags, wandb_mode=cfg.log.wandb_mode, entity=cfg.log.wandb_entity,
-                       resume_step=step if resume_path is not None else None)
+                       resume_step=start_step if resume_path is not None else None)
 if tc.compile:
     model = torch.compile(model)
 if ddp:
@@ -246,13 +250,12 @@ if master and tc.shadow_interval:
         print("note: train.shadow_interval is ignored under DDP")
     else:
         shadow = FP32ShadowModel(raw_model)
+
+
 def save(numbered):
-    state = {"step": step, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-             "rng": get_rng_state(), "data": train_data.state_dict(), "best_val_loss": best_val,
-             "best_val_step": best_val_step, "last_val_loss": last_val, "last_val_step": last_val_step,
-             "last_train_loss": train_loss, "nonfinite_streak": streak,
-             "skipped_steps": skipped, "wall_time_s": wall_before + time.time() - t_start, "config": cfg.to_dict()}
-    ckpt.save_run_checkpoint(state, run_dir, step, max_checkpoints=tc.max_checkpoints, numbered=numbered)
+    checkpoint = run | {"wall_time_s": wall_time(), "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "rng": get_rng_state(), "data": train_data.state_dict(), "config": cfg.to_dict()}
+    ckpt.save_run_checkpoint(checkpoint, run_dir, run["step"], max_checkpoints=tc.max_checkpoints, numbered=numbered)
 
 
 @torch.no_grad()
@@ -268,16 +271,17 @@ def evaluate():
 
 def eval_and_record(record):
     """Evaluate (every rank), track the best, add val/* to rank 0's record for this step."""
-    global last_val, last_val_step, best_val, best_val_step
-    last_val, last_val_step = evaluate(), step
+    loss = evaluate()
+    run.update(last_val_loss=loss, last_val_step=run["step"])
     if master:
-        if best_val is None or last_val < best_val:
-            best_val, best_val_step = last_val, step
-        record.update({"val/loss": last_val, "val/ppl": math.exp(min(last_val, 80.0))})
+        if run["best_val_loss"] is None or loss < run["best_val_loss"]:
+            run.update(best_val_loss=loss, best_val_step=run["step"])
+        record.update({"val/loss": loss, "val/ppl": math.exp(min(loss, 80.0))})
 
 
 def print_val():
-    print(f"step {step:>6}/{tc.max_steps} | val loss {last_val:.4f} | best {best_val:.4f} @ {best_val_step}")
+    print(f"step {run['step']:>6}/{tc.max_steps} | val loss {run['last_val_loss']:.4f} | "
+          f"best {run['best_val_loss']:.4f} @ {run['best_val_step']}")
 
 
 def total_norm():
@@ -297,15 +301,14 @@ if master:
           f"{device} ({device_name}) | high-precision matmuls {hp_matmul} | world {world_size} | run dir {run_dir}")
 status, diverged_step, exit_code, aborted = "completed", None, 0, False
 train_time, timed_steps, loop_t0, alert_shown = 0.0, 0, time.time(), {}
-stop_signal = None
+stop = {"signal": None}  # set by the signal handler
 
 
 def request_stop(signum, frame):
     """Ctrl-C / SIGTERM: finish the current step, then save and stop; a second one aborts."""
-    global stop_signal
-    if stop_signal is not None:
+    if stop["signal"] is not None:
         raise KeyboardInterrupt
-    stop_signal = signum
+    stop["signal"] = signum
     if master:
         print(f"{signal.Signals(signum).name}: stopping after this step (again to abort)", file=sys.stderr)
 
@@ -315,13 +318,14 @@ signal.signal(signal.SIGTERM, request_stop)
 if master:
     write_summary("running")
 try:
-    if step == 0:  # the initial loss, ln(vocab) or so, anchors every curve
+    if run["step"] == 0:  # the initial loss, ln(vocab) or so, anchors every curve
         record = {}
         eval_and_record(record)
         if master:
-            logger.log(step, record)
+            logger.log(0, record)
             print_val()
-    while step < tc.max_steps:
+    while run["step"] < tc.max_steps:
+        step = run["step"]
         # ---- one optimizer step: accum micro-batches per rank, then clip, check, update
         t0 = time.time()
         lr = tc.lr_at(step)
@@ -346,11 +350,11 @@ try:
             if ddp and quant_config is not None:  # every rank scales with the group's max amax
                 sync_amax_history(raw_model)
         if ddp:  # mean loss, and whether any rank was asked to stop: ranks must stop together
-            flags = torch.stack([loss_sum, torch.tensor(float(stop_signal is not None), device=device)])
+            flags = torch.stack([loss_sum, torch.tensor(float(stop["signal"] is not None), device=device)])
             dist.all_reduce(flags)
             loss_sum = flags[0] / world_size
-            if flags[1].item() > 0 and stop_signal is None:
-                stop_signal = signal.SIGTERM
+            if flags[1].item() > 0 and stop["signal"] is None:
+                stop["signal"] = signal.SIGTERM
         record = {}
         if shadow_now:  # before clipping: clipping rescales the gradient and would shift the SNR
             record.update(shadow.compare(raw_model, batches, accum))
@@ -359,6 +363,7 @@ try:
         norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip) if tc.grad_clip > 0 else total_norm()
         # one host sync per step: the skip decision needs the values (identical on every rank)
         train_loss, grad_norm = torch.stack([loss_sum, norm.float()]).tolist()
+        run["last_train_loss"] = train_loss
         if math.isfinite(train_loss) and math.isfinite(grad_norm):
             if log_now and tracker is not None:
                 tracker.before_step()
@@ -368,16 +373,17 @@ try:
                 weight_updated(raw_model)  # the next forward casts the new weights
             if log_now and tracker is not None:
                 record.update(tracker.after_step())
-            streak = 0
+            run["nonfinite_streak"] = 0
         else:  # skip: a non-finite step must not reach the weights or Adam's moments
-            streak, skipped = streak + 1, skipped + 1
+            run["nonfinite_streak"] += 1
+            run["skipped_steps"] += 1
             if master:
                 print(f"step {step + 1}: non-finite loss {train_loss} / grad norm {grad_norm}; "
-                      f"skipped ({streak}/{tc.nan_patience})")
+                      f"skipped ({run['nonfinite_streak']}/{tc.nan_patience})")
         optimizer.zero_grad(set_to_none=True)
         if dead is not None:
             dead.step()
-        step += 1
+        step = run["step"] = step + 1
         if device_type == "cuda":
             torch.cuda.synchronize()
         train_time, timed_steps = train_time + time.time() - t0, timed_steps + 1
@@ -386,10 +392,10 @@ try:
         eval_now = step % tc.eval_interval == 0 or step == tc.max_steps
         if eval_now:
             eval_and_record(record)
-        if master and (log_now or record or streak):
+        if master and (log_now or record or run["nonfinite_streak"]):
             step_s = train_time / timed_steps
             record.update({"train/loss": train_loss, "train/lr": lr, "train/grad_norm": grad_norm,
-                           "train/skipped_steps": skipped, "perf/step_ms": step_s * 1e3,
+                           "train/skipped_steps": run["skipped_steps"], "perf/step_ms": step_s * 1e3,
                            "perf/tokens_per_s": tokens_per_step / step_s})
             mfu = raw_model.estimate_mfu(tc.batch_size * accum, step_s) if device_type == "cuda" else None
             if mfu is not None:
@@ -414,10 +420,10 @@ try:
                 print_val()
         if master and tc.checkpoint_interval and step % tc.checkpoint_interval == 0:
             save(numbered=True)
-        if streak >= tc.nan_patience:  # diverged_step: the first of the non-finite steps
-            status, diverged_step, exit_code = "diverged", step - streak + 1, EXIT_DIVERGED
+        if run["nonfinite_streak"] >= tc.nan_patience:  # diverged_step: the first of the non-finite steps
+            status, diverged_step, exit_code = "diverged", step - run["nonfinite_streak"] + 1, EXIT_DIVERGED
             break
-        if stop_signal is not None:
+        if stop["signal"] is not None:
             status, exit_code = "stopped", EXIT_STOPPED
             break
 except KeyboardInterrupt:  # a second Ctrl-C: stopped mid-step, so the state is not saved
@@ -435,6 +441,7 @@ if ddp and not aborted:  # every rank must hold bit-identical weights after all-
     if master and not extra["ddp_ranks_agree"]:
         print(f"warning: DDP ranks ended with different weights ({digests})", file=sys.stderr)
 if master:
+    step, best_val, last_val = run["step"], run["best_val_loss"], run["last_val_loss"]
     saved_here = tc.checkpoint_interval and step % tc.checkpoint_interval == 0
     if step > start_step and not saved_here and not aborted:
         save(numbered=False)
@@ -444,9 +451,10 @@ if master:
         print(f"diverged: {tc.nan_patience} consecutive non-finite steps from step {diverged_step}; "
               f"state saved in {run_dir} (exit code {EXIT_DIVERGED})", file=sys.stderr)
     else:
-        val_text = (f"val loss {last_val:.4f} @ step {last_val_step} (best {best_val:.4f} @ {best_val_step})"
+        val_text = (f"val loss {last_val:.4f} @ step {run['last_val_step']} (best {best_val:.4f} @ "
+                    f"{run['best_val_step']})"
                     if last_val is not None else "no evaluation yet")
-        print(f"{status} at step {step} in {fmt_time(wall_before + time.time() - t_start)}: {val_text} -> {run_dir}")
+        print(f"{status} at step {step} in {fmt_time(wall_time())}: {val_text} -> {run_dir}")
 if ddp:
     dist.destroy_process_group()
 sys.exit(exit_code)

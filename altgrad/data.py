@@ -42,7 +42,7 @@ def prepare_command(data_dir) -> str:
     if own.is_file():
         return f"python {own}"
     # any other directory: prepare a text file of the user's into it
-    return f"python data/shakespeare_char/prepare.py --input YOUR_TEXT.txt --out {data_dir}"
+    return f"python data/shakespeare_complete_char/prepare.py --input YOUR_TEXT.txt --out {data_dir}"
 
 
 def _bin_path(data_dir, split) -> Path:

@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import warnings
 import zlib
 from typing import Optional
@@ -247,7 +248,7 @@ class _QuantizedLinearFn(torch.autograd.Function):
         adv_w, adv_i = update and i_plan is None, update and i_plan is not None
         q_w, inv_w = cached_w if cached_w is not None else cast_role(weight, w_state, w_plan, update, adv_w, full_stats)
         q_i, inv_i = cast_role(x, i_state, i_plan, update, adv_i, full_stats)
-        q_i = q_i.reshape(-1, x.shape[-1])
+        q_i = q_i.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # not -1: in_features may be 0
         y = torch.ops.altgrad.scaled_mm(q_i, q_w, inv_i, inv_w, bias, _output_dtype(x), mm_backend)
         ctx.save_for_backward(q_i, q_w, inv_i, inv_w)
         ctx.g_state, ctx.wg_state, ctx.plans, ctx.mm_backend = g_state, wg_state, (g_plan, wg_plan), mm_backend
@@ -263,7 +264,7 @@ class _QuantizedLinearFn(torch.autograd.Function):
         q_i, q_w, inv_i, inv_w = ctx.saved_tensors
         g_plan, wg_plan = ctx.plans
         update, full_stats, advance = ctx.flags
-        dy2 = dy.reshape(-1, dy.shape[-1])
+        dy2 = dy.reshape(math.prod(dy.shape[:-1]), dy.shape[-1])
         q_g, inv_g = cast_role(dy2, ctx.g_state, g_plan, update, advance, full_stats)
         mm = functools.partial(torch.ops.altgrad.scaled_mm, backend=ctx.mm_backend)
         dx = dw = db = None

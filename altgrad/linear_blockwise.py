@@ -235,7 +235,7 @@ def _pow2(mod, role: str) -> bool:
 class _BlockwiseLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, mod, out_dtype):
-        x2 = x.reshape(-1, x.shape[-1])
+        x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # not -1: in_features may be 0
         w = weight.detach()
         a = _role_operand(mod, "input", "input", x2)
         b, b_dgrad = _weight_operands(mod, w)
@@ -261,7 +261,7 @@ class _BlockwiseLinearFn(torch.autograd.Function):
     def _backward(ctx, dy):
         x2, w = ctx.saved_tensors
         mod = ctx.mod
-        dy2 = dy.reshape(-1, dy.shape[-1])
+        dy2 = dy.reshape(math.prod(dy.shape[:-1]), dy.shape[-1])
         go_tensor = "grad_output" not in mod.role_configs or mod.role_configs["grad_output"].granularity == "tensor"
         g_dgrad = _role_operand(mod, "grad_output", "grad_output", dy2)  # along out_features
         dx = dw = db = None

@@ -16,6 +16,8 @@ as gfloat does. A code above `fmt.max_code` is an overflow: saturate to max, or 
 
 from __future__ import annotations
 
+import math
+
 from typing import NamedTuple
 
 import torch
@@ -265,7 +267,11 @@ def dequantize(q: torch.Tensor, inv_scale: torch.Tensor | None, dtype: torch.dty
     if saturate:
         big = torch.finfo(dtype).max
         y = y.clamp(-big, big)  # NaN passes through clamp
-    return y.to(dtype)
+    # every NaN result is the dtype's canonical quiet NaN (0x7FC00000, bf16 0x7FC0, fp16 0x7E00), as
+    # the kernel writes it: no backend lets an input NaN's sign or payload through
+    # (after the cast: torch's vectorised fp32 -> bf16 cast turns NaN into 0xFFFF)
+    y = y.to(dtype)
+    return torch.where(torch.isnan(y), torch.full((), math.nan, dtype=dtype, device=y.device), y)
 
 
 def _quantize_torch(x, fmt, scale, rounding, saturate, seed):

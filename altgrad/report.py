@@ -1,6 +1,6 @@
 """Compare training runs: a table with verdicts, report.md and PNG plots.
 
-    python -m altgrad.report out/bf16_baseline out/e5m2_fp8 [more runs] [--baseline DIR] [--out DIR]
+    python -m altgrad.report out/baseline out/e5m2_fp8 [more runs] [--baseline DIR] [--out DIR]
 
 Reads each run directory's `summary.json` and `metrics.jsonl` (written by train.py; W&B is not
 needed). The baseline is the first run unless `--baseline` names another.
@@ -22,6 +22,9 @@ config), `NON-FINITE` (a NaN or infinite loss at S or at the end: never a pass),
   (the column `Δ/σ`); with σ from a handful of seeds this flags only gaps well outside noise;
 - otherwise the fixed-percentage fallback: PASS when |loss(S) / baseline loss(S) − 1| ≤ 10 %;
 `INVESTIGATE` otherwise, or when there is no common step. The table's note names the rule used.
+Two guards: when the only shared step is 0 (before any update, where every run with the baseline's
+seed is the same untrained model) a run reads `TOO EARLY`, never PASS; and a run that passes at S
+but did not complete (stopped, running, INCOMPLETE) reads `PARTIAL`: it passed as far as it got.
 
 The ratio column divides by the baseline-config run of the same seed when there is one
 (identical init and data order, so the two differ only by precision). Runs whose names differ
@@ -219,6 +222,8 @@ class Comparison:
     def rule(self) -> str:
         if self.step is None:
             return "no step is shared by all runs: nothing can be compared (INVESTIGATE)"
+        if self.step == 0:
+            return "the only step all runs share is 0, before any update: no verdict (TOO EARLY)"
         if self.spread is not None:
             mean, std, n = self.spread
             return (f"PASS = |loss - baseline mean| <= {PASS_SIGMAS:g} sigma at step {self.step}; sigma = {std:.4f}, "
@@ -328,9 +333,15 @@ def _verdict(run: Run, baseline: Run, loss, ratio, gap_sigma, final, cmp: Compar
         return "baseline"
     if loss is None:
         return "INVESTIGATE"
+    if cmp.step == 0:
+        return "TOO EARLY"  # step 0 is before any update: every run with the baseline's seed is identical
     if cmp.spread is not None:
-        return "PASS" if gap_sigma is not None and abs(gap_sigma) <= PASS_SIGMAS else "INVESTIGATE"
-    return "PASS" if ratio is not None and abs(ratio - 1.0) <= PASS_TOLERANCE else "INVESTIGATE"
+        ok = gap_sigma is not None and abs(gap_sigma) <= PASS_SIGMAS
+    else:
+        ok = ratio is not None and abs(ratio - 1.0) <= PASS_TOLERANCE
+    if not ok:
+        return "INVESTIGATE"
+    return "PASS" if run.status == "completed" else "PARTIAL"
 
 
 def summarize(runs: list[Run], baseline: Run, cmp: Comparison | None = None) -> list[Row]:

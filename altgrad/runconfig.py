@@ -1,9 +1,10 @@
 """Run configuration: a YAML file maps 1:1 onto frozen dataclasses (DESIGN §7).
 
-Sections: `model` (GPTConfig fields), `train` (the loop), `quant` (a mapping handed to
-`QuantizationConfig.from_dict`, or null for the BF16 baseline), `data`, `log`.
-Unknown keys and wrong types raise `ConfigError` with one line naming `section.key` and
-what is allowed. Command-line overrides `--section.key=value` are parsed with
+Sections: `model` (GPTConfig fields), `train` (the loop), `quant` (parsed straight into a
+`QuantizationConfig` by its `from_dict`, or null for the high-precision baseline), `data`, `log`.
+The section dataclasses' defaults are the base experiment; a config file holds only what
+differs from them. Unknown keys and wrong types raise `ConfigError` (altgrad.config's, the one
+config error type) with one line naming `section.key` and what is allowed. Command-line overrides `--section.key=value` are parsed with
 `yaml.safe_load` and then type-checked exactly like the file.
 
     cfg = load_config("configs/e5m2_fp8.yaml", ["--train.max_steps=50", "--log.wandb_mode=disabled"])
@@ -24,6 +25,8 @@ from typing import Any, Literal
 
 import yaml
 
+from altgrad.config import INHERIT, ROLE_OPTIONS, ConfigError, QuantizationConfig
+
 __all__ = [
     "ConfigError",
     "ModelSection",
@@ -40,10 +43,6 @@ __all__ = [
     "format_config",
     "save_config",
 ]
-
-
-class ConfigError(ValueError):
-    """A user mistake in a config file or override; the message is one line naming the key."""
 
 
 # ----------------------------------------------------------------------------------------
@@ -77,17 +76,17 @@ class TrainSection:
     warmup: int = 100
     lr_decay_steps: int | None = None  # null: max_steps, so a shorter run decays to min_lr by its end
     weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[float, float] = (0.9, 0.99)  # beta2 0.99: few tokens per step (nanoGPT shakespeare_char)
     grad_clip: float = 1.0  # 0 disables clipping
     seed: int = 42  # in [0, 2**32)
     eval_interval: int = 100
-    eval_iters: int = 20
+    eval_iters: int = 100
     log_interval: int = 10
     checkpoint_interval: int = 100  # 0: only the final checkpoint
     max_checkpoints: int = 3
     resume: bool = False
     nan_patience: int = 10  # consecutive non-finite steps before the run is declared diverged
-    shadow_interval: int = 0  # FP32 shadow gradient fidelity every N steps; 0 = off
+    shadow_interval: int = 10  # FP32 shadow gradient cosine / SNR every N steps; 0 = off
     metrics: bool = True  # quantization / update / dead-neuron diagnostics on logging steps
 
     def lr_at(self, step: int) -> float:
@@ -105,7 +104,7 @@ class TrainSection:
 
 @dataclass(frozen=True)
 class DataSection:
-    dataset: str = "shakespeare_char"
+    dataset: str = "shakespeare_complete_char"  # Shakespeare's complete works (5.06 MB), chars
     dir: str | None = None  # null: data/<dataset>
 
 
@@ -113,7 +112,7 @@ class DataSection:
 class LogSection:
     out_dir: str = "out"
     run_name: str | None = None  # null: the config file's name without .yaml
-    wandb_mode: Literal["online", "offline", "disabled"] = "disabled"
+    wandb_mode: Literal["online", "offline", "disabled"] = "offline"  # offline: no network; `wandb sync` later
     wandb_project: str = "altgrad"
     wandb_entity: str | None = None
     tags: tuple[str, ...] = ()
@@ -127,8 +126,7 @@ class LogSection:
 class RunConfig:
     model: ModelSection = field(default_factory=ModelSection)
     train: TrainSection = field(default_factory=TrainSection)
-    # the raw mapping: QuantizationConfig.from_dict validates it (see build_quant_config)
-    quant: dict | None = None
+    quant: QuantizationConfig | None = None  # None: no matmul quantized (the baseline)
     data: DataSection = field(default_factory=DataSection)
     log: LogSection = field(default_factory=LogSection)
 
@@ -145,14 +143,17 @@ class RunConfig:
         out = {}
         for name in _SECTIONS:
             value = getattr(self, name)
-            out[name] = copy.deepcopy(value) if name == "quant" else _section_to_dict(value)
+            if name == "quant":
+                out[name] = None if value is None else value.to_dict()
+            else:
+                out[name] = _section_to_dict(value)
         return out
 
 
 _SECTIONS: dict[str, type | None] = {
     "model": ModelSection,
     "train": TrainSection,
-    "quant": None,  # free-form mapping, checked by altgrad.config
+    "quant": QuantizationConfig,  # nested mappings (layer_rules, per-role options): altgrad.config
     "data": DataSection,
     "log": LogSection,
 }
@@ -313,7 +314,7 @@ def _check_values(cfg: RunConfig) -> None:
 # building: dict -> RunConfig, overrides, quant validation
 
 
-def config_from_dict(raw: dict | None, *, check_quant: bool = True) -> RunConfig:
+def config_from_dict(raw: dict | None) -> RunConfig:
     """Build and validate a RunConfig from a plain mapping (a parsed YAML file)."""
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
@@ -327,27 +328,17 @@ def config_from_dict(raw: dict | None, *, check_quant: bool = True) -> RunConfig
     cfg = RunConfig(
         model=_build_section(ModelSection, raw.get("model"), "model"),
         train=_build_section(TrainSection, raw.get("train"), "train"),
-        quant=copy.deepcopy(quant),
+        quant=None if quant is None else QuantizationConfig.from_dict(copy.deepcopy(quant)),
         data=_build_section(DataSection, raw.get("data"), "data"),
         log=_build_section(LogSection, raw.get("log"), "log"),
     )
     _check_values(cfg)
-    if check_quant:
-        build_quant_config(cfg)  # fail now, not after the data and model are built
     return cfg
 
 
-def build_quant_config(cfg: RunConfig):
-    """The QuantizationConfig for `cfg.quant`, or None for the high-precision baseline."""
-    if cfg.quant is None:
-        return None
-    from altgrad.config import QuantizationConfig  # lazy: keeps this module importable on its own
-
-    try:
-        return QuantizationConfig.from_dict(copy.deepcopy(cfg.quant))
-    except (ValueError, TypeError, KeyError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(msg if msg.startswith("quant") else f"quant: {msg}") from None
+def build_quant_config(cfg: RunConfig) -> QuantizationConfig | None:
+    """`cfg.quant`: the QuantizationConfig, or None for the high-precision baseline."""
+    return cfg.quant
 
 
 def _parse_override(arg: str) -> tuple[list[str], Any]:
@@ -381,7 +372,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
                 raise ConfigError(f"{arg}: name a key, e.g. --{section}.<key>=value")
             raw["quant"] = value
             continue
-        if _SECTIONS[section] is not None and len(keys) > 2:
+        if section != "quant" and len(keys) > 2:
             raise ConfigError(f"{arg}: {section} has no nested keys; write --{section}.<key>=value")
         node = raw.get(section)
         if node is None:
@@ -488,7 +479,7 @@ def help_text() -> str:
     lines = [USAGE, "", "  --resume   continue out/<run_name>/ from its newest readable checkpoint",
              "", "Keys (--section.key=value; values are YAML: 3e-4, true, null, [0.9, 0.95]):"]
     for name, cls in _SECTIONS.items():
-        if cls is None:
+        if name == "quant":
             continue
         lines.append(f"{name}:" + (f"  {cls.__doc__.strip().splitlines()[0]}" if cls.__doc__ and
                                    not cls.__doc__.startswith(cls.__name__) else ""))
@@ -499,20 +490,17 @@ def help_text() -> str:
             comment = f"  {comments[f.name]}" if f.name in comments else ""
             lines.append(f"  {name}.{f.name} ({_describe(hints[f.name])}; default {default}){comment}")
     lines.append("quant:  null = the high-precision baseline, else a mapping (altgrad/config.py, QuantizationConfig):")
-    try:
-        from altgrad.config import INHERIT, QuantizationConfig
-
-        for f in dataclasses.fields(QuantizationConfig):
-            if f.default is dataclasses.MISSING:
-                default = "required: a format name, or null for high precision"
-            elif f.default is INHERIT:
-                default = "default: default_format"
-            else:
-                default = "default " + yaml.safe_dump(_plain(f.default), default_flow_style=True).strip()
-            lines.append(f"  quant.{f.name} ({default.removesuffix('...').strip()})")
-    except ImportError:
-        pass
+    for f in dataclasses.fields(QuantizationConfig):
+        if f.default is dataclasses.MISSING:
+            default = "required: a format name, or null for high precision"
+        elif f.default is INHERIT:
+            default = "default: default_format"
+        else:
+            default = "default " + yaml.safe_dump(_plain(f.default), default_flow_style=True).strip()
+        per_role = "; or a mapping role -> value" if f.name in ROLE_OPTIONS else ""
+        lines.append(f"  quant.{f.name} ({default.removesuffix('...').strip()}{per_role})")
     lines.append("  formats by name: E5M2, E4M3, E3M4, ... (python -m altgrad.formats lists them); null = high precision")
+    lines.append("  a layer in high precision: a rule first in layer_rules, {pattern: REGEX, format: null}")
     return "\n".join(lines)
 
 

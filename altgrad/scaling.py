@@ -42,7 +42,9 @@ def compute_scale(amax: torch.Tensor, fmt: FormatSpec | str, margin: int = 0, po
         raise ValueError(f"margin must be an int >= 0 (got {margin!r})")
     amax = torch.as_tensor(amax, dtype=torch.float32)
     prev = torch.ones_like(amax) if prev_scale is None else prev_scale.to(amax.device, torch.float32)
-    scale = ((fmt.max / amax) / float(2**margin)).clamp(min=MIN_SCALE)
+    # tensor / tensor: one correctly rounded IEEE division (torch evaluates `number / tensor` as
+    # reciprocal(tensor) * number, which rounds twice and can miss the quotient by an ulp)
+    scale = ((torch.full_like(amax, fmt.max) / amax) / float(2**margin)).clamp(min=MIN_SCALE)
     if pow2:
         # clear the mantissa bits: 2**floor(log2(scale)) for every positive normal fp32
         scale = (scale.view(torch.int32) & ~0x7FFFFF).view(torch.float32)

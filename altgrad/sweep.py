@@ -1,6 +1,6 @@
 """Run several configs (and seeds), N at a time, then compare them with altgrad.report.
 
-    python -m altgrad.sweep configs/bf16_baseline.yaml configs/e5m2_fp8.yaml [...] \
+    python -m altgrad.sweep configs/baseline.yaml configs/e5m2_fp8.yaml [...] \
         [--seeds 42 43 44] [--train.max_steps=200 ...] [--jobs N] [--out-root out]
 
 Each (config, seed) runs `python train.py CONFIG --train.seed=S --log.run_name=<name>_s<S>

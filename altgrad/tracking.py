@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 __all__ = ["RunLogger", "atomic_path", "temp_path", "write_text_atomic", "write_json_atomic", "read_metrics", "run_versions",
-           "git_commit", "WANDB_MODES"]
+           "git_commit", "git_diff", "WANDB_MODES"]
 
 WANDB_MODES = ("online", "offline", "disabled")
 WANDB_INIT_TIMEOUT_S = 30.0  # online: how long to wait for the W&B server before logging offline instead
@@ -277,3 +277,16 @@ def git_commit(repo_dir: str | os.PathLike | None = None) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return head.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def git_diff(repo_dir: str | os.PathLike | None = None) -> str | None:
+    """`git diff HEAD` of the checkout holding altgrad: the uncommitted changes to tracked files
+    that, with `git_commit`, reproduce the code a run used ('' for a clean tree; None outside a
+    checkout / without git). Untracked files are not included."""
+    repo_dir = Path(repo_dir) if repo_dir is not None else Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(["git", "diff", "HEAD", "--binary"], cwd=repo_dir, capture_output=True,
+                             text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout if out.returncode == 0 else None

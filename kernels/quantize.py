@@ -168,8 +168,8 @@ def philox_u32(seed_lo, seed_hi, offset):
     c1 = (offset >> 32).to(tl.uint32)
     c2 = c0 * 0
     c3 = c0 * 0
-    k0 = tl.to_tensor(seed_lo).to(tl.uint32)
-    k1 = tl.to_tensor(seed_hi).to(tl.uint32)
+    k0 = seed_lo.to(tl.uint32)  # runtime scalars: the kernel never specialises them (do_not_specialize)
+    k1 = seed_hi.to(tl.uint32)
     for _ in tl.static_range(10):
         _c0, _c2 = c0, c2
         c0 = tl.umulhi(_c2, 0xCD9E8D57) ^ c1 ^ k0
@@ -190,7 +190,7 @@ def fp32_to_bf16_rne(y):
     return r.to(tl.int16).to(tl.bfloat16, bitcast=True)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
 def _cast_kernel(
         # tensors: x (N elements, any strides), q and dq (N, contiguous), scale / inv_scale (1,),
         # amax (1,) int32 bits of an fp32, counts (4,) int64 [overflow, underflow, nonzero, nan]

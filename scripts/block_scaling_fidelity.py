@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
     ap.add_argument("--warmup", type=int, default=40, help="fp32 steps before the probe")
-    ap.add_argument("--data", default="data/shakespeare_char")
+    ap.add_argument("--data", default="data/shakespeare_complete_char")
     ap.add_argument("--out", default="docs/results/block_scaling")
     ap.add_argument("--table-only", action="store_true", help="rebuild fidelity.md from fidelity.jsonl")
     args = ap.parse_args(argv)

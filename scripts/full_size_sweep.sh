@@ -8,7 +8,7 @@
 #   PYTHON=.venv/bin/python OUT=out/full_size JOBS=9 scripts/full_size_sweep.sh
 #   scripts/full_size_sweep.sh --train.max_steps=500 --seeds 42 43   # shorter (the LR schedule follows), 2 seeds
 #
-# Needs data/shakespeare_char/{train,val}.bin and meta.pkl (python data/shakespeare_char/prepare.py).
+# Needs data/shakespeare_complete_char/{train,val}.bin and meta.pkl (python data/shakespeare_complete_char/prepare.py).
 # W&B is off here (the configs say offline); pass --log.wandb_mode=offline to keep W&B files.
 # Exit codes as altgrad.sweep: 0 all done, 1 a run failed, 2 bad input (nothing ran), 130 Ctrl-C.
 set -euo pipefail
@@ -16,6 +16,6 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
 OUT=${OUT:-out/full_size}
 JOBS=${JOBS:-9}
-CONFIGS=(bf16_baseline e5m2_fp8 e4m3_fp8 e3m4 e2m5 e1m6 e6m1 e7m0 e0m7)
+CONFIGS=(baseline e5m2_fp8 e4m3_e5m2_hybrid e3m4 e2m5 e1m6 e6m1 e7m0 e0m7)
 exec "$PYTHON" -m altgrad.sweep $(printf "configs/%s.yaml " "${CONFIGS[@]}") --jobs "$JOBS" --out-root "$OUT" \
   --log.wandb_mode=disabled "$@"

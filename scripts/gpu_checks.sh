@@ -24,15 +24,15 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
 #     gfloat==0.5.2 more-itertools==11.2.1 array-api-compat==1.16.0 pytest-benchmark==5.3.1
 # (pure-Python wheels, ~230 KB; the image has pytest and py-cpuinfo, which pytest-benchmark imports)
-#   python data/shakespeare_char/prepare.py        # data/shakespeare_char/{train,val}.bin, meta.pkl
+#   python data/shakespeare_complete_char/prepare.py        # data/shakespeare_complete_char/{train,val}.bin, meta.pkl
 # The device call (carry list and command line, exactly):
 #   run(command="bash scripts/gpu_checks.sh", timeout_s=540,
-#       carry=[".whl", "data/shakespeare_char/train.bin", "data/shakespeare_char/val.bin",
-#              "data/shakespeare_char/meta.pkl"])
+#       carry=[".whl", "data/shakespeare_complete_char/train.bin", "data/shakespeare_complete_char/val.bin",
+#              "data/shakespeare_complete_char/meta.pkl"])
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-CARRY=(.whl data/shakespeare_char/train.bin data/shakespeare_char/val.bin data/shakespeare_char/meta.pkl)
+CARRY=(.whl data/shakespeare_complete_char/train.bin data/shakespeare_complete_char/val.bin data/shakespeare_complete_char/meta.pkl)
 TOTAL_BUDGET=480  # seconds for the whole script, setup included
 STEPS=(tests linear kernels sweep)
 declare -A BUDGET=([setup]=30 [tests]=120 [linear]=100 [kernels]=80 [sweep]=150)

@@ -4,16 +4,16 @@
 # batches), then print the comparison. About 4 minutes on 2 idle cores.
 #
 #   scripts/quickstart.sh [--section.key=value ...]     extra overrides go to both runs
-#   PYTHON=.venv/bin/python OUT=out/quickstart DATA=data/shakespeare_char scripts/quickstart.sh
+#   PYTHON=.venv/bin/python OUT=out/quickstart DATA=data/shakespeare_complete_char scripts/quickstart.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
 OUT=${OUT:-out/quickstart}
-DATA=${DATA:-data/shakespeare_char}
+DATA=${DATA:-data/shakespeare_complete_char}
 
 if [ ! -f "$DATA/train.bin" ] || [ ! -f "$DATA/val.bin" ] || [ ! -f "$DATA/meta.pkl" ]; then
   echo "== preparing $DATA (once)"
-  "$PYTHON" data/shakespeare_char/prepare.py --out "$DATA"
+  "$PYTHON" data/shakespeare_complete_char/prepare.py --out "$DATA"
 fi
 
 run() {  # exit code 3 = diverged: a result for the report, not a failure of the script

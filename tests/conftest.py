@@ -68,8 +68,8 @@ def fixture_text() -> str:
 
 @pytest.fixture(scope="session")
 def prepare_module():
-    """data/shakespeare_char/prepare.py imported as a module (data/ is not a package)."""
-    path = REPO_ROOT / "data" / "shakespeare_char" / "prepare.py"
+    """data/shakespeare_complete_char/prepare.py imported as a module (data/ is not a package)."""
+    path = REPO_ROOT / "data" / "shakespeare_complete_char" / "prepare.py"
     spec = importlib.util.spec_from_file_location("shakespeare_char_prepare", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from altgrad.config import (
+    ConfigError,
     INHERIT,
     LayerPrecisionRule,
     LayerQuantConfig,
@@ -61,7 +62,7 @@ def test_role_config_bad_option_names_field_and_allowed_values(field, value, all
     ("FP8", r"RoleConfig\.format: unknown format 'FP8'.*registered: E5M2"),
     (8, r"RoleConfig\.format: format must be a name"),
     (None, r"RoleConfig\.format must be a format name"),
-    ("bf16", r"RoleConfig\.format must be a format name"),
+    ("bf16", r"RoleConfig\.format: 'bf16' is not a format; write null \(None\) for high precision"),
 ])
 def test_role_config_bad_format(fmt, match):
     with pytest.raises(ValueError, match=match):
@@ -227,17 +228,30 @@ def test_scaling_options_reach_every_role():
             "current", 7, "most_recent", 3, True, "stochastic", False)
 
 
-def test_skip_patterns_win_over_rules():
-    cfg = QuantizationConfig("E5M2", skip_patterns=[r"lm_head$"], layer_rules=[LayerPrecisionRule("lm_head", "E4M3")])
+def test_a_null_rule_first_keeps_a_layer_in_high_precision():
+    cfg = QuantizationConfig("E5M2", layer_rules=[LayerPrecisionRule(r"lm_head$", None),
+                                                  LayerPrecisionRule("lm_head", "E4M3")])
     assert cfg.layer_config("lm_head") is None and cfg.get_format_for_layer("lm_head") is None
     assert cfg.layer_config("lm_head_proj").weight.format is E4M3
-    one = QuantizationConfig("E5M2", skip_patterns="c_proj")  # a single string is one pattern
-    assert one.skip_patterns == ("c_proj",)
-    assert one.layer_config("h.0.mlp.c_proj") is None and one.layer_config("h.0.mlp.c_fc") is not None
+    assert cfg.layer_config("h.0.mlp.c_fc").weight.format is E5M2
 
 
-@pytest.mark.parametrize("baseline", [None, "bf16", "BF16", "fp32", "none"])
-def test_high_precision_default_is_the_baseline(baseline):
+@pytest.mark.parametrize("name", ["bf16", "BF16", "fp32", "none"])
+def test_high_precision_is_written_null_and_names_are_refused(name):
+    for make in (lambda: QuantizationConfig(name), lambda: QuantizationConfig("E4M3", grad_output_format=name),
+                 lambda: QuantizationConfig.from_dict({"default_format": "E4M3",
+                                                       "layer_rules": [{"pattern": "x", "format": name}]})):
+        with pytest.raises(ConfigError, match=rf"'{name}' is not a format; write null \(None\) for high precision"):
+            make()
+
+
+def test_skip_patterns_is_refused_naming_the_rule_to_write():
+    with pytest.raises(ConfigError, match=r"^quant\.skip_patterns: not a key; .* \{pattern: REGEX, format: null\}$"):
+        QuantizationConfig.from_dict({"default_format": "E4M3", "skip_patterns": ["lm_head"]})
+
+
+def test_high_precision_default_is_the_baseline():
+    baseline = None
     cfg = QuantizationConfig(baseline)
     assert cfg.default_format is None and not cfg.enabled
     assert all(cfg.layer_config(n) is None for n in GPT_LINEARS)
@@ -248,12 +262,13 @@ def test_high_precision_default_is_the_baseline(baseline):
 
 
 def test_bad_values_name_the_field():
-    with pytest.raises(ValueError, match=r"QuantizationConfig\.scaling must be one of 'delayed', 'current', 'none'"):
+    with pytest.raises(ConfigError, match=r"^quant\.scaling must be one of 'delayed', 'current', 'none'"):
         QuantizationConfig("E5M2", scaling="dynamic")
-    with pytest.raises(ValueError, match=r"QuantizationConfig\.grad_output_format: unknown format 'E5M3'"):
+    with pytest.raises(ConfigError, match=r"^quant\.grad_output_format: unknown format 'E5M3'"):
         QuantizationConfig("E4M3", grad_output_format="E5M3")
-    with pytest.raises(ValueError, match=r"QuantizationConfig\.skip_patterns\[1\]: pattern 'lm_head\(' is not"):
-        QuantizationConfig("E4M3", skip_patterns=["attn", "lm_head("])
+    with pytest.raises(ConfigError, match=r"^quant\.layer_rules\[1\]: pattern 'lm_head\(' is not a valid regex"):
+        QuantizationConfig.from_dict({"default_format": "E4M3", "layer_rules": [
+            {"pattern": "attn", "format": None}, {"pattern": "lm_head(", "format": None}]})
     with pytest.raises(ValueError, match=r"layer_rules must be a list of rules \(got LayerPrecisionRule\)"):
         QuantizationConfig("E4M3", layer_rules=LayerPrecisionRule("mlp", None))
     with pytest.raises(ValueError, match=r"layer_rules\[1\] must be a LayerPrecisionRule or a mapping \(got str\)"):
@@ -268,17 +283,17 @@ scaling: current
 margin: 1
 master_weights: E3M4_NONE_B1
 master_rounding: stochastic
-skip_patterns: ["^transformer\\\\.wpe"]
 layer_rules:
+  - {pattern: '^transformer\\.wpe', format: null}
   - {pattern: 'lm_head$', format: null}
   - {pattern: 'mlp\\.c_fc', format: P3109_P4, grad_output: E5M2, weight_grad: E5M2}
-  - {pattern: 'attn', format: bf16, input: E2M5}
+  - {pattern: 'attn', format: null, input: E2M5}
 """
 
 
 def test_from_yaml_section_and_round_trip():
     cfg = QuantizationConfig.from_dict(yaml.safe_load(QUANT_YAML))
-    assert cfg.skip_patterns == (r"^transformer\.wpe",)
+    assert cfg.layer_config("transformer.wpe") is None
     assert cfg.layer_config("lm_head") is None
     fc = cfg.layer_config("transformer.h.0.mlp.c_fc")
     assert names(fc) == {"input": "P3109_P4", "weight": "P3109_P4", "grad_output": "E5M2", "weight_grad": "E5M2"}
@@ -288,7 +303,7 @@ def test_from_yaml_section_and_round_trip():
         "i:E4M3 w:E4M3 go:E5M2 mw:E3M4_NONE_B1(stochastic)"
     # to_dict is plain data: it survives YAML and rebuilds an equal config
     d = cfg.to_dict()
-    assert d["default_format"] == "E4M3" and d["layer_rules"][2] == {"pattern": "attn", "format": None,
+    assert d["default_format"] == "E4M3" and d["layer_rules"][3] == {"pattern": "attn", "format": None,
                                                                     "input": "E2M5"}
     again = QuantizationConfig.from_dict(yaml.safe_load(yaml.safe_dump(d)))
     assert again == cfg
@@ -297,20 +312,23 @@ def test_from_yaml_section_and_round_trip():
 
 
 def test_from_dict_minimal_and_empty_lists():
-    cfg = QuantizationConfig.from_dict({"default_format": "E5M2", "layer_rules": None, "skip_patterns": []})
+    cfg = QuantizationConfig.from_dict({"default_format": "E5M2", "layer_rules": None})
     assert cfg == QuantizationConfig("E5M2")
 
 
 @pytest.mark.parametrize("section, match", [
     ({"default_format": "E4M3", "scale": "delayed"},
-     r"^quant: unknown key 'scale'; allowed keys: default_format, layer_rules, .*skip_patterns$"),
+     r"^quant: unknown key 'scale'; allowed keys: default_format, layer_rules, .*master_rounding$"),
     ({"grad_output_format": "E5M2"}, r"^quant: missing key 'default_format'"),
     ({"default_format": "E4M4"}, r"^quant\.default_format: unknown format 'E4M4'"),
     ({"default_format": "E4M3", "history_len": 0}, r"^quant\.history_len must be an int >= 1 \(got 0\)"),
     ({"default_format": "E4M3", "layer_rules": [{"pattern": "mlp", "format": "E5M2"}, {"pattern": "attn["}]},
      r"^quant\.layer_rules\[1\]: missing key 'format'"),
     ({"default_format": "E4M3", "layer_rules": [{"pattern": "attn[", "format": "E5M2"}]},
-     r"^quant\.layer_rules\[0\]: LayerPrecisionRule\(pattern='attn\['\): pattern 'attn\[' is not a valid regex"),
+     r"^quant\.layer_rules\[0\]: pattern 'attn\[' is not a valid regex"),
+    ({"default_format": "E4M3", "scaling": {"grad_output": "cur"}},
+     r"^quant\.scaling\.grad_output must be one of 'delayed', 'current', 'none' \(got 'cur'\)$"),
+    ({"default_format": "E4M3", "margin": {"wgrad": 1}}, r"^quant\.margin: unknown key 'wgrad'; allowed keys: input,"),
     ({"default_format": "E4M3", "layer_rules": [{"pattern": "mlp", "format": "E5M2", "go": "E5M2"}]},
      r"^quant\.layer_rules\[0\]: unknown key 'go'; allowed keys: pattern, format, input, weight, grad_output"),
     ({"default_format": "E4M3", "layer_rules": {"pattern": "mlp", "format": "E5M2"}},
@@ -318,7 +336,7 @@ def test_from_dict_minimal_and_empty_lists():
     ("E4M3", r"^quant must be a mapping \(got str\)"),
 ])
 def test_from_dict_errors_name_the_key(section, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ConfigError, match=match):
         QuantizationConfig.from_dict(section)
 
 
@@ -350,9 +368,24 @@ def test_mixed_precision_user_rules_come_first():
 
 def test_configs_survive_pickle_and_deepcopy():
     # checkpoints and inplace=False surgery copy configs; rules keep their "not given" overrides
-    cfg = QuantizationConfig("E4M3", skip_patterns=["wpe"], layer_rules=[
+    cfg = QuantizationConfig("E4M3", layer_rules=[LayerPrecisionRule("wpe", None),
         LayerPrecisionRule("mlp", "E5M2", input=None), LayerPrecisionRule("attn", None)])
     for clone in (pickle.loads(pickle.dumps(cfg)), copy.deepcopy(cfg)):
-        assert clone == cfg and clone.layer_rules[0].weight is INHERIT
+        assert clone == cfg and clone.layer_rules[1].weight is INHERIT
         assert clone.layer_config("h.0.mlp.c_fc").describe() == "i:- w:E5M2 go:E5M2"
         assert clone.layer_config("transformer.wpe_proj") is None and clone.layer_config("attn.c_attn") is None
+
+
+def test_every_role_option_can_differ_per_role():
+    """Each scaling / rounding option takes a mapping role -> value; absent roles keep RoleConfig's default."""
+    per_role = {"scaling": {"input": "current", "grad_output": "none"}, "history_len": {"weight": 4},
+                "amax_algo": {"grad_output": "most_recent"}, "margin": {"input": 2}, "pow2": {"weight": True},
+                "rounding": {"grad_output": "stochastic"}, "saturate": {"input": False},
+                "granularity": {"input": "row"}, "scale_format": {"input": "fp32"}}
+    cfg = QuantizationConfig.from_dict({"default_format": "E4M3", **per_role})
+    layer = cfg.layer_config("h.0.mlp.c_fc")
+    default = RoleConfig("E4M3")
+    for key, by_role in per_role.items():
+        for role in ("input", "weight", "grad_output"):
+            assert getattr(getattr(layer, role), key) == by_role.get(role, getattr(default, key)), (key, role)
+    assert QuantizationConfig.from_dict(cfg.to_dict()) == cfg

@@ -37,7 +37,7 @@ def test_dict_round_trip():
 
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(scaling="delayed"), r"block scales are current .*set scaling: current for input"),
+    (dict(scaling="delayed"), r"block scales are current .*set quant.scaling: current for input"),
     (dict(granularity="rows"), r"granularity must be one of 'tensor', 'row', 'block' \(got 'rows'\)"),
     (dict(block_size=24), r"block_size must be one of 16, 32, 64, 128 \(got 24\)"),
     (dict(block_size={"weights": 32}), r"unknown key 'weights'; allowed keys: input, weight"),

@@ -123,7 +123,7 @@ def test_missing_data_dir_says_how_to_prepare(tmp_path):
     message = str(info.value)
     assert isinstance(info.value, FileNotFoundError)
     assert "\n" not in message and str(missing / "train.bin") in message
-    assert f"data/shakespeare_char/prepare.py --input YOUR_TEXT.txt --out {missing}" in message
+    assert f"data/shakespeare_complete_char/prepare.py --input YOUR_TEXT.txt --out {missing}" in message
     with pytest.raises(DataNotFoundError, match="prepare.py"):
         load_meta(missing)
 

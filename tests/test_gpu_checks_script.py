@@ -31,12 +31,12 @@ def test_steps_in_priority_order_within_budget(dry_run):
 
 def test_carry_list_and_command_line_are_stated(dry_run):
     carry = re.search(r"^carry: (.*)$", dry_run, re.M).group(1).split()
-    assert carry == [".whl", "data/shakespeare_char/train.bin", "data/shakespeare_char/val.bin",
-                     "data/shakespeare_char/meta.pkl"]
+    assert carry == [".whl", "data/shakespeare_complete_char/train.bin", "data/shakespeare_complete_char/val.bin",
+                     "data/shakespeare_complete_char/meta.pkl"]
     assert len(carry) <= 8  # the device tool's limit
     assert "run: bash scripts/gpu_checks.sh" in dry_run
     header = SCRIPT.read_text()
-    assert 'carry=[".whl", "data/shakespeare_char/train.bin"' in header  # the same list, in the header
+    assert 'carry=[".whl", "data/shakespeare_complete_char/train.bin"' in header  # the same list, in the header
 
 
 def test_every_named_file_exists(dry_run):

@@ -2,6 +2,7 @@
 changes, empty batches, stats, state, stochastic-rounding stream, torch.compile, data parallel,
 errors; torch, fast and Triton (interpreter) paths agree."""
 
+import copy
 import math
 
 import pytest
@@ -653,3 +654,27 @@ def test_stochastic_rounding_draws_agree_between_torch_and_triton(device):
     s0, s1 = layers[0].state_dict(), layers[1].state_dict()
     assert all(torch.equal(v, s1[k]) for k, v in s0.items())
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("features", [(0, 4), (4, 0), (0, 0)])
+@pytest.mark.parametrize("granularity", ["tensor", "block"])
+def test_zero_features_like_nn_linear(features, granularity):
+    """A layer with no input or no output features behaves as nn.Linear (bias only, or empty),
+    forward and backward, on every batch shape, per-tensor and block-scaled."""
+    from altgrad.config import QuantizationConfig
+    from altgrad.surgery import quantize_model
+
+    fin, fout = features
+    ref = nn.Linear(fin, fout)
+    with torch.no_grad():
+        ref.bias.uniform_(-1, 1)
+    extra = {"scaling": "current", "granularity": "block", "block_size": 32} if granularity == "block" else {}
+    q = quantize_model(copy.deepcopy(ref), config=QuantizationConfig(default_format="E2M5", **extra))
+    for shape in [(2, fin), (0, fin), (3, 2, fin)]:
+        x = torch.randn(*shape, requires_grad=True)
+        x_ref = x.detach().clone().requires_grad_()
+        y, y_ref = q(x), ref(x_ref)
+        assert torch.equal(y, y_ref)
+        (y * torch.arange(y.numel()).reshape(y.shape)).sum().backward()
+        (y_ref * torch.arange(y_ref.numel()).reshape(y_ref.shape)).sum().backward()
+        assert torch.equal(x.grad, x_ref.grad)

@@ -1,4 +1,4 @@
-"""data/shakespeare_char/prepare.py: corpus discovery, char encoding, bins, CLI."""
+"""data/shakespeare_complete_char/prepare.py: corpus discovery, char encoding, bins, CLI."""
 
 import importlib.util
 import io
@@ -149,7 +149,7 @@ def test_too_short_text_is_an_error(prepare_module, tmp_path):
 def test_default_output_directories(prepare_module):
     parse = prepare_module.argparse.Namespace
     data = prepare_module.REPO_DATA
-    assert prepare_module.default_out(parse(input=None, tokenizer="char")) == data / "shakespeare_char"
+    assert prepare_module.default_out(parse(input=None, tokenizer="char")) == data / "shakespeare_complete_char"
     assert prepare_module.default_out(parse(input=None, tokenizer="gpt2")) == data / "shakespeare"
     assert prepare_module.default_out(parse(input="x/kjv.txt", tokenizer="char")) == data / "kjv"
 

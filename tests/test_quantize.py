@@ -432,3 +432,19 @@ def test_triton_backend_stochastic_is_seeded_by_the_generator():
     assert torch.equal(a, b) and not torch.equal(a, c)
     near = quantize(x, "E4M3")
     assert bool(((a - near).abs() <= get_format("E4M3").ulp(x)).all())  # one of the two neighbours
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name,saturate", [("E4M3", True), ("E4M3", False), ("E5M2", False), ("E2M5", False),
+                                           ("E0M7", True)])
+def test_nan_results_have_the_same_bits_on_every_backend(dtype, name, saturate):
+    """NaN inputs of either sign and any payload, and overflows that become NaN, come out as the
+    dtype's canonical quiet NaN from the reference and from the kernel alike."""
+    int_view = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}[dtype]
+    nans = torch.tensor([0x7FC00000, 0xFFC00000 - 2**32, 0x7F800001, 0xFFFFFFFF - 2**32], dtype=torch.int32)
+    x = torch.cat([nans.view(torch.float32), torch.tensor([1e30, -1e30, 1.0, -0.5])]).to(dtype)
+    ys = [quantize(x, name, rounding="nearest", saturate=saturate, backend=b) for b in ("torch", "triton")]
+    assert torch.isnan(ys[0][:4]).all()
+    assert torch.equal(ys[0].view(int_view), ys[1].view(int_view)), (ys[0].view(int_view), ys[1].view(int_view))
+    canonical = torch.tensor(math.nan, dtype=dtype).view(int_view)
+    assert (ys[0].view(int_view)[torch.isnan(ys[0])] == canonical).all()

@@ -1,7 +1,7 @@
 """Every command in the README's ```bash blocks runs as written (tiny sizes, CPU).
 
 The commands run in order, in a scratch directory laid out like the repository (configs/, train.py,
-sample.py, scripts/ linked; data/shakespeare_char/ prepared from the Hamlet fixture), so `out/`
+sample.py, scripts/ linked; data/shakespeare_complete_char/ prepared from the Hamlet fixture), so `out/`
 paths in the README resolve there. What a test must change, and nothing else:
 - `python` is this interpreter and `torchrun` is `python -m torch.distributed.run` (the same launcher);
 - training commands (train.py, torchrun, the sweep, full_size_sweep.sh, make run) get tiny-model
@@ -58,7 +58,7 @@ def workdir(tmp_path_factory, prepare_module):
     for name in ("configs", "train.py", "sample.py", "scripts"):
         (work / name).symlink_to(REPO_ROOT / name)
     text = (REPO_ROOT / "tests" / "fixtures" / "hamlet_slice.txt").read_text(encoding="utf-8")
-    prepare_module.prepare(text, work / "data" / "shakespeare_char")
+    prepare_module.prepare(text, work / "data" / "shakespeare_complete_char")
     return work
 
 

@@ -171,7 +171,7 @@ def test_runs_without_any_optional_metric(tmp_path):
     # b never evaluated: compared on training loss at the last common step (10)
     a_train = dict(loaded[0].series["train/loss"])
     assert rows[1].val_loss is None and rows[1].ratio == pytest.approx(2.5 / a_train[10]) and rows[1].ratio_step == 10
-    assert rows[1].fmt == "—" and rows[1].verdict == "PASS" and rows[1].status == "INCOMPLETE"
+    assert rows[1].fmt == "—" and rows[1].verdict == "PARTIAL" and rows[1].status == "INCOMPLETE"
     assert "—" in report.format_table(rows)
     text, md, plots = report.write_report(loaded, loaded[0], tmp_path / "rep")
     assert [p.name for p in plots] == ["loss.png"]
@@ -279,7 +279,7 @@ def test_whole_chain_two_real_runs_and_report(tmp_path, fixture_text, prepare_mo
     data = tmp_path / "data"
     prepare_module.prepare(fixture_text, data)
     out = tmp_path / "out"
-    configs = [str(REPO_ROOT / "configs" / f) for f in ("bf16_baseline.yaml", "e5m2_fp8.yaml")]  # the shipped ones
+    configs = [str(REPO_ROOT / "configs" / f) for f in ("baseline.yaml", "e5m2_fp8.yaml")]  # the shipped ones
     sets = [a for s in TINY + [f"data.dir={data}"] for a in ("--set", s)]
     assert sweep.main(configs + sets + ["--out-root", str(out)]) == 0
     printed = capsys.readouterr().out
@@ -291,11 +291,11 @@ def test_whole_chain_two_real_runs_and_report(tmp_path, fixture_text, prepare_mo
                 "update/bit_stall", "update/ulp_ratio", "shadow/grad_cos_mean", "shadow/lm_head/grad_snr_db",
                 "mlp/dead_frac", "grad/transformer.h.0.mlp.c_fc/l2", "perf/shadow_ms"):
         assert key in keys, key
-    names = ("bf16_baseline_s42", "e5m2_fp8_s42")
+    names = ("baseline_s42", "e5m2_fp8_s42")
     row = {line.split()[0]: line for line in printed.splitlines() if line.startswith(names)}
-    assert row["bf16_baseline_s42"].rstrip().endswith("baseline")
+    assert row["baseline_s42"].rstrip().endswith("baseline")
     assert row["e5m2_fp8_s42"].rstrip().endswith(("PASS", "INVESTIGATE")) and " E5M2 " in row["e5m2_fp8_s42"]
-    loaded = [report.load_run(out / n) for n in ("bf16_baseline_s42", "e5m2_fp8_s42")]
+    loaded = [report.load_run(out / n) for n in ("baseline_s42", "e5m2_fp8_s42")]
     base, e5 = report.summarize(loaded, loaded[0])
     # the fp32 baseline's shadow is itself: cosine 1; E5M2 gradients are close but not equal
     assert base.grad_cos == pytest.approx(1.0, abs=1e-6) and 0.9 < e5.grad_cos < 1.0
@@ -305,3 +305,24 @@ def test_whole_chain_two_real_runs_and_report(tmp_path, fixture_text, prepare_mo
     made = {p.name for p in (out / "report").glob("*.png")}
     assert {"loss.png", "grad_cos.png", "bit_stall.png", "overflow_underflow.png",
             "grad_cos_heatmap_e5m2_fp8_s42.png"} <= made
+
+
+def test_step_zero_is_too_early_and_unfinished_runs_only_pass_partially(tmp_path, capsys):
+    """At step 0 every run with the baseline's seed is the same untrained model (ratio 1 by
+    construction): no verdict. A run that did not finish passes only as far as it got."""
+    base = write_run(tmp_path, "base", val_losses={0: 4.0, 2: 3.8, 4: 3.6})
+    early = write_run(tmp_path, "stopped_at_1", val_losses={0: 4.0}, status="stopped",
+                      quant={"default_format": "E5M2"})
+    assert report.main([str(base), str(early), "--out", str(tmp_path / "rep0")]) == 0
+    out = capsys.readouterr().out
+    rows = {r.run: r for r in report.summarize([report.load_run(p) for p in (base, early)], report.load_run(base))}
+    assert rows["stopped_at_1"].ratio == pytest.approx(1.0) and rows["stopped_at_1"].verdict == "TOO EARLY"
+    assert "PASS" not in out.replace("PASS =", "") and "before any update" in out
+
+    killed = write_run(tmp_path, "killed", val_losses={0: 4.0, 2: 3.81}, status="running",
+                       quant={"default_format": "E4M3"})
+    done = write_run(tmp_path, "done", val_losses={0: 4.0, 2: 3.82, 4: 3.61}, quant={"default_format": "E3M4"})
+    loaded = [report.load_run(p) for p in (base, killed, done)]
+    rows = {r.run: r for r in report.summarize(loaded, loaded[0])}
+    assert rows["killed"].status == "INCOMPLETE" and rows["killed"].verdict == "PARTIAL"
+    assert rows["done"].verdict == "PASS"

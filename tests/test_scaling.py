@@ -123,3 +123,15 @@ def test_computed_scale_and_its_reciprocal_are_finite(name, amax):
     sc = TensorScaler(fmt, mode="current")
     s, inv = sc.scale_for(torch.tensor([amax]))
     assert bool(torch.isfinite(s) & torch.isfinite(inv)) and torch.equal(inv, torch.reciprocal(s))
+
+
+@pytest.mark.parametrize("name", ["E4M3", "E5M2", "E2M5", "E0M7", "E7M0"])
+def test_compute_scale_is_the_correctly_rounded_quotient(name):
+    """scale = fmt.max / amax rounded once to fp32 (float64 division then one rounding to fp32 is
+    correctly rounded for fp32 operands), for fresh amaxes over the whole normal range."""
+    fmt = get_format(name)
+    amax = torch.exp2(torch.empty(20000).uniform_(-60, 60)) * torch.empty(20000).uniform_(1, 2)
+    got = torch.stack([compute_scale(a, fmt) for a in amax[:2000]])
+    want = (torch.tensor(fmt.max, dtype=torch.float64) / amax[:2000].double()).float()
+    want = torch.where(want < 2.0**-126, torch.tensor(2.0**-126), want)
+    assert torch.equal(got, want)

