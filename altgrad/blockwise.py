@@ -230,7 +230,14 @@ def quantize_blockwise(x: torch.Tensor, fmt: FormatSpec | str, block_size: int |
     """Fake-quantize x with one scale per block of `block_size` elements along `axis`
     (block_size=None: one per slice, row-wise): q * inv_scale in x's dtype and shape.
 
-    Arguments and errors as `quantize_blockwise_cast`; scale rules in the module docstring.
+    x: float32 / bfloat16 / float16, any shape (2-D for block_2d). Scales are E8M0 powers of two
+    (scale_format="e8m0", OCP MX) or fp32 amax-based (docs/design.md §4); rounding and saturate as
+    `altgrad.quantize.quantize`. Returns a new tensor of x's shape and dtype.
+
+    Raises:
+        TypeError: x is not a float tensor.
+        ValueError: an unknown format, block_size, axis, scale_format, scale_rounding, rounding
+            or backend, or block_2d on a tensor that is not 2-D (as `quantize_blockwise_cast`).
     """
     axis_ = axis % x.dim() if isinstance(x, torch.Tensor) and x.dim() else axis
     c = quantize_blockwise_cast(x, fmt, block_size, axis=axis, scale_format=scale_format,

@@ -290,8 +290,16 @@ def _canonical(spec: FormatSpec) -> FormatSpec:
 
 
 def get_format(name: str | FormatSpec) -> FormatSpec:
-    """Look up or parse a format name: `E<e>M<m>[_<SPECIALS>][_B<bias>]` or `P3109_P<p>`
-    (case-insensitive). A FormatSpec passes through unchanged."""
+    """The FormatSpec a name means: a registered name ("E4M3", "E5M2", "P3109_P3", ...), or one
+    parsed from `E<e>M<m>[_<SPECIALS>][_B<bias>]` (e + m in 1..7; default specials and bias as in
+    docs/design.md §2) or `P3109_P<p>` (p in 1..7), case-insensitive. A FormatSpec passes through
+    unchanged; a parsed name that equals a registered format returns the registered object.
+
+    Raises:
+        TypeError: name is neither a str nor a FormatSpec.
+        ValueError: a malformed name, or fields no format can have (bits, specials, a bias that
+            puts values outside bf16's exponent range); the message names the grammar.
+    """
     if isinstance(name, FormatSpec):
         return name
     if not isinstance(name, str):

@@ -305,6 +305,12 @@ class QuantizedLinear(nn.Module):
     the original nn.Linear holding this module's current Parameters (one source of truth, also
     after `load_state_dict(..., assign=True)`), which is what dequantize_model puts back.
 
+    forward(x): x (..., in_features) in fp32 / bf16 / fp16 (autocast's dtype under autocast) ->
+    (..., out_features) in the same dtype. Three GEMMs, each operand cast to its role's format
+    (docs/design.md §5): forward y = x W^T, dgrad dx = dy W, wgrad dW = dy^T x. Per-role stats
+    (`stats`, `weight_format_and_scale()`) are the interface altgrad.metrics reads. forward raises
+    ValueError when x's last dimension is not in_features or x is not a float tensor on the weight's device.
+
     Args:
         linear: the nn.Linear to wrap.
         layer_config: per-role formats and scaling options.
@@ -314,7 +320,7 @@ class QuantizedLinear(nn.Module):
             and `name`); stored in the `sr_state` buffer.
     Raises:
         TypeError: linear is not an nn.Linear, or layer_config not a LayerQuantConfig.
-        ValueError: unknown backend.
+        ValueError: unknown backend, or seed not an int in [0, 2**62).
     """
 
     def __init__(self, linear: nn.Linear, layer_config: LayerQuantConfig, name: str = "", backend: str = "auto",

@@ -305,8 +305,9 @@ def quantize(x: torch.Tensor, fmt: FormatSpec | str, scale=None, *, rounding: st
              backend: str = "auto") -> torch.Tensor:
     """Fake-quantize x: round_fmt(x * scale) * (1 / scale), in x's dtype and shape.
 
-    x: fp32/bf16/fp16, any shape. scale: None (1), a number or a float tensor; it must be finite and
-    > 0 with a finite fp32 reciprocal. rounding: "nearest" (ties to the even code) or "stochastic".
+    x: fp32/bf16/fp16, any shape. scale: None (1), a number or a float tensor (format values per
+    unit of x, as compute_scale gives it); it must be finite and > 0 with a finite fp32 reciprocal.
+    Returns a new tensor of x's shape and dtype, on x's device. rounding: "nearest" (ties to the even code) or "stochastic".
     saturate: True sends overflow to +-max (and a dequantized value beyond x.dtype's range to
     +-finfo(x.dtype).max); False gives +-inf where the format has inf, else NaN (and inf in x.dtype).
     seed: stochastic rounding rounds element i (row-major) up when the 32-bit Philox draw

@@ -126,7 +126,14 @@ def quantize_model(model: nn.Module, fmt: str | FormatSpec | None = None, *,
     backend: "auto" (default), "torch" (the reference), "fast" or "triton"; see altgrad.linear.
     seed: base of the stochastic-rounding streams; each layer's seed mixes it with the layer's name
       (default: the run seed, torch.initial_seed()).
-    Returns the model -- a new object when `model` is itself an nn.Linear or inplace=False.
+    Returns the model -- a new object when `model` is itself an nn.Linear or inplace=False. Each
+    QuantizedLinear keeps its nn.Linear's Parameters (same objects, dtypes, devices and
+    state_dict keys); shapes of inputs and outputs are the nn.Linear's, (..., in) -> (..., out).
+
+    Raises:
+        TypeError: module_filter_fn is not callable, or config of the wrong type.
+        ValueError: both or neither of fmt / config; an unknown format, backend or bad
+            skip_patterns regex; a model that already holds QuantizedLinear layers.
     """
     config = _resolve_config(fmt, config)
     skips = _compile_skip_patterns(skip_patterns)

@@ -286,9 +286,13 @@ def scaled_matmul(a: torch.Tensor, b: torch.Tensor, inv_scale_a=None, inv_scale_
     layout, as triton.autotune does. Index math is int32, or int64 when an operand's element offsets
     reach 2**31. Under TRITON_INTERPRET one 32x32x32 tile is used.
 
+    Returns: C (M, N) in out_dtype on a's device, in the units of x = A_q * inv_scale_a times
+    W = B_q * inv_scale_b (the scales undo the quantization scales).
+
     Raises:
-        ValueError: shapes, dtypes, devices, formats or scales that the kernel cannot take, or a
-            `config` outside the path's list.
+        ValueError: a or b not 2-D tensors or K differing; a dtype, device or format (check_format)
+            the kernel cannot take; a scale that is not None, a float or a 1-element float tensor;
+            a `config` outside the path's list.
     """
     if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
         raise ValueError("a and b must be tensors")
