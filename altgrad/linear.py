@@ -69,14 +69,13 @@ from torch import nn
 from altgrad.config import LayerQuantConfig, RoleConfig
 from altgrad.formats import FormatSpec
 from altgrad.linear_blockwise import accumulation_domain, blockwise_linear, needs_blockwise
-from altgrad.quantize import quantize_operand, round_with_masks
+from altgrad.quantize import BACKENDS, quantize_operand, round_with_masks
 from altgrad.scaling import TensorScaler, compute_scale
-from altgrad.vocabulary import OPERAND_ROLES, STAT_FIELDS, Backend, Role, choices
+from altgrad.vocabulary import OPERAND_ROLES, STAT_FIELDS, Role
 
 __all__ = ["QuantizedLinear", "round_master_weights", "set_full_stats", "set_weight_cache", "weight_updated",
            "sync_amax_history"]
 
-BACKENDS = choices(Backend)
 _ROLES = (*OPERAND_ROLES, Role.WEIGHT_GRAD)  # the state tuples' order
 _ROLE_ID = {r: i for i, r in enumerate(_ROLES, start=1)}  # stochastic-rounding stream per role
 
