@@ -28,9 +28,9 @@ import triton
 import triton.language as tl
 
 try:  # installed as altgrad.kernels
-    from .quantize import ROUNDING, SPECIALS, check_format, main, round_fp32_to_format
+    from .quantize import ROUNDING, SPECIALS, _check_device, check_format, main, round_fp32_to_format
 except ImportError:  # pasted next to quantize.py, or run as a script
-    from quantize import ROUNDING, SPECIALS, check_format, main, round_fp32_to_format
+    from quantize import ROUNDING, SPECIALS, _check_device, check_format, main, round_fp32_to_format
 
 __all__ = ["block_quantize", "BlockQuantizeResult"]
 
@@ -107,11 +107,13 @@ def block_quantize(x: torch.Tensor, *, exp_bits: int, man_bits: int, bias: int, 
 
     x: float32 / bfloat16 / float16, any strides, CUDA (or CPU under TRITON_INTERPRET=1).
     block_size: elements per block (K or more: one scale per row). emax_elem: floor(log2(fmt_max)).
-    Raises: ValueError for a bad format, a non-2-D x, scale_format other than e8m0, or a bad option.
+    Raises: ValueError for a bad format, a non-2-D x, x on a device the kernel cannot run on (CPU
+    without TRITON_INTERPRET=1), scale_format other than e8m0, or a bad option.
     """
     check_format(exp_bits, man_bits, bias, specials)
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         raise ValueError(f"x must be a 2-D tensor (got {getattr(x, 'shape', type(x))})")
+    _check_device(x, "x")
     if scale_format != "e8m0":
         raise ValueError(f"this kernel computes e8m0 scales only (got scale_format={scale_format!r})")
     if scale_rounding not in ("floor", "ceil"):
