@@ -78,8 +78,6 @@ GRANULARITIES = choices(Granularity)
 SCALE_FORMATS = choices(ScaleFormat)
 SCALE_ROUNDINGS = choices(ScaleRounding)
 GRANULARITY_KEYS = ("granularity", "block_size", "block_2d", "scale_format", "scale_rounding")
-GRANULARITY_DEFAULTS = {"granularity": "tensor", "block_size": 32, "block_2d": False,
-                        "scale_format": "e8m0", "scale_rounding": "floor"}
 # every option a role carries besides its format (RoleConfig's fields after `format`)
 ROLE_OPTIONS = ("scaling", "history_len", "amax_algo", "margin", "pow2", "rounding", "saturate") + GRANULARITY_KEYS
 
@@ -208,10 +206,6 @@ class RoleConfig:
         """Every option but the format (ROLE_OPTIONS -> value)."""
         return {k: getattr(self, k) for k in ROLE_OPTIONS}
 
-    @property
-    def granularity_options(self) -> dict:
-        return {k: getattr(self, k) for k in GRANULARITY_KEYS}
-
     @classmethod
     def create(cls, format: str | FormatSpec, **options) -> "RoleConfig":
         return cls(format, **options)
@@ -260,7 +254,7 @@ class LayerQuantConfig:
     def describe(self) -> str:
         """e.g. 'i:E4M3 w:E4M3 go:E5M2'; weight_grad / master weights appear only when set."""
         fmts = self.formats
-        tags = {r: (_granularity_tag(rc.granularity_options) if (rc := getattr(self, r)) else "") for r in ROLES}
+        tags = {r: (_granularity_tag(rc.options) if (rc := getattr(self, r)) else "") for r in ROLES}
         parts = [f"{ROLE_ABBREV[r]}:{fmts[r].name if fmts[r] else '-'}{tags[r]}" for r in ROLES[:3]]
         if fmts["weight_grad"] is not None:
             parts.append(f"wg:{fmts['weight_grad'].name}{tags['weight_grad']}")
@@ -372,7 +366,7 @@ class QuantizationConfig:
     weight_format: Any = INHERIT
     grad_output_format: Any = INHERIT
     weight_grad_format: FormatSpec | None = None
-    # per-role options: each a value for every role, or a mapping role -> value
+    # per-role options (ROLE_OPTIONS, RoleConfig's defaults): a value for every role, or a mapping role -> value
     scaling: Any = "delayed"
     history_len: Any = 16
     amax_algo: Any = "max"
@@ -463,11 +457,6 @@ class QuantizationConfig:
             value = getattr(self, key)
             out[key] = value.get(role, defaults[key]) if isinstance(value, Mapping) else value
         return out
-
-    def granularity_for(self, role: str) -> dict:
-        """The granularity keys for `role`."""
-        opts = self.options_for(role)
-        return {key: opts[key] for key in GRANULARITY_KEYS}
 
     @property
     def enabled(self) -> bool:

@@ -1,12 +1,14 @@
 """QuantizationConfig, LayerPrecisionRule, RoleConfig: resolution rules, validation, dict round trip."""
 
 import copy
+import dataclasses
 import pickle
 
 import pytest
 import yaml
 
 from altgrad.config import (
+    ROLE_OPTIONS,
     ConfigError,
     INHERIT,
     LayerPrecisionRule,
@@ -389,3 +391,10 @@ def test_every_role_option_can_differ_per_role():
         for role in ("input", "weight", "grad_output"):
             assert getattr(getattr(layer, role), key) == by_role.get(role, getattr(default, key)), (key, role)
     assert QuantizationConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_role_options_are_role_config_fields_with_the_same_defaults():
+    role_fields = [f for f in dataclasses.fields(RoleConfig) if f.name != "format"]
+    assert tuple(f.name for f in role_fields) == ROLE_OPTIONS
+    shared = {f.name: f.default for f in dataclasses.fields(QuantizationConfig)}
+    assert {f.name: shared[f.name] for f in role_fields} == {f.name: f.default for f in role_fields}
