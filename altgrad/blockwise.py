@@ -43,15 +43,11 @@ from typing import NamedTuple
 
 import torch
 
-from altgrad.config import BLOCK_SIZES, GRANULARITIES, SCALE_FORMATS, SCALE_ROUNDINGS
 from altgrad.formats import FormatSpec, get_format
 from altgrad.scaling import compute_scale
+from altgrad.vocabulary import ScaleFormat, ScaleRounding, choices
 
 __all__ = [
-    "GRANULARITIES",
-    "BLOCK_SIZES",
-    "SCALE_FORMATS",
-    "SCALE_ROUNDINGS",
     "BlockCast",
     "emax_elem",
     "block_scales",
@@ -90,10 +86,10 @@ def _check_args(block_size, scale_format, scale_rounding, block_2d) -> None:
     if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int)
                                    or block_size < 1):
         raise ValueError(f"block_size must be a positive int, or None for one scale per row (got {block_size!r})")
-    if scale_format not in SCALE_FORMATS:
-        raise ValueError(f"scale_format must be one of {SCALE_FORMATS} (got {scale_format!r})")
-    if scale_rounding not in SCALE_ROUNDINGS:
-        raise ValueError(f"scale_rounding must be one of {SCALE_ROUNDINGS} (got {scale_rounding!r})")
+    if scale_format not in choices(ScaleFormat):
+        raise ValueError(f"scale_format must be one of {choices(ScaleFormat)} (got {scale_format!r})")
+    if scale_rounding not in choices(ScaleRounding):
+        raise ValueError(f"scale_rounding must be one of {choices(ScaleRounding)} (got {scale_rounding!r})")
     if block_2d and block_size is None:
         raise ValueError("block_2d needs a block_size (2-D tiles of block_size x block_size)")
 
@@ -161,14 +157,14 @@ def _check_tensor_layout(x: torch.Tensor, axis: int, block_2d: bool) -> int:
 # -- the reference -------------------------------------------------------------------------------
 def _cast_torch(x, fmt, block_size, axis, scale_format, scale_rounding, rounding, saturate, block_2d,
                 generator) -> BlockCast:
-    from altgrad.quantize import _round  # local: altgrad.quantize re-exports this module
+    from altgrad.quantize import round_with_masks  # local: altgrad.quantize re-exports this module
 
     v = x.float()
     blocks, undo = _blocked(v, axis, block_size, block_2d)
     amax_dims = (1, 3) if block_2d else (-1,)
     amax = blocks.abs().amax(dim=amax_dims, keepdim=True) if blocks.numel() else blocks.sum(amax_dims, keepdim=True)
     scale, inv_scale = block_scales(amax, fmt, scale_format, scale_rounding)
-    q, overflow, nan = _round(blocks * scale, fmt, rounding, saturate, generator)
+    q, overflow, nan = round_with_masks(blocks * scale, fmt, rounding, saturate, generator)
     squeeze = (lambda s: s[:, 0, :, 0].movedim(-1, axis)) if block_2d else (lambda s: s.squeeze(-1).movedim(-1, axis))
     return BlockCast(undo(q), squeeze(scale), squeeze(inv_scale), undo(overflow), undo(nan))
 
@@ -203,20 +199,19 @@ def quantize_blockwise_cast(x: torch.Tensor, fmt: FormatSpec | str, block_size: 
         ValueError: an unknown format, block_size, axis, scale_format, scale_rounding, rounding
             or backend, or block_2d on a tensor that is not 2-D.
     """
-    from altgrad.quantize import _as_fp32, _check_rounding, _resolve_backend, kernel_seed  # see _cast_torch
+    from altgrad.quantize import as_fp32, check_rounding, resolve_backend, kernel_seed  # see _cast_torch
 
     fmt = get_format(fmt)
-    _as_fp32(x, "x")
+    as_fp32(x, "x")
     _check_args(block_size, scale_format, scale_rounding, block_2d)
-    _check_rounding(rounding)
+    check_rounding(rounding)
     axis = _check_tensor_layout(x, axis, block_2d)
-    want = _resolve_backend(backend, x)
+    want = resolve_backend(backend, x)
     kernel_ok = x.dim() == 2 and axis == 1 and not block_2d and scale_format == "e8m0"
     if want == "triton" and kernel_ok:
         from altgrad.kernels import block_quantize as kbq
 
-        res = kbq.block_quantize(x, exp_bits=fmt.exp_bits, man_bits=fmt.man_bits, bias=fmt.bias,
-                                 specials=fmt.specials, block_size=block_size or x.shape[1],
+        res = kbq.block_quantize(x, **fmt.kernel_fields, block_size=block_size or x.shape[1],
                                  emax_elem=emax_elem(fmt), fmt_max=fmt.max, scale_format=scale_format,
                                  scale_rounding=scale_rounding, rounding=rounding, saturate=saturate,
                                  seed=kernel_seed(rounding, generator))
@@ -235,7 +230,14 @@ def quantize_blockwise(x: torch.Tensor, fmt: FormatSpec | str, block_size: int |
     """Fake-quantize x with one scale per block of `block_size` elements along `axis`
     (block_size=None: one per slice, row-wise): q * inv_scale in x's dtype and shape.
 
-    Arguments and errors as `quantize_blockwise_cast`; scale rules in the module docstring.
+    x: float32 / bfloat16 / float16, any shape (2-D for block_2d). Scales are E8M0 powers of two
+    (scale_format="e8m0", OCP MX) or fp32 amax-based (docs/design.md §4); rounding and saturate as
+    `altgrad.quantize.quantize`. Returns a new tensor of x's shape and dtype.
+
+    Raises:
+        TypeError: x is not a float tensor.
+        ValueError: an unknown format, block_size, axis, scale_format, scale_rounding, rounding
+            or backend, or block_2d on a tensor that is not 2-D (as `quantize_blockwise_cast`).
     """
     axis_ = axis % x.dim() if isinstance(x, torch.Tensor) and x.dim() else axis
     c = quantize_blockwise_cast(x, fmt, block_size, axis=axis, scale_format=scale_format,

@@ -28,7 +28,7 @@ a loop's once-per-program code is included, so it is an upper bound on the per-e
 
 How, without a GPU: a stand-in Triton driver reports the target (`GPUTarget("cuda", 90, 32)`), every
 kernel launch is turned into a compile-only `warmup` (Triton's JIT binder, `triton.compile`,
-Triton's bundled ptxas), and the launchers' device checks (`_check_device`, `_device_capability`)
+Triton's bundled ptxas), and the launchers' device checks (`check_device`, `_device_capability`)
 are bypassed for the duration. Resource usage is read from the cubin with Triton's bundled
 cuobjdump. Uses only APIs present in Triton 3.6 through 3.9. Must run in a process where
 TRITON_INTERPRET is unset before triton is imported (the test runs it as a subprocess).
@@ -187,9 +187,9 @@ def _compile_only(target_name: str):
 
     from altgrad.kernels import block_quantize as kbq
 
-    patches = [(JITFunction, "run", run), (kq, "_check_device", lambda x, name: None),
-               (kbq, "_check_device", lambda x, name: None),
-               (ksm, "_check_device", lambda x, name: None), (ksm, "_device_capability", lambda d: divmod(cc, 10))]
+    patches = [(JITFunction, "run", run), (kq, "check_device", lambda x, name: None),
+               (kbq, "check_device", lambda x, name: None),
+               (ksm, "check_device", lambda x, name: None), (ksm, "_device_capability", lambda d: divmod(cc, 10))]
     saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
     driver.set_active(_CompileOnlyDriver(GPUTarget("cuda", cc, 32), target_name))
     try:
@@ -213,7 +213,7 @@ def _quantize_cases(rec: _Recorder) -> None:
     from altgrad.formats import FORMAT_REGISTRY
     from altgrad.kernels import quantize as kq
 
-    fields = {(f.exp_bits, f.man_bits, f.bias, f.specials): n for n, f in FORMAT_REGISTRY.items()}
+    fields = {tuple(f.kernel_fields.values()): n for n, f in FORMAT_REGISTRY.items()}
     fields[(7, 0, 74, "p3109")] = "E7M0>>10"  # QuantizedLinear's accumulation-headroom carry
     x = torch.zeros(8192, dtype=torch.bfloat16)
     s = torch.ones(1)
@@ -221,25 +221,25 @@ def _quantize_cases(rec: _Recorder) -> None:
         for rounding in ("nearest", "stochastic"):
             for stats in (True, False):
                 rec.case = f"{name} {rounding} stats={'on' if stats else 'off'} bf16->q"
-                kq.quantize(x, s, exp_bits=e, man_bits=m, bias=b, specials=sp, rounding=rounding, seed=12345,
+                kq.cast(x, s, exp_bits=e, man_bits=m, bias=b, specials=sp, rounding=rounding, seed=12345,
                             out_q=True, out_dq=False, stats=stats)
     e4m3 = dict(exp_bits=4, man_bits=3, bias=7, specials="fn")
     for e, m, b, sp in ((4, 3, 7, "fn"), (7, 0, 74, "p3109")):  # one tile per program (small tensors)
         for rounding in ("nearest", "stochastic"):
             for stats in (True, False):
                 rec.case = f"{fields[(e, m, b, sp)]} {rounding} stats={'on' if stats else 'off'} bf16->q one tile"
-                kq.quantize(torch.zeros(2048, dtype=torch.bfloat16), s, exp_bits=e, man_bits=m, bias=b, specials=sp,
+                kq.cast(torch.zeros(2048, dtype=torch.bfloat16), s, exp_bits=e, man_bits=m, bias=b, specials=sp,
                             rounding=rounding, seed=12345, out_q=True, out_dq=False, stats=stats)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for rounding in ("nearest", "stochastic"):
             rec.case = f"E4M3 {rounding} {str(dtype)[6:]}->q,dq"
-            kq.quantize(torch.zeros(8192, dtype=dtype), s, **e4m3, rounding=rounding, seed=12345)
+            kq.cast(torch.zeros(8192, dtype=dtype), s, **e4m3, rounding=rounding, seed=12345)
     rec.case = "E4M3 fp32 strided ->q,dq"
-    kq.quantize(torch.zeros(64, 96)[:, ::3], s, **e4m3)
+    kq.cast(torch.zeros(64, 96)[:, ::3], s, **e4m3)
     rec.case = "E4M3 fp32->dq saturate off"
-    kq.quantize(torch.zeros(8192), s, **e4m3, saturate=False, out_q=False)
+    kq.cast(torch.zeros(8192), s, **e4m3, saturate=False, out_q=False)
     rec.case = "E4M3 bf16 odd size ->q,dq"
-    kq.quantize(torch.zeros(37 * 29, dtype=torch.bfloat16), s, **e4m3)
+    kq.cast(torch.zeros(37 * 29, dtype=torch.bfloat16), s, **e4m3)
 
 
 def _block_quantize_cases(rec: _Recorder) -> None:
@@ -251,15 +251,15 @@ def _block_quantize_cases(rec: _Recorder) -> None:
 
     def call(label, f, x, block_size, scale_rounding="floor", rounding="nearest"):
         rec.case = f"{label} block {block_size} {scale_rounding} {rounding} {tuple(x.shape)}"
-        kbq.block_quantize(x, exp_bits=f.exp_bits, man_bits=f.man_bits, bias=f.bias, specials=f.specials,
+        kbq.block_quantize(x, **f.kernel_fields,
                            block_size=block_size, emax_elem=emax_elem(f), fmt_max=f.max,
                            scale_rounding=scale_rounding, rounding=rounding, seed=12345)
 
     x = torch.zeros(64, 384)
     seen = set()
     for name, f in FORMAT_REGISTRY.items():  # MX block 32 in every format
-        if (f.exp_bits, f.man_bits, f.bias, f.specials) not in seen:
-            seen.add((f.exp_bits, f.man_bits, f.bias, f.specials))
+        if tuple(f.kernel_fields.values()) not in seen:
+            seen.add(tuple(f.kernel_fields.values()))
             call(name, f, x, 32)
     e4m3 = FORMAT_REGISTRY["E4M3"]
     for block_size in (16, 32, 128, 384):  # 384: one scale per row
@@ -340,7 +340,7 @@ def _matmul_cases(rec: _Recorder, fp8: bool, paths=None) -> None:
             call("fp8 in-loop A+B bf16 E5M2xE4M3", "dgrad", 256, 256, 256, cfg, qa=e5m2, qb=e4m3, fp8_=True)
             call("fp8 in-loop A+B bf16 E5M2xE4M3", "wgrad", 256, 256, 256, cfg, qa=e5m2, qb=e4m3, fp8_=True)
     # 64-bit index math (chosen on the host past 2**31 element offsets): force it on small tensors
-    saved, ksm._INT32_LIMIT = ksm._INT32_LIMIT, 0
+    saved, ksm.INT32_LIMIT = ksm.INT32_LIMIT, 0
     try:
         for path in sorted(paths):
             cfgs = ksm.MATMUL_CONFIGS[path]
@@ -350,7 +350,7 @@ def _matmul_cases(rec: _Recorder, fp8: bool, paths=None) -> None:
                 call(f"int64-index {path}", "fwd", 256, 256, 256, cfg, da=dtype, db=dtype, bias=True, out=bf16,
                      qa=quant, qb=quant, fp8_=path.startswith("fp8"))
     finally:
-        ksm._INT32_LIMIT = saved
+        ksm.INT32_LIMIT = saved
 
 
 KERNELS = ("quantize", "block_quantize", "scaled_matmul")

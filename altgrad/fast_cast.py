@@ -188,7 +188,7 @@ def cast(x: torch.Tensor, fmt: FormatSpec, scale: torch.Tensor, *, rounding: str
     Arguments are trusted (altgrad.quantize.quantize_operand checks them): x fp32/bf16/fp16 with
     numel > 0, scale a 0-dim fp32 tensor on x's device, seed an int in [0, 2**64).
     """
-    key = (fmt.exp_bits, fmt.man_bits, fmt.bias, fmt.specials)
+    key = tuple(fmt.kernel_fields.values())
     ip, fp = _params(key, saturate, x.device)
     flat = x.reshape(-1)  # the row-major index is the Philox counter
     scale = scale.reshape(())

@@ -109,12 +109,15 @@ class FormatSpec:
         return self.specials in ("fn", "fnuz", "p3109") or (self.specials == "ieee" and self.man_bits > 0)
 
     @property
-    def has_neg_zero(self) -> bool:
-        return self.specials in ("ieee", "fn", "none")
+    def kernel_fields(self) -> dict:
+        """{exp_bits, man_bits, bias, specials}: the format as the kernels in kernels/ take it, as
+        keywords (`cast(x, scale, **fmt.kernel_fields)`) or, in this order, as scaled_matmul's
+        `fmt_a` tuple. The kernels' own `check_format` accepts every registered format."""
+        return {"exp_bits": self.exp_bits, "man_bits": self.man_bits, "bias": self.bias, "specials": self.specials}
 
     @property
-    def machine_eps(self) -> float:
-        return 2.0 ** -self.man_bits
+    def has_neg_zero(self) -> bool:
+        return self.specials in ("ieee", "fn", "none")
 
     # -- codes <-> values --------------------------------------------------------------------
     def decode(self, code: int) -> float:
@@ -287,8 +290,16 @@ def _canonical(spec: FormatSpec) -> FormatSpec:
 
 
 def get_format(name: str | FormatSpec) -> FormatSpec:
-    """Look up or parse a format name: `E<e>M<m>[_<SPECIALS>][_B<bias>]` or `P3109_P<p>`
-    (case-insensitive). A FormatSpec passes through unchanged."""
+    """The FormatSpec a name means: a registered name ("E4M3", "E5M2", "P3109_P3", ...), or one
+    parsed from `E<e>M<m>[_<SPECIALS>][_B<bias>]` (e + m in 1..7; default specials and bias as in
+    docs/design.md §2) or `P3109_P<p>` (p in 1..7), case-insensitive. A FormatSpec passes through
+    unchanged; a parsed name that equals a registered format returns the registered object.
+
+    Raises:
+        TypeError: name is neither a str nor a FormatSpec.
+        ValueError: a malformed name, or fields no format can have (bits, specials, a bias that
+            puts values outside bf16's exponent range); the message names the grammar.
+    """
     if isinstance(name, FormatSpec):
         return name
     if not isinstance(name, str):

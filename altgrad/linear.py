@@ -68,26 +68,20 @@ from torch import nn
 
 from altgrad.config import LayerQuantConfig, RoleConfig
 from altgrad.formats import FormatSpec
-from altgrad.linear_blockwise import blockwise_linear, needs_blockwise
-from altgrad.quantize import QuantStats, _round, stats_from_masks
+from altgrad.linear_blockwise import accumulation_domain, blockwise_linear, needs_blockwise
+from altgrad.quantize import quantize_operand, round_with_masks
 from altgrad.scaling import TensorScaler, compute_scale
-
-try:
-    from altgrad.quantize import quantize_operand as _quantize_operand_lib
-except ImportError:  # an altgrad.quantize without it: _quantize_operand builds the same contract
-    _quantize_operand_lib = None
+from altgrad.vocabulary import OPERAND_ROLES, STAT_FIELDS, Backend, Role, choices
 
 __all__ = ["QuantizedLinear", "round_master_weights", "set_full_stats", "set_weight_cache", "weight_updated",
            "sync_amax_history"]
 
-OPERAND_ROLES = ("input", "weight", "grad_output")
-BACKENDS = ("auto", "torch", "fast", "triton")
-_ROLE_ID = {"input": 1, "weight": 2, "grad_output": 3, "weight_grad": 4}
-_STAT_FIELDS = ("amax", "scale", "overflow", "underflow", "nan", "nonzero", "numel", "rel_err")
+BACKENDS = choices(Backend)
+_ROLES = (*OPERAND_ROLES, Role.WEIGHT_GRAD)  # the state tuples' order
+_ROLE_ID = {r: i for i, r in enumerate(_ROLES, start=1)}  # stochastic-rounding stream per role
 
 
 # -- one operand's plan: everything a cast needs that is not a tensor, as one constant string ----
-_HEADROOM_LOG2 = 52  # operands are carried below 2**52 so fp32 sums of their products stay finite
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,10 +99,6 @@ class _Plan:
     backend: str  # cast backend: torch / fast / triton
 
 
-def _accumulation_shift(fmt: FormatSpec) -> int:
-    return max(0, math.ceil(math.log2(fmt.max)) - _HEADROOM_LOG2)
-
-
 def _plan_key(rc: RoleConfig, role: str, backend: str) -> str:
     f = rc.format
     return "|".join(map(str, (f.name, f.exp_bits, f.man_bits, f.bias, f.specials, rc.rounding, int(rc.saturate),
@@ -119,42 +109,17 @@ def _plan_key(rc: RoleConfig, role: str, backend: str) -> str:
 def _plan(key: str) -> _Plan:
     name, e, m, bias, specials, rounding, sat, scaling, margin, pow2, algo, role, backend = key.split("|")
     fmt = FormatSpec(name, int(e), int(m), int(bias), specials)
-    k = _accumulation_shift(fmt)
-    domain = FormatSpec(f"{name}>>{k}", fmt.exp_bits, fmt.man_bits, fmt.bias + k, fmt.specials) if k else fmt
+    domain = accumulation_domain(fmt)
+    k = domain.bias - fmt.bias
     return _Plan(fmt, domain, k, rounding, bool(int(sat)), scaling, int(margin), bool(int(pow2)), algo, role, backend)
 
 
-def _sr_seed(sr_state: torch.Tensor, role: str) -> int:
+def sr_seed(sr_state: torch.Tensor, role: str) -> int:
     """Philox seed of one stochastic cast: (base seed, training-forward count, role) mixed into 31 bits."""
     base, count = (int(v) for v in sr_state.tolist())
     h = (base * 0x9E3779B97F4A7C15 + count * 0xBF58476D1CE4E5B9 + _ROLE_ID[role] * 0x94D049BB133111EB) % 2**64
     h ^= h >> 31
     return h % 2**63
-
-
-def _quantize_operand(x, fmt, scale, rounding, saturate, seed, backend):
-    """(bf16 format-domain values round_fmt(x·scale), QuantStats): altgrad.quantize.quantize_operand
-    when this altgrad has it, else the same contract built here from the reference and the kernel."""
-    if _quantize_operand_lib is not None:
-        return _quantize_operand_lib(x, fmt, scale, rounding=rounding, saturate=saturate, seed=seed, stats=True,
-                                     backend=backend)
-    if backend == "triton":
-        from altgrad.kernels import quantize as kq
-
-        res = kq.quantize(x, scale, exp_bits=fmt.exp_bits, man_bits=fmt.man_bits, bias=fmt.bias,
-                          specials=fmt.specials, rounding=rounding, saturate=saturate, seed=seed,
-                          out_q=True, out_dq=False, stats=True)
-        return res.q, QuantStats(res.amax, *res.counts.unbind(0))
-    # without quantize_operand's fused cast, "fast" is the reference itself (same bits, its speed)
-    q, *stats = _reference_cast(x, scale, fmt, rounding, saturate, seed)
-    return q, QuantStats(*stats)
-
-
-def _reference_cast(x, scale, fmt, rounding, saturate, seed):
-    """The reference rounding of x·scale (Philox draws keyed by seed) with its stats, as one function."""
-    v = x.float() * scale
-    q, overflow, nan = _round(v, fmt, rounding, saturate, seed=seed if rounding == "stochastic" else None)
-    return (q.to(torch.bfloat16), *stats_from_masks(x, v, q, overflow, nan))
 
 
 # -- the cast op: scale from the state, round, stats, history push -----------------------------
@@ -188,9 +153,10 @@ def _cast_operand_impl(x, scale, inv_scale, history, count, filled, stats, sr_st
             amax = history[:n].amax() if p.amax_algo == "max" else history[0]
         s = compute_scale(amax, p.fmt, p.margin, p.pow2, prev_scale=scale)
     inv = torch.reciprocal(s)
-    seed = _sr_seed(sr_state, p.role) if p.rounding == "stochastic" else 0
+    seed = sr_seed(sr_state, p.role) if p.rounding == "stochastic" else 0
     q_inv = inv * 2.0**p.k if p.k else inv
-    q, st = _quantize_operand(x, p.domain, s * 2.0**-p.k if p.k else s, p.rounding, p.saturate, seed, p.backend)
+    q, st = quantize_operand(x, p.domain, s * 2.0**-p.k if p.k else s, rounding=p.rounding,
+                             saturate=p.saturate, seed=seed, stats=True, backend=p.backend)
     if update:
         scale.copy_(s)
         inv_scale.copy_(inv)
@@ -256,8 +222,13 @@ def _(a, b, inv_a, inv_b, bias, out_dtype, backend):
 
 
 # -- the autograd function ---------------------------------------------------------------------
-def _cast(x, state, plan, update, advance, full_stats):
-    """One operand through altgrad::cast_operand; plan None = high precision (x itself, no scale)."""
+def cast_role(x, state, plan, update, advance, full_stats):
+    """One operand through the altgrad::cast_operand op: (bf16 format-domain values, inv_scale).
+
+    state: QuantizedLinear._state(role) (scale, inv_scale, history, stats buffer, sr_state); plan:
+    the role's plan string (None = high precision: x itself, inv_scale None); update: refresh the
+    scale and stats; advance: push amax into the history; full_stats: a CPU bool tensor (rel_err).
+    Shared with altgrad.linear_blockwise, whose tensor-scaled roles go through the same op."""
     if plan is None:
         return x, None
     return torch.ops.altgrad.cast_operand(x, *state, plan, update, advance, full_stats)
@@ -275,8 +246,8 @@ class _QuantizedLinearFn(torch.autograd.Function):
         i_state, w_state, g_state, wg_state = states
         # the last cast of a training forward counts it in sr_state (after its own draws)
         adv_w, adv_i = update and i_plan is None, update and i_plan is not None
-        q_w, inv_w = cached_w if cached_w is not None else _cast(weight, w_state, w_plan, update, adv_w, full_stats)
-        q_i, inv_i = _cast(x, i_state, i_plan, update, adv_i, full_stats)
+        q_w, inv_w = cached_w if cached_w is not None else cast_role(weight, w_state, w_plan, update, adv_w, full_stats)
+        q_i, inv_i = cast_role(x, i_state, i_plan, update, adv_i, full_stats)
         q_i = q_i.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # not -1: in_features may be 0
         y = torch.ops.altgrad.scaled_mm(q_i, q_w, inv_i, inv_w, bias, _output_dtype(x), mm_backend)
         ctx.save_for_backward(q_i, q_w, inv_i, inv_w)
@@ -294,7 +265,7 @@ class _QuantizedLinearFn(torch.autograd.Function):
         g_plan, wg_plan = ctx.plans
         update, full_stats, advance = ctx.flags
         dy2 = dy.reshape(math.prod(dy.shape[:-1]), dy.shape[-1])
-        q_g, inv_g = _cast(dy2, ctx.g_state, g_plan, update, advance, full_stats)
+        q_g, inv_g = cast_role(dy2, ctx.g_state, g_plan, update, advance, full_stats)
         mm = functools.partial(torch.ops.altgrad.scaled_mm, backend=ctx.mm_backend)
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
@@ -304,7 +275,7 @@ class _QuantizedLinearFn(torch.autograd.Function):
             # dW (out, in) = Q_g^T (out, M) @ Q_i (M, in): A = Q_g^T, B = Q_i^T as views
             dw = mm(q_g.t(), q_i.t(), inv_g, inv_i, None, torch.float32)
             if wg_plan is not None and dy2.shape[0] > 0:  # an empty batch has no gradient to observe
-                q, inv = _cast(dw, ctx.wg_state, wg_plan, update, False, full_stats)
+                q, inv = cast_role(dw, ctx.wg_state, wg_plan, update, False, full_stats)
                 dw = q.float() * inv
             dw = dw.to(ctx.w_dtype)
         if ctx.b_dtype is not None and ctx.needs_input_grad[2]:
@@ -334,6 +305,12 @@ class QuantizedLinear(nn.Module):
     the original nn.Linear holding this module's current Parameters (one source of truth, also
     after `load_state_dict(..., assign=True)`), which is what dequantize_model puts back.
 
+    forward(x): x (..., in_features) in fp32 / bf16 / fp16 (autocast's dtype under autocast) ->
+    (..., out_features) in the same dtype. Three GEMMs, each operand cast to its role's format
+    (docs/design.md §5): forward y = x W^T, dgrad dx = dy W, wgrad dW = dy^T x. Per-role stats
+    (`stats`, `weight_format_and_scale()`) are the interface altgrad.metrics reads. forward raises
+    ValueError when x's last dimension is not in_features or x is not a float tensor on the weight's device.
+
     Args:
         linear: the nn.Linear to wrap.
         layer_config: per-role formats and scaling options.
@@ -343,7 +320,7 @@ class QuantizedLinear(nn.Module):
             and `name`); stored in the `sr_state` buffer.
     Raises:
         TypeError: linear is not an nn.Linear, or layer_config not a LayerQuantConfig.
-        ValueError: unknown backend.
+        ValueError: unknown backend, or seed not an int in [0, 2**62).
     """
 
     def __init__(self, linear: nn.Linear, layer_config: LayerQuantConfig, name: str = "", backend: str = "auto",
@@ -362,7 +339,7 @@ class QuantizedLinear(nn.Module):
         self.bias = linear.bias
         object.__setattr__(self, "_linear", linear)  # not a submodule: no duplicate parameter names
         self.layer_config, self.name, self.backend = layer_config, name, backend
-        roles = {r: getattr(layer_config, r) for r in (*OPERAND_ROLES, "weight_grad")}
+        roles = {r: getattr(layer_config, r) for r in _ROLES}
         self.role_configs = {r: rc for r, rc in roles.items() if rc is not None}
         device = linear.weight.device
         self.scalers = nn.ModuleDict({
@@ -370,7 +347,7 @@ class QuantizedLinear(nn.Module):
             for r, rc in self.role_configs.items()
         }).to(device)
         for r in self.role_configs:
-            self.register_buffer(f"_stats_{r}", torch.zeros(len(_STAT_FIELDS), dtype=torch.float64, device=device),
+            self.register_buffer(f"_stats_{r}", torch.zeros(len(STAT_FIELDS), dtype=torch.float64, device=device),
                                  persistent=False)
         self.register_buffer("sr_state", torch.tensor([_default_seed(name) if seed is None else seed, 0],
                                                       dtype=torch.int64, device=device))
@@ -379,7 +356,7 @@ class QuantizedLinear(nn.Module):
             self.master_scaler = TensorScaler(layer_config.master_weights, "current", pow2=True).to(device)
         # plan strings per cast backend (torch / fast / triton) and role
         self._plans = {b: tuple(_plan_key(self.role_configs[r], r, b) if r in self.role_configs else None
-                                for r in (*OPERAND_ROLES, "weight_grad")) for b in ("torch", "fast", "triton")}
+                                for r in _ROLES) for b in ("torch", "fast", "triton")}
         self._full_stats = torch.zeros((), dtype=torch.bool)  # CPU flag read inside the cast op
         self.weight_cache = False
         self._weight_cast = None
@@ -405,18 +382,28 @@ class QuantizedLinear(nn.Module):
     @property
     def formats(self) -> dict[str, FormatSpec | None]:
         return {r: (rc.format if (rc := getattr(self.layer_config, r)) else None)
-                for r in (*OPERAND_ROLES, "weight_grad")}
+                for r in _ROLES}
 
     @property
     def stats(self) -> dict[str, dict[str, torch.Tensor]]:
-        """{role: {amax, scale, overflow, underflow, nan, nonzero, numel[, rel_err]}} of the last cast
-        of each quantized role: 0-dim float64 views of device buffers (read them on logging steps)."""
-        fields = _STAT_FIELDS if self.full_stats else _STAT_FIELDS[:-1]
+        """The layer's declared stats interface (altgrad.metrics reads only this and
+        `weight_format_and_scale`): {role: {field: value}} of the last cast of each quantized role,
+        fields as vocabulary.STAT_FIELDS (rel_err only with full_stats), values 0-dim float64 views
+        of device buffers (read them on logging steps: reading syncs)."""
+        fields = STAT_FIELDS if self.full_stats else STAT_FIELDS[:-1]
         out = {}
         for r in self.role_configs:
             buf = getattr(self, f"_stats_{r}")
             out[r] = {f: buf[i] for i, f in enumerate(fields)}
         return out
+
+    def weight_format_and_scale(self) -> tuple[FormatSpec | None, torch.Tensor | None]:
+        """(weight role's FormatSpec, a detached fp32 0-dim copy of its current scale), or
+        (None, None) when the weight is kept in high precision."""
+        fmt = self.formats["weight"]
+        if fmt is None:
+            return None, None
+        return fmt, self.scalers["weight"].scale.detach().float().clone()
 
     # -- backend choice --
     def _backends(self, x: torch.Tensor) -> tuple[str, str]:
@@ -451,7 +438,7 @@ class QuantizedLinear(nn.Module):
         key = (cast_backend, update, self.weight.device)
         if self._weight_cast is None or self._weight_cast[0] != key:
             with torch.no_grad():
-                q = _cast(self.weight, self._state("weight"), plan, update, False, self._full_stats)
+                q = cast_role(self.weight, self._state("weight"), plan, update, False, self._full_stats)
             self._weight_cast = (key, q)
         return self._weight_cast[1]
 
@@ -472,7 +459,7 @@ class QuantizedLinear(nn.Module):
         # an empty batch is no training step: it observes nothing and advances nothing
         update = self.training and x.numel() > 0
         plans = self._plans[cast_backend]
-        states = tuple(self._state(r) for r in (*OPERAND_ROLES, "weight_grad"))
+        states = tuple(self._state(r) for r in _ROLES)
         i_state, w_state, g_state, wg_state = states
         return _QuantizedLinearFn.apply(x, self.weight, self.bias, self._cached_weight(cast_backend, plans[1], update),
                                         (i_state, w_state, g_state, wg_state), plans, mm_backend,
@@ -486,7 +473,7 @@ class QuantizedLinear(nn.Module):
             return
         w = self.weight
         scale, inv = self.master_scaler.scale_for(w)
-        q, _, _ = _round(w.float() * scale, fmt, self.layer_config.master_rounding, True, None)
+        q, _, _ = round_with_masks(w.float() * scale, fmt, self.layer_config.master_rounding, True, None)
         w.copy_((q * inv).to(w.dtype))
 
     def extra_repr(self) -> str:

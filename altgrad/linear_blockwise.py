@@ -43,12 +43,12 @@ import torch
 from altgrad.blockwise import expand_scales, quantize_blockwise_cast
 from altgrad.config import RoleConfig
 from altgrad.formats import FormatSpec
+from altgrad.vocabulary import OPERAND_ROLES, STAT_FIELDS, Role
 
 __all__ = ["blockwise_linear", "blockwise_matmul", "needs_blockwise"]
 
-_HEADROOM_LOG2 = 52
-_STAT_FIELDS = ("amax", "scale", "overflow", "underflow", "nan", "nonzero", "numel", "rel_err")
-_ROLE_INDEX = {"input": 0, "weight": 1, "grad_output": 2, "weight_grad": 3}
+HEADROOM_LOG2 = 52  # operands are carried below 2**52 so fp32 sums of their products stay finite
+_ROLE_INDEX = {r: i for i, r in enumerate((*OPERAND_ROLES, Role.WEIGHT_GRAD))}  # QuantizedLinear._plans order
 
 
 class Operand(NamedTuple):
@@ -72,10 +72,18 @@ def needs_blockwise(role_configs: dict[str, RoleConfig]) -> bool:
 
 
 # -- casts ---------------------------------------------------------------------------------------
-def _domain(rc: RoleConfig) -> FormatSpec:
-    fmt = rc.format
-    k = max(0, math.ceil(math.log2(fmt.max)) - _HEADROOM_LOG2) if rc.scale_format == "fp32" else 0
+def accumulation_domain(fmt: FormatSpec) -> FormatSpec:
+    """The format an operand of fmt is rounded to so a GEMM's fp32 sums stay finite: fmt itself
+    when fmt.max < 2**HEADROOM_LOG2, else fmt with its bias raised by k (values scaled by 2**-k,
+    named "<fmt>>>k"); the GEMM multiplies the 2**k back in through inv_scale. Used by
+    QuantizedLinear's per-tensor casts and the fp32-scaled block casts here."""
+    k = max(0, math.ceil(math.log2(fmt.max)) - HEADROOM_LOG2)
     return fmt if k == 0 else FormatSpec(f"{fmt.name}>>{k}", fmt.exp_bits, fmt.man_bits, fmt.bias + k, fmt.specials)
+
+
+def _domain(rc: RoleConfig) -> FormatSpec:
+    # E8M0 block scales are powers of two with their own range: no shift needed
+    return accumulation_domain(rc.format) if rc.scale_format == "fp32" else rc.format
 
 
 _USES = ("input", "weight", "grad_output", "weight_grad", "input:wgrad", "weight:dgrad", "grad_output:wgrad")
@@ -84,9 +92,9 @@ _USES = ("input", "weight", "grad_output", "weight_grad", "input:wgrad", "weight
 def _generator(mod, role: str, use: str, device) -> torch.Generator:
     """Stochastic-rounding draws keyed by the layer's sr_state (base seed, training-forward count)
     and the use, as QuantizedLinear's per-tensor casts are: the global RNG is never touched."""
-    from altgrad.linear import _sr_seed  # local: altgrad.linear imports this module
+    from altgrad.linear import sr_seed  # local: altgrad.linear imports this module
 
-    seed = (_sr_seed(mod.sr_state, role) * len(_USES) + _USES.index(use)) % (2**63 - 1)
+    seed = (sr_seed(mod.sr_state, role) * len(_USES) + _USES.index(use)) % (2**63 - 1)
     return torch.Generator(device).manual_seed(seed)
 
 
@@ -123,7 +131,7 @@ def _record(mod, use, mat, c, inv_full) -> None:
     vec = torch.stack([v.to(torch.float64) for v in values])
     if ":" not in use:
         getattr(mod, f"_stats_{use}").copy_(vec)
-    fields = _STAT_FIELDS if mod.full_stats else _STAT_FIELDS[:-1]
+    fields = STAT_FIELDS if mod.full_stats else STAT_FIELDS[:-1]
     if not hasattr(mod, "blockwise_stats"):
         mod.blockwise_stats = {}
     mod.blockwise_stats[use] = {f: vec[i] for i, f in enumerate(fields)}
@@ -158,12 +166,12 @@ def _weight_operands(mod, w: torch.Tensor) -> tuple[Operand, Operand | None]:
 def _tensor_cast(mod, role: str, mat: torch.Tensor):
     """(q fp32, inv 0-dim) of a per-tensor role through QuantizedLinear's own cast (its scaler,
     delayed history and stats buffer)."""
-    from altgrad.linear import _cast  # local: altgrad.linear imports this module
+    from altgrad.linear import cast_role  # local: altgrad.linear imports this module
 
     backend = mod.backend if mod.backend in ("torch", "fast") else ("triton" if mat.is_cuda else "fast")
     plan = mod._plans[backend][_ROLE_INDEX[role]]
     update = mod.training and mat.numel() > 0
-    q, inv = _cast(mat, mod._state(role), plan, update, False, mod._full_stats)
+    q, inv = cast_role(mat, mod._state(role), plan, update, False, mod._full_stats)
     return q.float(), inv
 
 

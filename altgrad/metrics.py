@@ -1,4 +1,4 @@
-"""Stability metrics for quantized training (DESIGN §8): where a format hurts.
+"""Stability metrics for quantized training (docs/design.md §8): where a format hurts.
 
 All functions read device tensors and cross to the host once per call (one stacked `.tolist()`),
 so train.py calls them on logging steps only and the other steps pay nothing.
@@ -30,21 +30,23 @@ from collections import deque
 import torch
 from torch import nn
 
+from altgrad.linear import QuantizedLinear
+from altgrad.vocabulary import STAT_FIELDS
+
 __all__ = [
     "quant_metrics", "UpdateTracker", "DeadNeuronTracker", "grad_norms", "alerts",
     "layer_parameters",
 ]
 
-_STAT_FIELDS = ("amax", "scale", "overflow", "underflow", "nan", "nonzero", "numel", "rel_err")
 
 
 # ---- finding layers --------------------------------------------------------------------------------
 
 
-def _is_quantized(module: nn.Module) -> bool:
-    # duck typing: a QuantizedLinear (or a look-alike from another fork) has per-role stats and the
-    # wrapped nn.Linear; no import of altgrad.linear, so this works on any model tree
-    return isinstance(getattr(module, "stats", None), dict) and isinstance(getattr(module, "linear", None), nn.Module)
+def is_quantized(module: nn.Module) -> bool:
+    """Whether module is a QuantizedLinear: these metrics read its declared interface (`stats`,
+    `weight_format_and_scale()`, `.linear`, `.weight`) and nothing else."""
+    return isinstance(module, QuantizedLinear)
 
 
 def _label(name: str) -> str:
@@ -54,7 +56,7 @@ def _label(name: str) -> str:
 
 def _quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(qualified name, module) of every quantized layer, in module order."""
-    return [(_label(name), m) for name, m in model.named_modules() if _is_quantized(m)]
+    return [(_label(name), m) for name, m in model.named_modules() if is_quantized(m)]
 
 
 def layer_parameters(model: nn.Module) -> list[tuple[str, list[nn.Parameter]]]:
@@ -70,7 +72,7 @@ def layer_parameters(model: nn.Module) -> list[tuple[str, list[nn.Parameter]]]:
     owner: dict[int, str] = {}
     for matmul_first in (True, False):
         for name, module in modules:
-            if matmul_first and not (isinstance(module, nn.Linear) or _is_quantized(module)):
+            if matmul_first and not (isinstance(module, nn.Linear) or is_quantized(module)):
                 continue
             for p in module.parameters(recurse=False):
                 owner.setdefault(id(p), name)
@@ -82,7 +84,7 @@ def layer_parameters(model: nn.Module) -> list[tuple[str, list[nn.Parameter]]]:
     return list(layers.items())
 
 
-def _to_host(tensors: list[torch.Tensor]) -> list[float]:
+def to_host(tensors: list[torch.Tensor]) -> list[float]:
     """One host sync for a list of 0-dim tensors (float64 keeps int64 counts exact up to 2**53)."""
     if not tensors:
         return []
@@ -107,11 +109,11 @@ def _read_stats(model: nn.Module) -> list[tuple[str, str, dict[str, float]]]:
         for role, stats in layer.stats.items():
             if not stats:
                 continue
-            fields = [f for f in _STAT_FIELDS if isinstance(stats.get(f), torch.Tensor)]
-            plain = {f: float(stats[f]) for f in _STAT_FIELDS if isinstance(stats.get(f), (int, float))}
+            fields = [f for f in STAT_FIELDS if isinstance(stats.get(f), torch.Tensor)]
+            plain = {f: float(stats[f]) for f in STAT_FIELDS if isinstance(stats.get(f), (int, float))}
             entries.append((name, role, fields, plain))
             tensors.extend(stats[f] for f in fields)
-    values, out, i = _to_host(tensors), [], 0
+    values, out, i = to_host(tensors), [], 0
     for name, role, fields, plain in entries:
         out.append((name, role, dict(zip(fields, values[i:i + len(fields)])) | plain))
         i += len(fields)
@@ -176,21 +178,6 @@ def quant_metrics(model: nn.Module) -> dict[str, float]:
 # ---- optimizer-step effect: bit-stall, flips, ULP ratio ---------------------------------------------
 
 
-def _weight_format_and_scale(layer: nn.Module):
-    """(FormatSpec, scale tensor) of the layer's weight role, or (None, None) if high precision."""
-    fmt = (getattr(layer, "formats", None) or {}).get("weight")
-    scalers = getattr(layer, "scalers", None)  # an nn.ModuleDict (no .get) or a dict
-    scaler = scalers["weight"] if scalers is not None and "weight" in scalers else None
-    if fmt is None and scaler is not None:
-        fmt = getattr(scaler, "fmt", None)
-    if fmt is None:
-        return None, None
-    scale = getattr(scaler, "scale", None) if scaler is not None else None
-    if not isinstance(scale, torch.Tensor):
-        scale = torch.ones((), dtype=torch.float32, device=layer.weight.device)
-    return fmt, scale.detach().float().clone()
-
-
 class UpdateTracker:
     """Call `before_step()` just before `optimizer.step()` and `after_step()` just after, on the
     steps you log (it copies every quantized weight, so not on every step)."""
@@ -202,7 +189,7 @@ class UpdateTracker:
     def before_step(self) -> None:
         self._before = []
         for name, layer in _quantized_layers(self.model):
-            fmt, scale = _weight_format_and_scale(layer)
+            fmt, scale = layer.weight_format_and_scale()
             if fmt is not None:
                 self._before.append((name, layer.weight, layer.weight.detach().float().clone(), fmt, scale))
 
@@ -232,7 +219,7 @@ class UpdateTracker:
         self._before = []
         ratio = torch.cat([r.to(ratios[0].device) for r in ratios])
         median = ratio.median() if ratio.numel() else torch.zeros((), device=ratio.device)
-        host = _to_host([c.to(torch.float64) for cnt in counts for c in cnt] + [median])
+        host = to_host([c.to(torch.float64) for cnt in counts for c in cnt] + [median])
         per_layer = [host[4 * i: 4 * i + 4] for i in range(len(names))]
         changed, stalled, moved, numel = (sum(col) for col in zip(*per_layer))
         out = {"update/flip": moved / numel, "update/zero_frac": 1.0 - changed / numel}
@@ -308,7 +295,7 @@ class DeadNeuronTracker:
             counts += [(window_max < self.threshold).sum(), torch.tensor(window_max.numel(), device=window_max.device)]
         if not names:
             return {}
-        host = _to_host(counts)
+        host = to_host(counts)
         out = {f"mlp/{n}/dead_frac": host[2 * i] / host[2 * i + 1] for i, n in enumerate(names)}
         out["mlp/dead_frac"] = sum(host[0::2]) / sum(host[1::2])
         return out
@@ -332,7 +319,7 @@ def grad_norms(model: nn.Module) -> dict[str, float]:
         g = torch.cat(grads)
         names.append(name)
         tensors += [torch.linalg.vector_norm(g), g.abs().max()]
-    host = _to_host(tensors)
+    host = to_host(tensors)
     out = {}
     for i, name in enumerate(names):
         out[f"grad/{name}/l2"], out[f"grad/{name}/linf"] = host[2 * i], host[2 * i + 1]

@@ -1,6 +1,6 @@
 """Torch reference quantizer: the bit-exact oracle the Triton kernels must equal.
 
-Convention (DESIGN §3): `quantize(x, fmt, scale)` returns `round_fmt(x * scale) * inv_scale` in x's
+Convention (docs/design.md §3): `quantize(x, fmt, scale)` returns `round_fmt(x * scale) * inv_scale` in x's
 dtype, computed in fp32 with `inv_scale = 1 / scale` (fp32). Rounding works on the fp32 bit pattern
 with integer arithmetic only, so it is exact on every device and needs no float casts:
 
@@ -23,13 +23,14 @@ from typing import NamedTuple
 import torch
 
 from altgrad.formats import FormatSpec, get_format
+from altgrad.vocabulary import Backend, Rounding, choices
 
 __all__ = ["quantize", "quantize_ste", "quantize_with_stats", "quantize_operand", "round_to_format",
            "round_to_codes", "QuantStats"]
 
-ROUNDING_MODES = ("nearest", "stochastic")
-BACKENDS = ("auto", "torch", "triton")
-OPERAND_BACKENDS = ("auto", "torch", "fast", "triton")
+ROUNDING_MODES = choices(Rounding)
+BACKENDS = choices(Backend)  # quantize_operand's: every backend
+CAST_BACKENDS = tuple(b for b in BACKENDS if b != Backend.FAST)  # quantize / quantize_with_stats: no fused cast
 _SR_BITS = 32  # random bits per stochastic rounding: P(round up) is exact to 2**-32 of a quantum
 
 
@@ -146,9 +147,11 @@ def _code_values(code: torch.Tensor, fmt: FormatSpec) -> torch.Tensor:
     return torch.where(code >= (1 << m), normal, subnormal)
 
 
-def _round(v: torch.Tensor, fmt: FormatSpec, rounding: str, saturate: bool,
+def round_with_masks(v: torch.Tensor, fmt: FormatSpec, rounding: str, saturate: bool,
            generator: torch.Generator | None = None, seed: int | None = None):
-    """round_fmt(v) for fp32 v. Returns (q fp32, overflow mask, nan mask). Stochastic rounding uses
+    """round_fmt(v) for fp32 v, unchecked (callers validate): the reference rounding every cast shares.
+
+    Returns (q fp32 of v's shape, overflow bool mask, nan bool mask). Stochastic rounding uses
     `seed`, or one drawn from `generator` (the global CPU RNG by default) when seed is None."""
     if rounding == "stochastic" and seed is None:
         seed = kernel_seed(rounding, generator)
@@ -192,16 +195,18 @@ def round_to_format(v: torch.Tensor, fmt: FormatSpec | str, *, rounding: str = "
     """round_fmt(v): v already scaled; returns fp32 format-domain values (exact in bf16).
     Stochastic rounding: see `quantize` for `seed` and `generator`."""
     fmt = get_format(fmt)
-    _check_rounding(rounding)
+    check_rounding(rounding)
     _check_seed_arg(seed)
-    return _round(_as_fp32(v, "v"), fmt, rounding, saturate, generator, seed)[0]
+    return round_with_masks(as_fp32(v, "v"), fmt, rounding, saturate, generator, seed)[0]
 
 
 # -- argument checks ----------------------------------------------------------------------------
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _as_fp32(x, arg: str) -> torch.Tensor:
+def as_fp32(x, arg: str) -> torch.Tensor:
+    """x as float32 (a copy only if x is bf16 / fp16). Raises TypeError naming `arg` if x is not a
+    float32 / bfloat16 / float16 tensor. Shared by the casts in altgrad.blockwise."""
     _check_float(x, arg)
     return x.float()
 
@@ -213,7 +218,8 @@ def _check_float(x, arg: str) -> None:
         raise TypeError(f"{arg} must be float32, bfloat16 or float16 (got {x.dtype})")
 
 
-def _check_rounding(rounding: str) -> None:
+def check_rounding(rounding: str) -> None:
+    """Raises ValueError unless rounding is "nearest" or "stochastic"."""
     if rounding not in ROUNDING_MODES:
         raise ValueError(f"rounding must be one of {ROUNDING_MODES} (got {rounding!r})")
 
@@ -242,9 +248,11 @@ def _scale_tensor(scale, device) -> torch.Tensor | None:
     return s
 
 
-def _resolve_backend(backend: str, x: torch.Tensor) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS} (got {backend!r})")
+def resolve_backend(backend: str, x: torch.Tensor) -> str:
+    """The backend a cast of x runs on: "auto" is "triton" for CUDA x, else "torch".
+    Raises ValueError for a name outside CAST_BACKENDS."""
+    if backend not in CAST_BACKENDS:
+        raise ValueError(f"backend must be one of {CAST_BACKENDS} (got {backend!r})")
     if backend == "auto":
         return "triton" if x.is_cuda else "torch"
     return backend
@@ -271,7 +279,7 @@ def _quantize_torch(x, fmt, scale, rounding, saturate, seed):
     v = x.float()
     if scale is not None:
         v = v * scale
-    q, overflow, nan = _round(v, fmt, rounding, saturate, seed=seed)
+    q, overflow, nan = round_with_masks(v, fmt, rounding, saturate, seed=seed)
     y = dequantize(q, None if scale is None else torch.reciprocal(scale), x.dtype, saturate)
     return y, q, overflow, nan, v
 
@@ -288,8 +296,7 @@ def _quantize_triton(x, fmt, scale, rounding, saturate, seed, stats):
     from altgrad.kernels import quantize as kq
 
     s = scale if scale is not None else torch.ones((), dtype=torch.float32, device=x.device)
-    return kq.quantize(x, s, exp_bits=fmt.exp_bits, man_bits=fmt.man_bits, bias=fmt.bias,
-                       specials=fmt.specials, rounding=rounding, saturate=saturate, seed=seed,
+    return kq.cast(x, s, **fmt.kernel_fields, rounding=rounding, saturate=saturate, seed=seed,
                        out_q=False, out_dq=True, stats=stats)
 
 
@@ -298,8 +305,9 @@ def quantize(x: torch.Tensor, fmt: FormatSpec | str, scale=None, *, rounding: st
              backend: str = "auto") -> torch.Tensor:
     """Fake-quantize x: round_fmt(x * scale) * (1 / scale), in x's dtype and shape.
 
-    x: fp32/bf16/fp16, any shape. scale: None (1), a number or a float tensor; it must be finite and
-    > 0 with a finite fp32 reciprocal. rounding: "nearest" (ties to the even code) or "stochastic".
+    x: fp32/bf16/fp16, any shape. scale: None (1), a number or a float tensor (format values per
+    unit of x, as compute_scale gives it); it must be finite and > 0 with a finite fp32 reciprocal.
+    Returns a new tensor of x's shape and dtype, on x's device. rounding: "nearest" (ties to the even code) or "stochastic".
     saturate: True sends overflow to +-max (and a dequantized value beyond x.dtype's range to
     +-finfo(x.dtype).max); False gives +-inf where the format has inf, else NaN (and inf in x.dtype).
     seed: stochastic rounding rounds element i (row-major) up when the 32-bit Philox draw
@@ -323,10 +331,10 @@ def quantize_with_stats(x: torch.Tensor, fmt: FormatSpec | str, scale=None, *, r
     """quantize() plus per-tensor QuantStats (see its docstring for the exact definitions)."""
     fmt = get_format(fmt)
     _check_float(x, "x")
-    _check_rounding(rounding)
+    check_rounding(rounding)
     _check_seed_arg(seed)
     s = _scale_tensor(scale, x.device)
-    backend = _resolve_backend(backend, x)
+    backend = resolve_backend(backend, x)
     if rounding == "stochastic" and seed is None:
         seed = kernel_seed(rounding, generator)
     if backend == "triton":
@@ -361,7 +369,7 @@ class _QuantizeSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, fmt, scale, rounding, saturate, seed, backend, ste):
         s = _scale_tensor(scale, x.device)
-        if ste == "clipped" or _resolve_backend(backend, x) == "torch":
+        if ste == "clipped" or resolve_backend(backend, x) == "torch":
             y, _, overflow, _, _ = _quantize_torch(x, fmt, s, rounding, saturate, seed)
         else:
             y, overflow = quantize(x, fmt, s, rounding=rounding, saturate=saturate,
@@ -390,7 +398,7 @@ def quantize_ste(x: torch.Tensor, fmt: FormatSpec | str, scale=None, *, ste: str
         raise ValueError(f"ste must be one of {STE_MODES} (got {ste!r})")
     fmt = get_format(fmt)
     _check_float(x, "x")
-    _check_rounding(rounding)
+    check_rounding(rounding)
     _check_seed_arg(seed)
     if rounding == "stochastic" and seed is None:
         seed = kernel_seed(rounding, generator)
@@ -443,10 +451,10 @@ def quantize_operand(x: torch.Tensor, fmt: FormatSpec | str, scale: torch.Tensor
     """
     fmt = get_format(fmt)
     _check_float(x, "x")
-    _check_rounding(rounding)
+    check_rounding(rounding)
     check_seed(seed)
-    if backend not in OPERAND_BACKENDS:
-        raise ValueError(f"backend must be one of {OPERAND_BACKENDS} (got {backend!r})")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} (got {backend!r})")
     if backend == "auto":
         backend = "triton" if x.is_cuda else "fast"
     s = _operand_scale(scale, x.device)
@@ -457,8 +465,7 @@ def quantize_operand(x: torch.Tensor, fmt: FormatSpec | str, scale: torch.Tensor
     if backend == "triton":
         from altgrad.kernels import quantize as kq
 
-        res = kq.quantize(x, s, exp_bits=fmt.exp_bits, man_bits=fmt.man_bits, bias=fmt.bias,
-                          specials=fmt.specials, rounding=rounding, saturate=saturate, seed=seed,
+        res = kq.cast(x, s, **fmt.kernel_fields, rounding=rounding, saturate=saturate, seed=seed,
                           out_q=True, out_dq=False, stats=stats)
         return res.q, (QuantStats(res.amax, *res.counts.unbind(0)) if stats else None)
     if backend == "fast":
@@ -469,7 +476,7 @@ def quantize_operand(x: torch.Tensor, fmt: FormatSpec | str, scale: torch.Tensor
             q, st = out
             return q, (QuantStats(st[0], *st[1].unbind(0)) if stats else None)
     v = x.float() * s
-    q, overflow, nan = _round(v, fmt, rounding, saturate, seed=seed)
+    q, overflow, nan = round_with_masks(v, fmt, rounding, saturate, seed=seed)
     return _to_bf16_canonical(q), (stats_from_masks(x, v, q, overflow, nan) if stats else None)
 
 

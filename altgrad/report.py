@@ -43,7 +43,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROLES = ("input", "weight", "grad_output", "output", "grad_input", "grad_weight")
+from altgrad.vocabulary import OPERAND_ROLES, Role
+
+ROLES = tuple(Role)  # the roles whose quant/<role>/... aggregates a run logs
 PASS_TOLERANCE = 0.10  # fallback rule: |loss / baseline loss - 1| within 10 % at the same step
 PASS_SIGMAS = 3.0  # seed-spread rule: |loss - baseline mean| within 3 baseline standard deviations
 DASH = "—"
@@ -160,7 +162,7 @@ def describe_format(run: Run) -> str:
 
     quant = quant or {}
     default = fmt(quant.get("default_format"))
-    roles = {r: fmt(quant.get(f"{r}_format", default)) for r in ("input", "weight", "grad_output")}
+    roles = {r: fmt(quant.get(f"{r}_format", default)) for r in OPERAND_ROLES}
     if not any(roles.values()) and not quant.get("layer_rules"):
         # nothing simulated: say what actually ran (train.py records it), not what the config asked for
         hp = run.summary.get("dtype")

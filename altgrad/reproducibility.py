@@ -17,8 +17,6 @@ import torch
 
 __all__ = [
     "set_seed_for_reproducibility",
-    "seed_worker",
-    "create_reproducible_dataloader",
     "get_rng_state",
     "set_rng_state",
 ]
@@ -58,33 +56,6 @@ def set_seed_for_reproducibility(seed: int, deterministic: bool = True) -> None:
         torch.backends.cudnn.deterministic = False
         torch.backends.cudnn.benchmark = False
         torch.use_deterministic_algorithms(False)
-
-
-def seed_worker(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: seed NumPy and Python from the worker's torch seed.
-
-    torch seeds each worker with base_seed + worker_id, but NumPy and Python's
-    ``random`` would otherwise inherit identical states from the parent (the
-    same augmentations in every worker).
-    """
-    worker_seed = torch.initial_seed() % 2**32
-    np.random.seed(worker_seed)
-    random.seed(worker_seed)
-
-
-def create_reproducible_dataloader(dataset, batch_size: int, seed: int, shuffle: bool = True,
-                                   num_workers: int = 0, **kwargs) -> torch.utils.data.DataLoader:
-    """A DataLoader whose shuffling and worker seeds depend only on ``seed``."""
-    seed = _check_seed(seed)
-    for reserved in ("generator", "worker_init_fn"):
-        if reserved in kwargs:
-            raise TypeError(f"create_reproducible_dataloader sets {reserved} itself; do not pass it")
-    generator = torch.Generator()
-    generator.manual_seed(seed)
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
-        worker_init_fn=seed_worker, generator=generator, **kwargs,
-    )
 
 
 def get_rng_state() -> dict:

@@ -1,4 +1,4 @@
-"""Per-tensor scaling (DESIGN §4), in the torchao / TransformerEngine convention:
+"""Per-tensor scaling (docs/design.md §4), in the torchao / TransformerEngine convention:
 
     scale = fmt.max / amax / 2**margin       q = round_fmt(x * scale)       x ~ q * inv_scale
 
@@ -23,19 +23,35 @@ import torch
 from torch import nn
 
 from altgrad.formats import FormatSpec, get_format
+from altgrad.vocabulary import AmaxAlgo, ScalingType, choices
 
 __all__ = ["AmaxHistory", "TensorScaler", "compute_scale", "SCALING_MODES", "AMAX_ALGOS"]
 
-SCALING_MODES = ("delayed", "current", "none")
+SCALING_MODES = choices(ScalingType)
 MIN_SCALE = 2.0**-126  # smallest normal fp32: its reciprocal 2**126 is finite
-AMAX_ALGOS = ("max", "most_recent")
+AMAX_ALGOS = choices(AmaxAlgo)
 
 
 def compute_scale(amax: torch.Tensor, fmt: FormatSpec | str, margin: int = 0, pow2: bool = False,
                   prev_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """fp32 scale = fmt.max / amax / 2**margin, raised to at least 2**-126 (so 1 / scale is finite);
-    keeps prev_scale (default 1) when amax is 0 or not finite, or the scale would overflow. pow2
-    rounds the scale down to a power of two (exact dequantization). Returns a 0-dim fp32 tensor."""
+    """The per-tensor scale that maps amax onto the format's largest value (docs/design.md §4).
+
+    scale = fmt.max / amax / 2**margin, one correctly rounded fp32 division, raised to at least
+    2**-126 so that 1 / scale is finite; prev_scale (default 1) is kept where amax is 0 or not
+    finite or the scale would overflow. pow2 rounds the scale down to a power of two, so
+    dequantization is exact.
+
+    Args:
+        amax: max |x| of the unscaled tensor, any shape (usually 0-dim), any float dtype and device.
+        fmt: a FormatSpec or a name for get_format.
+        margin: an int >= 0; the scale leaves 2**margin of headroom above amax.
+        pow2: round the scale down to a power of two.
+        prev_scale: the scale to keep when amax gives none (amax's shape, or broadcastable).
+    Returns:
+        fp32 scale of amax's shape, on amax's device (units: format values per unit of x).
+    Raises:
+        ValueError: margin is not an int >= 0, or an unknown format name.
+    """
     fmt = get_format(fmt)
     if not isinstance(margin, int) or margin < 0:
         raise ValueError(f"margin must be an int >= 0 (got {margin!r})")

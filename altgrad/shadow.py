@@ -1,4 +1,4 @@
-"""FP32 shadow model: how faithful are the quantized model's gradients? (DESIGN §8)
+"""FP32 shadow model: how faithful are the quantized model's gradients? (docs/design.md §8)
 
 `FP32ShadowModel(model)` keeps an unquantized float32 copy of the model. `compare(model, batches,
 grad_accum)` copies the current weights into it, runs forward/backward on the same micro-batches
@@ -29,7 +29,8 @@ import time
 import torch
 from torch import nn
 
-from altgrad.metrics import _is_quantized, _to_host, layer_parameters
+from altgrad.metrics import layer_parameters, to_host
+from altgrad.surgery import dequantize_model
 
 __all__ = ["FP32ShadowModel", "SNR_CAP_DB", "true_fp32"]
 
@@ -48,20 +49,8 @@ def true_fp32():
 
 
 def _dequantize(model: nn.Module) -> nn.Module:
-    """Swap every QuantizedLinear for its wrapped nn.Linear (surgery's own function when present)."""
-    try:
-        from altgrad.surgery import dequantize_model
-    except ImportError:
-        dequantize_model = None
-    if dequantize_model is not None:
-        return dequantize_model(model) or model
-    for name, module in [(n, m) for n, m in model.named_modules() if _is_quantized(m)]:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else None
-        if parent is None:
-            return module.linear  # the whole model was one quantized layer
-        setattr(parent, child, module.linear)
-    return model
+    """model with every QuantizedLinear swapped back for its wrapped nn.Linear."""
+    return dequantize_model(model)
 
 
 def _strip_hooks(model: nn.Module) -> None:
@@ -140,7 +129,7 @@ class FP32ShadowModel:
             r = torch.cat([r.detach().double().reshape(-1).to(g.device) for _, r in pairs])
             names.append(name)
             tensors += [torch.dot(g, r), torch.dot(g, g), torch.dot(r, r), torch.dot(g - r, g - r)]
-        host = _to_host(tensors)  # the one host sync, which also ends the timed GPU work
+        host = to_host(tensors)  # the one host sync, which also ends the timed GPU work
         self.shadow.zero_grad(set_to_none=True)  # free the shadow's gradient memory between uses
         out = {}
         for i, name in enumerate(names):

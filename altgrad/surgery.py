@@ -29,9 +29,10 @@ from collections.abc import Callable, Iterable, Mapping
 
 import torch.nn as nn
 
-from altgrad.config import _ROLE_ABBREV, ROLES, QuantizationConfig, _compile, _format_or_none
+from altgrad.config import QuantizationConfig, _compile, _format_or_none
 from altgrad.formats import FormatSpec
 from altgrad.linear import BACKENDS, QuantizedLinear
+from altgrad.vocabulary import ROLE_ABBREV, Role
 
 __all__ = ["quantize_model", "dequantize_model", "describe_quantization", "quantized_layers"]
 
@@ -125,7 +126,14 @@ def quantize_model(model: nn.Module, fmt: str | FormatSpec | None = None, *,
     backend: "auto" (default), "torch" (the reference), "fast" or "triton"; see altgrad.linear.
     seed: base of the stochastic-rounding streams; each layer's seed mixes it with the layer's name
       (default: the run seed, torch.initial_seed()).
-    Returns the model -- a new object when `model` is itself an nn.Linear or inplace=False.
+    Returns the model -- a new object when `model` is itself an nn.Linear or inplace=False. Each
+    QuantizedLinear keeps its nn.Linear's Parameters (same objects, dtypes, devices and
+    state_dict keys); shapes of inputs and outputs are the nn.Linear's, (..., in) -> (..., out).
+
+    Raises:
+        TypeError: module_filter_fn is not callable, or config of the wrong type.
+        ValueError: both or neither of fmt / config; an unknown format, backend or bad
+            skip_patterns regex; a model that already holds QuantizedLinear layers.
     """
     config = _resolve_config(fmt, config)
     skips = _compile_skip_patterns(skip_patterns)
@@ -171,7 +179,7 @@ def quantized_layers(model: nn.Module) -> list[tuple[str, QuantizedLinear]]:
 # -- describing --------------------------------------------------------------------------------
 def _options_summary(layer_config) -> str:
     """'scaling=delayed', or per role where roles differ; rounding/saturation only when unusual."""
-    present = [r for r in ROLES if getattr(layer_config, r) is not None]
+    present = [r for r in Role if getattr(layer_config, r) is not None]
     parts = []
     for option, usual in (("scaling", None), ("rounding", "nearest"), ("saturate", True)):
         values = {r: getattr(getattr(layer_config, r), option) for r in present}
@@ -181,7 +189,7 @@ def _options_summary(layer_config) -> str:
         if len(distinct) == 1:
             parts.append(f"{option}={distinct.pop()}")
         else:
-            parts.append(f"{option}=" + ",".join(f"{_ROLE_ABBREV[r]}:{v}" for r, v in values.items()))
+            parts.append(f"{option}=" + ",".join(f"{ROLE_ABBREV[r]}:{v}" for r, v in values.items()))
     return " ".join(parts)
 
 

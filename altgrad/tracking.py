@@ -1,4 +1,4 @@
-"""Run tracking: `metrics.jsonl` always, Weights & Biases when asked (DESIGN §7–§8).
+"""Run tracking: `metrics.jsonl` always, Weights & Biases when asked (docs/design.md §7–§8).
 
 `RunLogger.log(step, metrics)` writes one JSON object per call to `<run_dir>/metrics.jsonl`
 (`{"step": 100, "train/loss": 2.31, ...}`) and sends the same keys to W&B. W&B modes:

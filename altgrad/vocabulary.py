@@ -15,7 +15,7 @@ import enum
 
 __all__ = [
     "Role", "OPERAND_ROLES", "ROLE_ABBREV", "ScalingType", "AmaxAlgo", "Rounding", "Backend",
-    "Granularity", "ScaleFormat", "ScaleRounding", "BLOCK_SIZES", "HIGH_PRECISION_NAMES", "choices",
+    "Granularity", "ScaleFormat", "ScaleRounding", "BLOCK_SIZES", "HIGH_PRECISION_NAMES", "STAT_FIELDS", "choices",
 ]
 
 
@@ -87,6 +87,11 @@ class ScaleRounding(_Word):
 
 
 BLOCK_SIZES = (16, 32, 64, 128)
+
+# the per-role statistics of one cast, in the order QuantizedLinear's stats buffers hold them:
+# amax and scale (fp32 values), overflow / underflow / nan / nonzero / numel (element counts), and
+# rel_err (relative error of the cast, computed only with full_stats; always last)
+STAT_FIELDS = ("amax", "scale", "overflow", "underflow", "nan", "nonzero", "numel", "rel_err")
 
 # format names that mean "not quantized: keep the model's own compute precision"
 HIGH_PRECISION_NAMES = ("bf16", "fp32", "none")

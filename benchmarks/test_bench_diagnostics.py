@@ -1,5 +1,5 @@
 """Cost of the diagnostics on the CPU: metrics at log_interval 10 and the FP32 shadow at interval 10,
-versus no diagnostics (issue 6).
+versus no diagnostics (docs/design.md §8).
 
     pytest benchmarks/test_bench_diagnostics.py --benchmark-only
 

@@ -50,7 +50,7 @@ def _wall(benchmark, fn, rounds=20):
 
 def _fields(name):
     f = get_format(name)
-    return dict(exp_bits=f.exp_bits, man_bits=f.man_bits, bias=f.bias, specials=f.specials)
+    return f.kernel_fields
 
 
 # -- quantize ---------------------------------------------------------------------------------------
@@ -80,7 +80,7 @@ def test_quantize_triton(benchmark, quant_input, fmt, rounding, stats):
     """Effective bandwidth: read bf16 x, write bf16 q (4 bytes per element)."""
     x, scale = quant_input
     benchmark.group = "quantize 64M bf16"
-    _gbs(benchmark, x.numel() * 4, lambda: kq.quantize(x, scale, **_fields(fmt), rounding=rounding, seed=7,
+    _gbs(benchmark, x.numel() * 4, lambda: kq.cast(x, scale, **_fields(fmt), rounding=rounding, seed=7,
                                                        out_dq=False, stats=stats))
 
 
@@ -111,9 +111,9 @@ def _operands(linear, gemm):
     w = torch.randn(N, K, device="cuda", generator=g) * 0.02
     dy = torch.randn(M, N, device="cuda", generator=g) * 1e-3
     s = {n: torch.tensor(v, device="cuda") for n, v in (("x", 100.0), ("w", 1e4), ("g", 1e6))}
-    xq = kq.quantize(x, s["x"], **e4m3, out_dq=False, stats=False).q
-    wq = kq.quantize(w, s["w"], **e4m3, out_dq=False, stats=False).q
-    gq = kq.quantize(dy, s["g"], **e5m2, out_dq=False, stats=False).q
+    xq = kq.cast(x, s["x"], **e4m3, out_dq=False, stats=False).q
+    wq = kq.cast(w, s["w"], **e4m3, out_dq=False, stats=False).q
+    gq = kq.cast(dy, s["g"], **e5m2, out_dq=False, stats=False).q
     inv = {n: torch.reciprocal(v) for n, v in s.items()}
     return {"fwd": (xq, wq, inv["x"], inv["w"]), "dgrad": (gq, wq.t(), inv["g"], inv["w"]),
             "wgrad": (gq.t(), xq.t(), inv["g"], inv["x"])}[gemm]
@@ -176,7 +176,7 @@ def test_matmul_in_loop_input(benchmark, linear):
     sx = torch.tensor(100.0, device="cuda")
     f = get_format("E4M3")
     benchmark.group = f"matmul {linear} fwd"
-    fn = lambda: ksm.scaled_matmul(x, wq, None, iw, fmt_a=(f.exp_bits, f.man_bits, f.bias, f.specials),  # noqa
+    fn = lambda: ksm.scaled_matmul(x, wq, None, iw, fmt_a=tuple(f.kernel_fields.values()),  # noqa
                                    scale_a=sx)
     _ratio(benchmark, (linear, "fwd"), _device_ms(fn))
     _wall(benchmark, fn)

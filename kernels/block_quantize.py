@@ -28,9 +28,11 @@ import triton
 import triton.language as tl
 
 try:  # installed as altgrad.kernels
-    from .quantize import ROUNDING, SPECIALS, _check_device, check_format, main, round_fp32_to_format
+    from .quantize import (ROUNDING, ROUNDING_STOCHASTIC, SPECIALS, check_device, check_format,
+                           round_fp32_to_format, run_self_check)
 except ImportError:  # pasted next to quantize.py, or run as a script
-    from quantize import ROUNDING, SPECIALS, _check_device, check_format, main, round_fp32_to_format
+    from quantize import (ROUNDING, ROUNDING_STOCHASTIC, SPECIALS, check_device, check_format,
+                          round_fp32_to_format, run_self_check)
 
 __all__ = ["block_quantize", "BlockQuantizeResult"]
 
@@ -51,12 +53,21 @@ def _pow2(y):
 
 
 @triton.jit
-def _block_quantize_kernel(x_ptr, q_ptr, scale_ptr, inv_ptr, over_ptr, nan_ptr, seed, R, K, NB,
-                           stride_xr, stride_xk,
-                           EXP_BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr,
-                           SPECIALS: tl.constexpr, SATURATE: tl.constexpr, ROUNDING: tl.constexpr,
-                           EMAX_ELEM: tl.constexpr, TOP_MANT: tl.constexpr, CEIL: tl.constexpr,
-                           BLOCK_SIZE: tl.constexpr, BS_POW2: tl.constexpr, BLOCK_R: tl.constexpr):
+def _block_quantize_kernel(
+        # tensors: x (R, K) fp32, any strides; q (R, K) fp32; scale / inv (R, NB) fp32; over / nan (R, K) int8
+        x_ptr, q_ptr, scale_ptr, inv_ptr, over_ptr, nan_ptr,
+        # the stochastic-rounding seed, the shape (NB blocks per row), x's strides
+        seed, R, K, NB, stride_xr, stride_xk,
+        # the element format
+        EXP_BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr, SPECIALS: tl.constexpr,
+        # the cast
+        SATURATE: tl.constexpr, ROUNDING: tl.constexpr,
+        # the E8M0 scale rule: emax of the element format, fmt.max's significand, ceil rounding
+        EMAX_ELEM: tl.constexpr, TOP_MANT: tl.constexpr, CEIL: tl.constexpr,
+        # tile: BLOCK_R rows x one block of BLOCK_SIZE elements (padded to the power of two BS_POW2)
+        BLOCK_SIZE: tl.constexpr, BS_POW2: tl.constexpr, BLOCK_R: tl.constexpr):
+    """x (R, K) -> q (R, K), scale and inv (R, NB), overflow and NaN masks (R, K): program
+    (i, j) casts block j of BLOCK_R rows with one E8M0 scale per row."""
     pid_r, blk = tl.program_id(0), tl.program_id(1)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = blk * BLOCK_SIZE + tl.arange(0, BS_POW2)
@@ -84,7 +95,7 @@ def _block_quantize_kernel(x_ptr, q_ptr, scale_ptr, inv_ptr, over_ptr, nan_ptr, 
 
     v = x * scale[:, None]  # one fp32 multiply, as the reference
     idx = rows[:, None] * K + cols[None, :]  # logical index of the output element
-    if ROUNDING == 1:
+    if ROUNDING == ROUNDING_STOCHASTIC:
         rbits = tl.randint(seed, idx.to(tl.int32))
     else:
         rbits = v  # unused
@@ -113,7 +124,7 @@ def block_quantize(x: torch.Tensor, *, exp_bits: int, man_bits: int, bias: int, 
     check_format(exp_bits, man_bits, bias, specials)
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         raise ValueError(f"x must be a 2-D tensor (got {getattr(x, 'shape', type(x))})")
-    _check_device(x, "x")
+    check_device(x, "x")
     if scale_format != "e8m0":
         raise ValueError(f"this kernel computes e8m0 scales only (got scale_format={scale_format!r})")
     if scale_rounding not in ("floor", "ceil"):
@@ -171,7 +182,7 @@ def _self_check(device) -> bool:
         for bs in (16, 32, 128):
             for rnd in ("floor", "ceil"):
                 ref = quantize_blockwise_cast(x, f, bs, scale_rounding=rnd, backend="torch")
-                got = block_quantize(x, exp_bits=f.exp_bits, man_bits=f.man_bits, bias=f.bias, specials=f.specials,
+                got = block_quantize(x, **f.kernel_fields,
                                      block_size=bs, emax_elem=emax_elem(f), fmt_max=f.max, scale_rounding=rnd)
                 same = all(_same(a, b) for a, b in zip(got, ref))
                 if not same:
@@ -189,4 +200,4 @@ def _benchmark() -> None:
 
 
 if __name__ == "__main__":
-    main(_self_check, _benchmark)
+    run_self_check(_self_check, _benchmark)

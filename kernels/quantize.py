@@ -32,7 +32,7 @@ with Triton's constants and word order, so it equals `tl.randint(seed, i)` and t
 Dequantized output (dq) under SATURATE is clamped to the output dtype's largest finite value: a
 format value times inv_scale can exceed fp16/bf16 (E6M1's max is 2**31).
 
-Run `python kernels/quantize.py` for a self-check against `quantize_ref` on every format (CPU: set
+Run `python kernels/quantize.py` for a self-check against `cast_ref` on every format (CPU: set
 TRITON_INTERPRET=1) and, with CUDA, a bandwidth benchmark; `python kernels/quantize.py --sass` prints
 the sm_90 SASS instructions per element (compiled without a GPU).
 """
@@ -49,15 +49,27 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["quantize", "quantize_ref", "QuantizeResult", "round_fp32_to_format", "fp32_to_bf16_rne",
+__all__ = ["cast", "cast_ref", "CastResult", "round_fp32_to_format", "fp32_to_bf16_rne",
            "SPECIALS", "ROUNDING", "check_format", "max_code"]
 
-SPECIALS = {"ieee": 0, "fn": 1, "fnuz": 2, "p3109": 3, "none": 4}  # -> the SPECIALS constexpr
-ROUNDING = {"nearest": 0, "stochastic": 1}  # -> the ROUNDING constexpr
-COUNT_NAMES = ("overflow", "underflow", "nonzero", "nan")  # order of QuantizeResult.counts
+# the SPECIALS constexpr: which codes of a format are special (see the module docstring)
+SPECIALS_IEEE = tl.constexpr(0)
+SPECIALS_FN = tl.constexpr(1)
+SPECIALS_FNUZ = tl.constexpr(2)
+SPECIALS_P3109 = tl.constexpr(3)
+SPECIALS_NONE = tl.constexpr(4)
+# the ROUNDING constexpr
+ROUNDING_NEAREST = tl.constexpr(0)  # to nearest, ties to the even code
+ROUNDING_STOCHASTIC = tl.constexpr(1)  # up with probability (v - lo) / (hi - lo), 32 Philox bits
 
-QuantizeResult = namedtuple("QuantizeResult", "q dq amax counts")
-QuantizeResult.__doc__ = """q: round_fmt(x*scale) in bf16 (or None); dq: q*inv_scale in x.dtype (or None);
+# host names -> constexpr values
+SPECIALS = {"ieee": SPECIALS_IEEE.value, "fn": SPECIALS_FN.value, "fnuz": SPECIALS_FNUZ.value,
+            "p3109": SPECIALS_P3109.value, "none": SPECIALS_NONE.value}
+ROUNDING = {"nearest": ROUNDING_NEAREST.value, "stochastic": ROUNDING_STOCHASTIC.value}
+COUNT_NAMES = ("overflow", "underflow", "nonzero", "nan")  # order of CastResult.counts
+
+CastResult = namedtuple("CastResult", "q dq amax counts")
+CastResult.__doc__ = """q: round_fmt(x*scale) in bf16 (or None); dq: q*inv_scale in x.dtype (or None);
 amax: fp32 0-dim max |x| over non-NaN elements; counts: int64 [overflow, underflow, nonzero, nan] (or None)."""
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -70,15 +82,17 @@ def round_fp32_to_format(v, rbits, EXP_BITS: tl.constexpr, MAN_BITS: tl.constexp
                          SPECIALS: tl.constexpr, SATURATE: tl.constexpr, ROUNDING: tl.constexpr):
     """round_fmt(v) for an fp32 tensor v. Returns (q fp32, overflow mask).
 
-    rbits: uint32 random bits of v's shape (used only when ROUNDING == 1, stochastic).
+    rbits: uint32 random bits of v's shape (used only when ROUNDING == ROUNDING_STOCHASTIC).
     overflow: non-NaN elements whose rounded magnitude exceeds the format's max (inf included).
     """
     # largest finite magnitude code; codes are (biased exponent << MAN_BITS) | mantissa
     ALL_ONES: tl.constexpr = (1 << (EXP_BITS + MAN_BITS)) - 1
-    MAX_CODE: tl.constexpr = ((((1 << EXP_BITS) - 2) << MAN_BITS) | ((1 << MAN_BITS) - 1)) if SPECIALS == 0 \
-        else (ALL_ONES - 1 if SPECIALS == 1 else (ALL_ONES - 1 if SPECIALS == 3 else ALL_ONES))
-    HAS_INF: tl.constexpr = SPECIALS == 0 or SPECIALS == 3
-    HAS_NEG_ZERO: tl.constexpr = SPECIALS == 0 or SPECIALS == 1 or SPECIALS == 4
+    # ieee gives the top exponent code to inf / NaN; fn and p3109 give the all-ones code to NaN / inf
+    MAX_CODE: tl.constexpr = ((((1 << EXP_BITS) - 2) << MAN_BITS) | ((1 << MAN_BITS) - 1)) \
+        if SPECIALS == SPECIALS_IEEE else \
+        (ALL_ONES - 1 if SPECIALS == SPECIALS_FN or SPECIALS == SPECIALS_P3109 else ALL_ONES)
+    HAS_INF: tl.constexpr = SPECIALS == SPECIALS_IEEE or SPECIALS == SPECIALS_P3109
+    HAS_NEG_ZERO: tl.constexpr = SPECIALS == SPECIALS_IEEE or SPECIALS == SPECIALS_FN or SPECIALS == SPECIALS_NONE
     EMIN: tl.constexpr = 1 - BIAS
     # 2**E_HI is past every value of the format (one binade past the top exponent code)
     E_HI: tl.constexpr = (1 << EXP_BITS) - BIAS
@@ -86,7 +100,7 @@ def round_fp32_to_format(v, rbits, EXP_BITS: tl.constexpr, MAN_BITS: tl.constexp
     MAX_BITS: tl.constexpr = ((((MAX_CODE >> MAN_BITS) + (127 - BIAS)) << 23) | ((MAX_CODE & ((1 << MAN_BITS) - 1)) << (23 - MAN_BITS))) \
         if MAX_CODE >= (1 << MAN_BITS) else 0
     # the magic constant 1.5 * 2**(e - M + 23) must stay a finite fp32 number up to e = E_HI
-    MAGIC: tl.constexpr = ROUNDING == 0 and MAX_CODE >= (1 << MAN_BITS) and E_HI - MAN_BITS + 23 <= 127
+    MAGIC: tl.constexpr = ROUNDING == ROUNDING_NEAREST and MAX_CODE >= (1 << MAN_BITS) and E_HI - MAN_BITS + 23 <= 127
 
     bits = v.to(tl.int32, bitcast=True)
     a = bits & 0x7FFFFFFF
@@ -115,7 +129,7 @@ def round_fp32_to_format(v, rbits, EXP_BITS: tl.constexpr, MAN_BITS: tl.constexp
         normal = e >= EMIN
         wide = tl.where(normal, ((e + (BIAS - 1)) << 23) + sig, sig)
         shift = tl.where(normal, 23 - MAN_BITS, 23 - MAN_BITS + (EMIN - e))
-        if ROUNDING == 1:
+        if ROUNDING == ROUNDING_STOCHASTIC:
             # keep at most 32 bits below the code's LSB (truncating the rest: bias < 2**-32 of a
             # quantum), then add as many uniform random bits; shifts >= 56 give 0 either way
             shift = tl.minimum(shift, 60)
@@ -177,15 +191,26 @@ def fp32_to_bf16_rne(y):
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
-def _quantize_kernel(x_ptr, q_ptr, dq_ptr, scale_ptr, inv_scale_ptr, amax_ptr, counts_ptr, seed_lo, seed_hi, N,
-                     tiles_per_program, S1, S2, S3, T0, T1, T2, T3,
-                     EXP_BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr,
-                     SPECIALS: tl.constexpr, SATURATE: tl.constexpr, ROUNDING: tl.constexpr,
-                     CONTIGUOUS: tl.constexpr, WRITE_Q: tl.constexpr, WRITE_DQ: tl.constexpr,
-                     STATS: tl.constexpr, X_BF16: tl.constexpr, DQ_BF16: tl.constexpr, DQ_MAX: tl.constexpr,
-                     BLOCK: tl.constexpr):
-    """Each program casts `tiles_per_program` consecutive BLOCK-element tiles, keeps its stats in
-    per-lane int32 registers, and reduces them once: one atomic per counter per program."""
+def _cast_kernel(
+        # tensors: x (N elements, any strides), q and dq (N, contiguous), scale / inv_scale (1,),
+        # amax (1,) int32 bits of an fp32, counts (4,) int64 [overflow, underflow, nonzero, nan]
+        x_ptr, q_ptr, dq_ptr, scale_ptr, inv_scale_ptr, amax_ptr, counts_ptr,
+        # the Philox key (two 32-bit halves), the element count, tiles per program
+        seed_lo, seed_hi, N, tiles_per_program,
+        # x's layout after collapsing to <= 4 dims: sizes of dims 1..3 (dim 0's is implied by N), strides of 0..3
+        size1, size2, size3, stride0, stride1, stride2, stride3,
+        # the format
+        EXP_BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr, SPECIALS: tl.constexpr,
+        # the cast
+        SATURATE: tl.constexpr, ROUNDING: tl.constexpr,
+        # what to read and write
+        CONTIGUOUS: tl.constexpr, WRITE_Q: tl.constexpr, WRITE_DQ: tl.constexpr, STATS: tl.constexpr,
+        X_BF16: tl.constexpr, DQ_BF16: tl.constexpr, DQ_MAX: tl.constexpr,
+        # elements per tile
+        BLOCK: tl.constexpr):
+    """x (N,) -> q (N,) bf16, dq (N,) x.dtype, amax, counts. Each program casts `tiles_per_program`
+    consecutive BLOCK-element tiles, keeps its stats in per-lane int32 registers, and reduces them
+    once: one atomic per counter per program."""
     scale = tl.load(scale_ptr)
     inv_scale = tl.load(inv_scale_ptr)
     amax_acc = tl.zeros([BLOCK], dtype=tl.int32)
@@ -200,12 +225,12 @@ def _quantize_kernel(x_ptr, q_ptr, dq_ptr, scale_ptr, inv_scale_ptr, amax_ptr, c
         if CONTIGUOUS:
             src = idx
         else:
-            # up to 4 collapsed dims with arbitrary strides (sizes S0..S3; S0 is implied by N)
-            i3 = idx % S3
-            rest = idx // S3
-            i2 = rest % S2
-            rest = rest // S2
-            src = (rest // S1) * T0 + (rest % S1) * T1 + i2 * T2 + i3 * T3
+            # up to 4 collapsed dims with arbitrary strides: the row-major index -> the element's offset
+            i3 = idx % size3
+            rest = idx // size3
+            i2 = rest % size2
+            rest = rest // size2
+            src = (rest // size1) * stride0 + (rest % size1) * stride1 + i2 * stride2 + i3 * stride3
         if X_BF16:
             # bf16 arrives as its int16 bits: widening by a shift is exact for subnormals on every
             # backend (the interpreter's bf16 -> fp32 conversion flushes them)
@@ -213,7 +238,7 @@ def _quantize_kernel(x_ptr, q_ptr, dq_ptr, scale_ptr, inv_scale_ptr, amax_ptr, c
         else:
             x = tl.load(x_ptr + src, mask=mask, other=0.0).to(tl.float32)
         v = x * scale  # one fp32 multiply, as the reference
-        if ROUNDING == 1:
+        if ROUNDING == ROUNDING_STOCHASTIC:
             rbits = philox_u32(seed_lo, seed_hi, idx)  # keyed by the element's 64-bit index: reproducible
         else:
             rbits = v  # unused
@@ -294,14 +319,16 @@ def check_format(exp_bits, man_bits, bias, specials) -> None:
         raise ValueError(f"E{exp_bits}M{man_bits} with {specials} specials has no positive finite value")
 
 
-def _check_device(x: torch.Tensor, name: str) -> None:
+def check_device(x: torch.Tensor, name: str) -> None:
+    """Raise ValueError unless x can feed a kernel: a CUDA tensor, or a CPU one under TRITON_INTERPRET=1."""
     if not (x.is_cuda or (_INTERPRET and x.device.type == "cpu")):
         raise ValueError(f"{name} is on {x.device}: the Triton kernels need a CUDA tensor, or a CPU tensor "
                          f"with TRITON_INTERPRET=1 set before triton is imported")
 
 
-def _scalar_tensor(s, name: str, device) -> torch.Tensor:
-    """A 1-element fp32 tensor on `device` from None (-> 1), a float or a 1-element tensor (no host sync)."""
+def scalar_tensor(s, name: str, device) -> torch.Tensor:
+    """A 1-element fp32 tensor on `device` from None (-> 1), a float or a 1-element float tensor on
+    `device` (no host sync). Raises ValueError naming `name` otherwise. Shared by every launcher."""
     if s is None:
         return torch.ones(1, dtype=torch.float32, device=device)
     if isinstance(s, (int, float)) and not isinstance(s, bool):
@@ -329,7 +356,7 @@ def _collapse(shape, strides):
 
 
 def _strided_args(x: torch.Tensor):
-    """(x, contiguous?, sizes S1..S3, strides T0..T3) for the kernel's index math (<= 4 dims after
+    """(x, contiguous?, sizes of dims 1..3, strides of dims 0..3) for the kernel's index math (<= 4 dims after
     collapsing; otherwise a contiguous copy is made)."""
     sizes, strs = _collapse(x.shape, x.stride())
     if len(sizes) <= 1 and (not strs or strs[0] == 1):
@@ -350,10 +377,10 @@ def _check_common(x, rounding, saturate):
         raise ValueError(f"saturate must be a bool (got {saturate!r})")
 
 
-def quantize(x: torch.Tensor, scale=None, *, exp_bits: int, man_bits: int, bias: int, specials: str,
+def cast(x: torch.Tensor, scale=None, *, exp_bits: int, man_bits: int, bias: int, specials: str,
              inv_scale=None, rounding: str = "nearest", saturate: bool = True, seed: int = 0,
-             out_q: bool = True, out_dq: bool = True, stats: bool = True) -> QuantizeResult:
-    """Round x*scale to the format (Triton). Returns QuantizeResult(q, dq, amax, counts).
+             out_q: bool = True, out_dq: bool = True, stats: bool = True) -> CastResult:
+    """Round x*scale to the format (Triton). Returns CastResult(q, dq, amax, counts).
 
     x: fp32/bf16/fp16, any shape and strides (views with > 4 non-mergeable dims are copied first).
     scale, inv_scale: None (1), a float, or 1-element fp32 device tensors (read on device: no sync);
@@ -367,9 +394,9 @@ def quantize(x: torch.Tensor, scale=None, *, exp_bits: int, man_bits: int, bias:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
         raise ValueError(f"seed must be an int in [0, 2**64) (got {seed!r})")
     check_format(exp_bits, man_bits, bias, specials)
-    _check_device(x, "x")
-    s = _scalar_tensor(scale, "scale", x.device)
-    inv = torch.reciprocal(s) if inv_scale is None else _scalar_tensor(inv_scale, "inv_scale", x.device)
+    check_device(x, "x")
+    s = scalar_tensor(scale, "scale", x.device)
+    inv = torch.reciprocal(s) if inv_scale is None else scalar_tensor(inv_scale, "inv_scale", x.device)
     q = torch.empty(x.shape, dtype=torch.bfloat16, device=x.device) if out_q else None
     dq = torch.empty(x.shape, dtype=x.dtype, device=x.device) if out_dq else None
     amax_bits = torch.zeros(1, dtype=torch.int32, device=x.device)
@@ -379,7 +406,7 @@ def quantize(x: torch.Tensor, scale=None, *, exp_bits: int, man_bits: int, bias:
         xs, contiguous, sizes, strides = _strided_args(x)
         block, warps = (65536, 1) if _INTERPRET else (2048, 8)
         programs, per_program = _grid(n, block, x.device)
-        _quantize_kernel[(programs,)](
+        _cast_kernel[(programs,)](
             xs.view(torch.int16) if x.dtype == torch.bfloat16 else xs, q if out_q else amax_bits, dq if out_dq else amax_bits, s, inv, amax_bits, counts,
             seed & 0xFFFFFFFF, seed >> 32, n, per_program, *sizes, *strides,
             EXP_BITS=exp_bits, MAN_BITS=man_bits, BIAS=bias, SPECIALS=SPECIALS[specials],
@@ -389,8 +416,8 @@ def quantize(x: torch.Tensor, scale=None, *, exp_bits: int, man_bits: int, bias:
             DQ_MAX=torch.finfo(x.dtype).max,
             BLOCK=block, num_warps=warps)
     if not stats:
-        return QuantizeResult(q, dq, None, None)
-    return QuantizeResult(q, dq, amax_bits.view(torch.float32)[0], counts)
+        return CastResult(q, dq, None, None)
+    return CastResult(q, dq, amax_bits.view(torch.float32)[0], counts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -406,10 +433,10 @@ def _format_values(exp_bits, man_bits, bias, specials) -> torch.Tensor:
     return torch.tensor(vals, dtype=torch.float64)
 
 
-def quantize_ref(x: torch.Tensor, scale=None, *, exp_bits: int, man_bits: int, bias: int, specials: str,
+def cast_ref(x: torch.Tensor, scale=None, *, exp_bits: int, man_bits: int, bias: int, specials: str,
                  inv_scale=None, rounding: str = "nearest", saturate: bool = True,
-                 generator: torch.Generator | None = None) -> QuantizeResult:
-    """Same contract as `quantize` (always computes every output), in plain torch on any device.
+                 generator: torch.Generator | None = None) -> CastResult:
+    """Same contract as `cast` (always computes every output), in plain torch on any device.
 
     Rounding searches the sorted table of the format's values: nearest picks the closer neighbour (the
     even code on a tie; code max_code + 1 means overflow), stochastic picks the upper one with
@@ -418,8 +445,8 @@ def quantize_ref(x: torch.Tensor, scale=None, *, exp_bits: int, man_bits: int, b
     _check_common(x, rounding, saturate)
     check_format(exp_bits, man_bits, bias, specials)
     dev = x.device
-    s = _scalar_tensor(scale, "scale", dev) if scale is not None else torch.ones(1, device=dev)
-    inv = torch.reciprocal(s) if inv_scale is None else _scalar_tensor(inv_scale, "inv_scale", dev)
+    s = scalar_tensor(scale, "scale", dev) if scale is not None else torch.ones(1, device=dev)
+    inv = torch.reciprocal(s) if inv_scale is None else scalar_tensor(inv_scale, "inv_scale", dev)
     v = x.float() * s  # fp32, one multiply
     table = _format_values(exp_bits, man_bits, bias, specials).to(dev)
     mc = table.numel() - 2
@@ -450,7 +477,7 @@ def quantize_ref(x: torch.Tensor, scale=None, *, exp_bits: int, man_bits: int, b
     ax = x.float().abs()
     amax = torch.where(torch.isnan(ax), 0.0, ax).max() if x.numel() else torch.zeros((), device=dev)
     counts = torch.stack([overflow.sum(), (nonzero & (q == 0)).sum(), nonzero.sum(), is_nan.sum()])
-    return QuantizeResult(q.to(torch.bfloat16), dq, amax.float(), counts)
+    return CastResult(q.to(torch.bfloat16), dq, amax.float(), counts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -478,7 +505,7 @@ def _self_check(device) -> bool:
     for name, fields in _DEMO_FORMATS.items():
         for sat in (True, False):
             kw = dict(exp_bits=fields[0], man_bits=fields[1], bias=fields[2], specials=fields[3], saturate=sat)
-            got, ref = quantize(x, scale, **kw), quantize_ref(x, scale, **kw)
+            got, ref = cast(x, scale, **kw), cast_ref(x, scale, **kw)
             good = _same(got.q, ref.q) and _same(got.dq, ref.dq) and _same(got.amax, ref.amax) \
                 and torch.equal(got.counts, ref.counts)
             ok &= good
@@ -492,13 +519,13 @@ def _benchmark() -> None:
     scale = torch.tensor(100.0, device="cuda")
     for name in ("E4M3", "E2M5", "E7M0"):
         e, m, b, sp = _DEMO_FORMATS[name]
-        fn = lambda: quantize(x, scale, exp_bits=e, man_bits=m, bias=b, specials=sp, out_q=False)  # noqa: E731
+        fn = lambda: cast(x, scale, exp_bits=e, man_bits=m, bias=b, specials=sp, out_q=False)  # noqa: E731
         ms = triton.testing.do_bench(fn)
         gbs = n * (2 + 2) / ms / 1e6  # read bf16 + write bf16
-        print(f"quantize {name} bf16->bf16 {n / 2**20:.0f}M elements: {ms * 1e3:.0f} us, {gbs:.0f} GB/s")
+        print(f"cast {name} bf16->bf16 {n / 2**20:.0f}M elements: {ms * 1e3:.0f} us, {gbs:.0f} GB/s")
 
 
-def main(self_check, benchmark) -> None:
+def run_self_check(self_check, benchmark) -> None:
     """`python <kernel>.py`: the self-check (GPU, or CPU under TRITON_INTERPRET=1), then the
     benchmark on a GPU; exits non-zero when the check fails."""
     if not torch.cuda.is_available() and not _INTERPRET:
@@ -525,9 +552,9 @@ def sass_per_element(rounding: str = "nearest", stats: bool = True, block: int =
                  X_BF16=True, DQ_BF16=True, DQ_MAX=torch.finfo(torch.bfloat16).max, BLOCK=block)
     ptrs = dict(x_ptr="*i16", q_ptr="*bf16", dq_ptr="*bf16", scale_ptr="*fp32", inv_scale_ptr="*fp32",
                 amax_ptr="*i32", counts_ptr="*i64")
-    names = _quantize_kernel.arg_names
+    names = _cast_kernel.arg_names
     sig = {n: "constexpr" if n in const else ptrs.get(n, "i32") for n in names}
-    src = triton.compiler.ASTSource(fn=_quantize_kernel, signature=sig,
+    src = triton.compiler.ASTSource(fn=_cast_kernel, signature=sig,
                                     constexprs={(names.index(n),): v for n, v in const.items()})
     sass = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps)).asm["sass"]
     lines = sass.splitlines()
@@ -555,4 +582,4 @@ if __name__ == "__main__":
     if sys.argv[1:] == ["--sass"]:
         _print_sass_counts()
     else:
-        main(_self_check, _benchmark)
+        run_self_check(_self_check, _benchmark)

@@ -46,11 +46,11 @@ import triton
 import triton.language as tl
 
 try:  # installed as altgrad.kernels
-    from .quantize import (SPECIALS, _check_device, _scalar_tensor, check_format, fp32_to_bf16_rne, main,
-                           quantize_ref, round_fp32_to_format)
+    from .quantize import (SPECIALS, check_device, scalar_tensor, check_format, fp32_to_bf16_rne, run_self_check,
+                           cast_ref, round_fp32_to_format, ROUNDING_NEAREST)
 except ImportError:  # pasted next to quantize.py, or run as a script
-    from quantize import (SPECIALS, _check_device, _scalar_tensor, check_format, fp32_to_bf16_rne, main,
-                          quantize_ref, round_fp32_to_format)
+    from quantize import (SPECIALS, check_device, scalar_tensor, check_format, fp32_to_bf16_rne, run_self_check,
+                          cast_ref, round_fp32_to_format, ROUNDING_NEAREST)
 
 __all__ = ["scaled_matmul", "scaled_matmul_ref", "FP8_FORMATS", "MATMUL_CONFIGS", "MatmulConfig",
            "pick_config", "matmul_path", "is_aligned"]
@@ -74,19 +74,27 @@ def _load_operand(ptrs, mask, scale, EXP_BITS: tl.constexpr, MAN_BITS: tl.conste
     (exact: format values fit every DOT_DTYPE used here)."""
     t = tl.load(ptrs, mask=mask, other=0.0)
     if QUANT:
-        t, _ = round_fp32_to_format(t.to(tl.float32) * scale, t, EXP_BITS, MAN_BITS, BIAS, SPECIALS, True, 0)
+        t, _ = round_fp32_to_format(t.to(tl.float32) * scale, t, EXP_BITS, MAN_BITS, BIAS, SPECIALS,
+                                    True, ROUNDING_NEAREST)
     return t.to(DOT_DTYPE)
 
 
 @triton.jit
 def _scaled_matmul_kernel(
+        # tensors: a (M, K), b (N, K), c (M, N), bias (N,); scale_* and inv_* (1,) fp32
         a_ptr, b_ptr, c_ptr, bias_ptr, scale_a_ptr, scale_b_ptr, inv_a_ptr, inv_b_ptr,
+        # shapes and strides (elements)
         M, N, K, stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
+        # the formats a and b are rounded to in the loop (when QUANT_A / QUANT_B)
         A_EXP_BITS: tl.constexpr, A_MAN_BITS: tl.constexpr, A_BIAS: tl.constexpr, A_SPECIALS: tl.constexpr,
         B_EXP_BITS: tl.constexpr, B_MAN_BITS: tl.constexpr, B_BIAS: tl.constexpr, B_SPECIALS: tl.constexpr,
+        # the path: in-loop quantization, tl.dot operand dtypes, FP8 inputs, bias, output dtype, 64-bit offsets
         QUANT_A: tl.constexpr, QUANT_B: tl.constexpr, A_DOT: tl.constexpr, B_DOT: tl.constexpr,
         FP8: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_BF16: tl.constexpr, IDX64: tl.constexpr,
+        # tiles
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """c (M, N) = (a (M, K) @ b (N, K)^T) * inv_a * inv_b (+ bias), fp32 accumulation: one program
+    per BLOCK_M x BLOCK_N tile of c."""
     # grouped tile order: GROUP_M row-tiles share B tiles in L2 (Triton matmul tutorial)
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -219,7 +227,7 @@ def _autotuned(path: str):
 
 
 AUTOTUNE_ENV = "ALTGRAD_MATMUL_AUTOTUNE"
-_INT32_LIMIT = 2**31  # element offsets at or past this need 64-bit index math
+INT32_LIMIT = 2**31  # element offsets at or past this need 64-bit index math
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,7 +261,7 @@ def _device_capability(device) -> tuple[int, int]:
 
 
 def _check_fp8_device(device) -> None:
-    if _INTERPRET:  # (CPU tensors without the interpreter are refused by _check_device)
+    if _INTERPRET:  # (CPU tensors without the interpreter are refused by check_device)
         raise ValueError("fp8=True needs a CUDA GPU with FP8 tensor cores (sm_89+); not available under "
                          "TRITON_INTERPRET or on the CPU")
     cap = _device_capability(device)
@@ -278,9 +286,13 @@ def scaled_matmul(a: torch.Tensor, b: torch.Tensor, inv_scale_a=None, inv_scale_
     layout, as triton.autotune does. Index math is int32, or int64 when an operand's element offsets
     reach 2**31. Under TRITON_INTERPRET one 32x32x32 tile is used.
 
+    Returns: C (M, N) in out_dtype on a's device, in the units of x = A_q * inv_scale_a times
+    W = B_q * inv_scale_b (the scales undo the quantization scales).
+
     Raises:
-        ValueError: shapes, dtypes, devices, formats or scales that the kernel cannot take, or a
-            `config` outside the path's list.
+        ValueError: a or b not 2-D tensors or K differing; a dtype, device or format (check_format)
+            the kernel cannot take; a scale that is not None, a float or a 1-element float tensor;
+            a `config` outside the path's list.
     """
     if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
         raise ValueError("a and b must be tensors")
@@ -292,7 +304,7 @@ def scaled_matmul(a: torch.Tensor, b: torch.Tensor, inv_scale_a=None, inv_scale_
     dev = a.device
     if b.device != dev:
         raise ValueError(f"a is on {dev} but b is on {b.device}")
-    _check_device(a, "a")
+    check_device(a, "a")
     if fp8:
         _check_fp8_device(dev)
     if out_dtype not in (torch.float32, torch.bfloat16):
@@ -306,11 +318,11 @@ def scaled_matmul(a: torch.Tensor, b: torch.Tensor, inv_scale_a=None, inv_scale_
     if fmt_b is None and scale_b is not None:
         raise ValueError("scale_b is only used with fmt_b (in-loop quantization); pass inv_scale_b instead")
 
-    sa, sb = _scalar_tensor(scale_a, "scale_a", dev), _scalar_tensor(scale_b, "scale_b", dev)
+    sa, sb = scalar_tensor(scale_a, "scale_a", dev), scalar_tensor(scale_b, "scale_b", dev)
     inv_a = torch.reciprocal(sa) if fmt_a is not None and inv_scale_a is None else \
-        _scalar_tensor(inv_scale_a, "inv_scale_a", dev)
+        scalar_tensor(inv_scale_a, "inv_scale_a", dev)
     inv_b = torch.reciprocal(sb) if fmt_b is not None and inv_scale_b is None else \
-        _scalar_tensor(inv_scale_b, "inv_scale_b", dev)
+        scalar_tensor(inv_scale_b, "inv_scale_b", dev)
     bias_arg = bias.contiguous() if bias is not None else None
     # the masks' bounds M, N, K decide vector loads as much as the strides (C is (M, N) contiguous)
     aligned = is_aligned(a, b, *([bias_arg] if bias is not None else [])) and M % 16 == N % 16 == K % 16 == 0
@@ -329,7 +341,7 @@ def scaled_matmul(a: torch.Tensor, b: torch.Tensor, inv_scale_a=None, inv_scale_
         return c
     args = (a, b, c, bias_arg if bias is not None else c, sa, sb, inv_a, inv_b, M, N, K, a.stride(0), a.stride(1),
             b.stride(0), b.stride(1), c.stride(0), c.stride(1))
-    idx64 = max(_max_offset(a), _max_offset(b), _max_offset(c)) >= _INT32_LIMIT
+    idx64 = max(_max_offset(a), _max_offset(b), _max_offset(c)) >= INT32_LIMIT
     meta = dict(A_EXP_BITS=fa[0], A_MAN_BITS=fa[1], A_BIAS=fa[2], A_SPECIALS=SPECIALS[fa[3]],
                 B_EXP_BITS=fb[0], B_MAN_BITS=fb[1], B_BIAS=fb[2], B_SPECIALS=SPECIALS[fb[3]],
                 QUANT_A=fmt_a is not None, QUANT_B=fmt_b is not None, A_DOT=a_dot, B_DOT=b_dot, FP8=fp8,
@@ -354,11 +366,11 @@ def _max_offset(t: torch.Tensor) -> int:
 def scaled_matmul_ref(a: torch.Tensor, b: torch.Tensor, inv_scale_a=None, inv_scale_b=None, bias=None, *,
                       out_dtype: torch.dtype = torch.float32, fmt_a=None, scale_a=None, fmt_b=None,
                       scale_b=None) -> torch.Tensor:
-    """Same contract as `scaled_matmul`, in float64 torch (operands quantized by `quantize_ref`)."""
+    """Same contract as `scaled_matmul`, in float64 torch (operands quantized by `cast_ref`)."""
     def operand(t, fmt, scale, inv):
         if fmt is None:
             return t.double(), (1.0 if inv is None else inv)
-        q = quantize_ref(t, scale, exp_bits=fmt[0], man_bits=fmt[1], bias=fmt[2], specials=fmt[3]).q
+        q = cast_ref(t, scale, exp_bits=fmt[0], man_bits=fmt[1], bias=fmt[2], specials=fmt[3]).q
         s = torch.as_tensor(scale, dtype=torch.float32, device=t.device)
         return q.double(), (torch.reciprocal(s) if inv is None else inv)
 
@@ -379,7 +391,7 @@ def _self_check(device) -> bool:
     x, w, dy = (torch.randn(shape, generator=g).to(device) for shape in ((M, K), (N, K), (M, N)))
     bias = torch.randn(N, generator=g).to(device)
     sx, sw, sg = (torch.tensor(v, device=device) for v in (50.0, 200.0, 3e3))
-    xq, wq, gq = (quantize_ref(t, s, exp_bits=f[0], man_bits=f[1], bias=f[2], specials=f[3]).q
+    xq, wq, gq = (cast_ref(t, s, exp_bits=f[0], man_bits=f[1], bias=f[2], specials=f[3]).q
                   for t, s, f in ((x, sx, e4m3), (w, sw, e4m3), (dy, sg, e5m2)))
     ix, iw, ig = (torch.reciprocal(s) for s in (sx, sw, sg))
     cases = {
@@ -418,4 +430,4 @@ def _benchmark() -> None:
 
 
 if __name__ == "__main__":
-    main(_self_check, _benchmark)
+    run_self_check(_self_check, _benchmark)

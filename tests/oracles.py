@@ -1,5 +1,5 @@
 """Shared oracle helpers for the tests: gfloat FormatInfo for a FormatSpec, and the value sets
-the reference and the kernels are checked on (DESIGN §3, issue 2)."""
+the reference and the kernels are checked on (docs/design.md §3)."""
 
 from __future__ import annotations
 

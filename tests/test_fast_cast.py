@@ -19,7 +19,7 @@ def _layouts():
     """One registered name per distinct (E, M, bias, specials)."""
     seen = {}
     for name, f in FORMAT_REGISTRY.items():
-        seen.setdefault((f.exp_bits, f.man_bits, f.bias, f.specials), name)
+        seen.setdefault(tuple(f.kernel_fields.values()), name)
     return list(seen.values())
 
 

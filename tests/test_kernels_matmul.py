@@ -15,7 +15,7 @@ FP32_EPS = 2.0**-24
 
 def _fields(name):
     f = get_format(name)
-    return (f.exp_bits, f.man_bits, f.bias, f.specials)
+    return tuple(f.kernel_fields.values())
 
 
 def _scale_for(t, name):
@@ -137,7 +137,7 @@ def test_empty_and_k0():
 
 
 def test_reference_agrees_with_direct_float64(seeded):
-    """scaled_matmul_ref (quantize_ref + float64) equals the test's own float64 computation."""
+    """scaled_matmul_ref (cast_ref + float64) equals the test's own float64 computation."""
     g = torch.Generator().manual_seed(seeded)
     x, w, _ = _problem(9, 7, 5, g)
     sx, sw = _scale_for(x, "E3M4"), _scale_for(w, "E4M3")
@@ -151,7 +151,7 @@ def test_reference_agrees_with_direct_float64(seeded):
 def test_int64_index_path(M, N, K, seeded, monkeypatch):
     """The 64-bit index variant (chosen past 2**31 element offsets) computes the same products:
     forced here on small operands by lowering the threshold."""
-    monkeypatch.setattr(ksm, "_INT32_LIMIT", 0)
+    monkeypatch.setattr(ksm, "INT32_LIMIT", 0)
     g = torch.Generator().manual_seed(seeded)
     x, w, dy = _problem(M, N, K, g)
     sx, sw, sg = _scale_for(x, "E4M3"), _scale_for(w, "E4M3"), _scale_for(dy, "E5M2")

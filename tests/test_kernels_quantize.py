@@ -22,7 +22,7 @@ def _layouts():
     """One registered name per distinct (E, M, bias, specials): aliases compile the same kernel."""
     seen = {}
     for name, f in FORMAT_REGISTRY.items():
-        seen.setdefault((f.exp_bits, f.man_bits, f.bias, f.specials), name)
+        seen.setdefault(tuple(f.kernel_fields.values()), name)
     return list(seen.values())
 
 
@@ -31,7 +31,7 @@ LAYOUTS = _layouts()
 
 def _kq(x, fmt, scale=None, **kw):
     f = get_format(fmt)
-    return kq.quantize(x, scale, exp_bits=f.exp_bits, man_bits=f.man_bits, bias=f.bias, specials=f.specials, **kw)
+    return kq.cast(x, scale, **f.kernel_fields, **kw)
 
 
 def _assert_bits_equal(got, want, what=""):
@@ -117,7 +117,7 @@ def test_special_values(name, saturate):
 
 
 @pytest.mark.parametrize("name,value,want", [
-    ("E4M3", 464.0, 448.0),  # the overflow tie rounds to the even code (max), DESIGN §3
+    ("E4M3", 464.0, 448.0),  # the overflow tie rounds to the even code (max), docs/design.md §3
     ("E4M3", 465.0, None),  # past the threshold: overflow
     ("E4M3", 2.0**-10, 0.0),  # half the smallest subnormal ties to the even code 0
     ("E4M3", 1.5 * 2.0**-10, 2.0**-9),
@@ -330,11 +330,11 @@ def test_philox_matches_triton_randint_and_the_torch_reference(seed, base):
 # -- the file's own reference -----------------------------------------------------------------------
 @pytest.mark.parametrize("saturate", [True, False])
 def test_quantize_ref_matches_library_reference(saturate):
-    """kernels' quantize_ref (table search) vs altgrad.quantize (bit arithmetic): two algorithms."""
+    """kernels' cast_ref (table search) vs altgrad.quantize (bit arithmetic): two algorithms."""
     for name in LAYOUTS:
         f = get_format(name)
         x = midpoint_values(f)
-        ref = kq.quantize_ref(x, exp_bits=f.exp_bits, man_bits=f.man_bits, bias=f.bias, specials=f.specials,
+        ref = kq.cast_ref(x, **f.kernel_fields,
                               saturate=saturate)
         _assert_bits_equal(ref.q, round_to_format(x, f, saturate=saturate), name)
 
@@ -353,9 +353,61 @@ def test_bad_arguments(kwargs, match):
     args = dict(exp_bits=4, man_bits=3, bias=7, specials="fn", scale=None) | kwargs
     scale = args.pop("scale")
     with pytest.raises(ValueError, match=match):
-        kq.quantize(torch.ones(4, device=DEVICE), scale if scale is None else scale.to(DEVICE), **args)
+        kq.cast(torch.ones(4, device=DEVICE), scale if scale is None else scale.to(DEVICE), **args)
 
 
 def test_bad_input_dtype():
     with pytest.raises(ValueError, match="x must be a float32, bfloat16 or float16"):
-        kq.quantize(torch.ones(4, dtype=torch.int32, device=DEVICE), exp_bits=4, man_bits=3, bias=7, specials="fn")
+        kq.cast(torch.ones(4, dtype=torch.int32, device=DEVICE), exp_bits=4, man_bits=3, bias=7, specials="fn")
+
+
+# -- FormatSpec and the kernels agree on what a format is ---------------------------------------
+def _accepts(check, *fields) -> bool:
+    try:
+        check(*fields)
+    except ValueError:
+        return False
+    return True
+
+
+def test_formatspec_and_the_kernels_format_check_accept_the_same_fields():
+    """Every (E, M, bias, specials) around the valid region: FormatSpec's own checks and the kernels'
+    `check_format` (which every launcher calls) accept exactly the same field sets."""
+    from altgrad.formats import FormatSpec
+
+    specials = (*kq.SPECIALS, "ocp", "")
+    disagree, accepted = [], 0
+    for e in range(0, 9):
+        for m in range(0, 9):
+            for bias in (-200, -2, -1, 0, 1, 2, 3, 7, 15, 16, 32, 64, 65, 126, 127, 128, 130):
+                for sp in specials:
+                    spec_ok = _accepts(lambda *a: FormatSpec("x", *a), e, m, bias, sp)
+                    kernel_ok = _accepts(kq.check_format, e, m, bias, sp)
+                    accepted += spec_ok
+                    if spec_ok != kernel_ok:
+                        disagree.append((e, m, bias, sp, spec_ok, kernel_ok))
+    assert disagree == [], disagree[:10]
+    assert accepted > 100  # the grid does reach into the valid region
+
+
+@pytest.mark.parametrize("name", sorted(FORMAT_REGISTRY))
+def test_every_registered_format_passes_the_kernels_check(name):
+    f = FORMAT_REGISTRY[name]
+    kq.check_format(**f.kernel_fields)
+    assert tuple(f.kernel_fields) == ("exp_bits", "man_bits", "bias", "specials")  # scaled_matmul's fmt_a order
+
+
+def test_each_launcher_rejects_a_format_the_kernels_check_rejects():
+    from altgrad.kernels import block_quantize as kbq
+    from altgrad.kernels import scaled_matmul as ksm
+
+    bad = dict(exp_bits=4, man_bits=4, bias=7, specials="fn")  # 9 bits
+    x = torch.ones(4, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="exp_bits \\+ man_bits must be 1..7"):
+        kq.check_format(**bad)
+    with pytest.raises(ValueError, match="exp_bits \\+ man_bits must be 1..7"):
+        kq.cast(x, **bad)
+    with pytest.raises(ValueError, match="exp_bits \\+ man_bits must be 1..7"):
+        kbq.block_quantize(x, **bad, block_size=8, emax_elem=8, fmt_max=480.0)
+    with pytest.raises(ValueError, match="exp_bits \\+ man_bits must be 1..7"):
+        ksm.scaled_matmul(x, x, None, None, fmt_a=tuple(bad.values()), scale_a=1.0)

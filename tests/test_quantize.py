@@ -44,7 +44,7 @@ def test_round_equals_gfloat(name, saturate):
 
 @pytest.mark.parametrize("name", [n for n, f in FORMAT_REGISTRY.items() if f.specials == "none"])
 def test_none_formats_overflow_to_nan_without_saturation(name):
-    """gfloat raises for these (no inf/NaN codes); DESIGN §3 says the simulation gives NaN."""
+    """gfloat raises for these (no inf/NaN codes); docs/design.md §3 says the simulation gives NaN."""
     fmt = get_format(name)
     thr = fmt.max + fmt.ulp(fmt.max) / 2
     v = torch.tensor([thr * 1.01, -thr * 4, math.inf, -math.inf, fmt.max, -fmt.max])
@@ -52,7 +52,7 @@ def test_none_formats_overflow_to_nan_without_saturation(name):
     assert torch.isnan(out[:4]).all() and out[4:].tolist() == [fmt.max, -fmt.max]
 
 
-# ml_dtypes' casts do not saturate (DESIGN §3), except its MX sub-byte types, which do
+# ml_dtypes' casts do not saturate (docs/design.md §3), except its MX sub-byte types, which do
 ML_DTYPES = [
     ("E3M4", ml_dtypes.float8_e3m4, False),
     ("E4M3_IEEE", ml_dtypes.float8_e4m3, False),

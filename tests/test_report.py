@@ -284,7 +284,7 @@ def test_whole_chain_two_real_runs_and_report(tmp_path, fixture_text, prepare_mo
     assert sweep.main(configs + sets + ["--out-root", str(out)]) == 0
     printed = capsys.readouterr().out
 
-    # train.py logged every diagnostic family under the DESIGN §8 keys
+    # train.py logged every diagnostic family under the docs/design.md §8 keys
     lines = (out / "e5m2_fp8_s42" / "metrics.jsonl").read_text().splitlines()
     keys = set().union(*(json.loads(line) for line in lines))
     for key in ("quant/input/overflow", "quant/grad_output/underflow", "quant/transformer.h.0.mlp.c_fc/weight/rel_err",

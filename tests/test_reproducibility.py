@@ -9,9 +9,7 @@ import torch
 from altgrad.data import TokenBatches, load_meta
 from altgrad.model import GPT, GPTConfig
 from altgrad.reproducibility import (
-    create_reproducible_dataloader,
     get_rng_state,
-    seed_worker,
     set_rng_state,
     set_seed_for_reproducibility,
 )
@@ -164,62 +162,3 @@ def test_cuda_rng_state_round_trip():
     torch.rand(5, device="cuda")
     set_rng_state(state)
     assert torch.equal(torch.rand(5, device="cuda"), expected)
-
-
-# ---------------------------------------------------------------- data loaders
-
-class _RandomPerItem(torch.utils.data.Dataset):
-    """Items made of draws from the worker's global generators."""
-
-    def __len__(self):
-        return 8
-
-    def __getitem__(self, i):
-        return torch.tensor([float(i), np.random.rand(), random.random(), torch.rand(()).item()],
-                            dtype=torch.float64)
-
-
-def collect(loader):
-    return torch.cat(list(loader))
-
-
-def test_shuffle_order_depends_only_on_the_seed():
-    data = list(range(50))
-    torch.manual_seed(1)
-    a = collect(create_reproducible_dataloader(data, batch_size=7, seed=3))
-    torch.manual_seed(2)
-    b = collect(create_reproducible_dataloader(data, batch_size=7, seed=3))
-    c = collect(create_reproducible_dataloader(data, batch_size=7, seed=4))
-    assert torch.equal(a, b) and not torch.equal(a, c)
-    assert sorted(a.tolist()) == data
-
-
-def test_workers_are_seeded_reproducibly_and_differently():
-    def run(seed):
-        loader = create_reproducible_dataloader(_RandomPerItem(), batch_size=2, seed=seed,
-                                                shuffle=False, num_workers=2)
-        return collect(loader)
-
-    a, b, c = run(10), run(10), run(11)
-    assert torch.equal(a, b) and not torch.equal(a, c)
-    # batches 0, 2 come from worker 0 and 1, 3 from worker 1: without seed_worker
-    # both workers would inherit the parent's NumPy and Python states
-    worker0, worker1 = a[[0, 1, 4, 5]], a[[2, 3, 6, 7]]
-    assert not torch.equal(worker0[:, 1], worker1[:, 1])
-    assert not torch.equal(worker0[:, 2], worker1[:, 2])
-
-
-def test_seed_worker_derives_numpy_and_python_seeds_from_torch():
-    torch.manual_seed(2**40 + 17)  # torch seeds are 64-bit; NumPy takes the low 32 bits
-    seed_worker(0)
-    got = (np.random.rand(), random.random())
-    np.random.seed(17)
-    random.seed(17)
-    assert got == (np.random.rand(), random.random())
-
-
-def test_reserved_dataloader_arguments():
-    with pytest.raises(TypeError, match="sets generator itself"):
-        create_reproducible_dataloader([1, 2], 1, seed=0, generator=torch.Generator())
-    with pytest.raises(TypeError, match="sets worker_init_fn itself"):
-        create_reproducible_dataloader([1, 2], 1, seed=0, worker_init_fn=seed_worker)

@@ -1,4 +1,4 @@
-"""Scaling (DESIGN §4): compute_scale, AmaxHistory semantics, TensorScaler modes, edge rules, state."""
+"""Scaling (docs/design.md §4): compute_scale, AmaxHistory semantics, TensorScaler modes, edge rules, state."""
 
 import math
 

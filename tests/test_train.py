@@ -84,7 +84,7 @@ def test_short_run_learns_and_writes_its_files(tmp_path, data_dir, combo):
     proc = ok(train(tmp_path, data_dir, "--train.max_steps=30", f"--log.run_name={combo}",
                     *ROLE_COMBINATIONS[combo], *wandb))
     run = tmp_path / combo
-    # files of DESIGN §7, checkpoints rotated to the newest two plus ckpt_last.pt
+    # files of docs/design.md §7, checkpoints rotated to the newest two plus ckpt_last.pt
     assert {"config.yaml", "metrics.jsonl", "summary.json", CKPT_LAST} <= {p.name for p in run.iterdir()}
     assert [s for s, _ in list_checkpoints(run)] == [20, 30]
     summary = json.loads((run / "summary.json").read_text())
