@@ -175,7 +175,7 @@ def _check_keys(where: str, d: Mapping, allowed: tuple) -> None:
 # -- one role ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RoleConfig:
-    """How one operand is quantized: its format, scaling (DESIGN §4) and rounding (DESIGN §3).
+    """How one operand is quantized: its format, scaling (docs/design.md §4) and rounding (docs/design.md §3).
 
     `format` may be given as a name; it is stored as the FormatSpec."""
 
@@ -228,7 +228,7 @@ class RoleConfig:
 class LayerQuantConfig:
     """What one QuantizedLinear receives: a RoleConfig per operand (None = high precision),
     optionally a format for dW before the optimizer (`weight_grad`) and a storage format for
-    the weights themselves after each optimizer step (`master_weights`, DESIGN §5)."""
+    the weights themselves after each optimizer step (`master_weights`, docs/design.md §5)."""
 
     input: RoleConfig | None
     weight: RoleConfig | None
