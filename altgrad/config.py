@@ -54,6 +54,8 @@ __all__ = [
     "LayerPrecisionRule",
     "QuantizationConfig",
     "create_mixed_precision_config",
+    "compile_pattern",
+    "format_or_none",
 ]
 
 
@@ -64,7 +66,6 @@ class ConfigError(ValueError):
 
 # operands a config can quantize, in the order they are shown ("i:E4M3 w:E4M3 go:E5M2 wg:...")
 ROLES = choices(Role)
-_ROLE_ABBREV = {str(r): a for r, a in ROLE_ABBREV.items()}  # plain-string keys (altgrad.surgery)
 
 # the allowed strings of each option, from altgrad.vocabulary (kept as names other modules import)
 SCALING_MODES = choices(ScalingType)
@@ -138,8 +139,9 @@ def _granularity_tag(g: Mapping) -> str:
     return f"/{gran}-{g['scale_format']}" + ("-ceil" if g["scale_rounding"] == "ceil" else "")
 
 
-def _format_or_none(where: str, value: Any) -> FormatSpec | None:
-    """A format name / FormatSpec -> FormatSpec; None -> None (high precision)."""
+def format_or_none(where: str, value: Any) -> FormatSpec | None:
+    """A format name / FormatSpec -> FormatSpec; None -> None (high precision). Raises ConfigError
+    naming `where` for an unknown name."""
     if value is None or isinstance(value, FormatSpec):
         return value
     if isinstance(value, str) and value.strip().lower() in HIGH_PRECISION_NAMES:
@@ -155,7 +157,8 @@ def _format_name(fmt: FormatSpec | None) -> str | None:
     return None if fmt is None else fmt.name
 
 
-def _compile(where: str, pattern: Any) -> re.Pattern:
+def compile_pattern(where: str, pattern: Any) -> re.Pattern:
+    """A layer-name regex, compiled; `where` names the key in the one-line ConfigError on a bad one."""
     if not isinstance(pattern, str):
         raise ConfigError(f"{where}: pattern must be a regex string (got {type(pattern).__name__})")
     try:
@@ -197,7 +200,7 @@ class RoleConfig:
         if self.format is None:
             raise ConfigError("RoleConfig.format must be a format name or FormatSpec; "
                               "a high-precision role is written as None in LayerQuantConfig")
-        object.__setattr__(self, "format", _format_or_none("RoleConfig.format", self.format))
+        object.__setattr__(self, "format", format_or_none("RoleConfig.format", self.format))
         # block_2d is checked per role by QuantizationConfig; here any role may carry it
         _check_role_options(lambda key: f"RoleConfig.{key}", "weight", self.options)
 
@@ -243,7 +246,7 @@ class LayerQuantConfig:
             if value is not None and not isinstance(value, RoleConfig):
                 raise ConfigError(f"LayerQuantConfig.{role} must be a RoleConfig or None (got {type(value).__name__})")
         object.__setattr__(self, "master_weights",
-                           _format_or_none("LayerQuantConfig.master_weights", self.master_weights))
+                           format_or_none("LayerQuantConfig.master_weights", self.master_weights))
         _check_choice("LayerQuantConfig.master_rounding", self.master_rounding, ROUNDINGS)
 
     @property
@@ -309,12 +312,12 @@ class LayerPrecisionRule:
 
     def _resolve(self, where: str) -> None:
         """Compile the pattern and turn names into FormatSpecs; errors name `where`."""
-        object.__setattr__(self, "_regex", _compile(where, self.pattern))
-        object.__setattr__(self, "format", _format_or_none(f"{where}.format", self.format))
+        object.__setattr__(self, "_regex", compile_pattern(where, self.pattern))
+        object.__setattr__(self, "format", format_or_none(f"{where}.format", self.format))
         for role in ROLES:
             value = getattr(self, role)
             if value is not INHERIT:
-                object.__setattr__(self, role, _format_or_none(f"{where}.{role}", value))
+                object.__setattr__(self, role, format_or_none(f"{where}.{role}", value))
 
     def matches(self, name: str) -> bool:
         return self._regex.search(name) is not None
@@ -384,13 +387,13 @@ class QuantizationConfig:
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
-        default = _format_or_none("quant.default_format", self.default_format)
+        default = format_or_none("quant.default_format", self.default_format)
         set_("default_format", default)
         for role in ROLES:
             name = f"{role}_format"
             value = getattr(self, name)
-            set_(name, default if value is INHERIT else _format_or_none(f"quant.{name}", value))
-        set_("master_weights", _format_or_none("quant.master_weights", self.master_weights))
+            set_(name, default if value is INHERIT else format_or_none(f"quant.{name}", value))
+        set_("master_weights", format_or_none("quant.master_weights", self.master_weights))
         _check_choice("quant.master_rounding", self.master_rounding, ROUNDINGS)
         for key in ROLE_OPTIONS:
             value = getattr(self, key)
