@@ -417,7 +417,9 @@ class QuantizationConfig:
             if isinstance(rule, Mapping):
                 rule = LayerPrecisionRule.from_dict(rule, where)
             elif not isinstance(rule, LayerPrecisionRule):
-                raise ConfigError(f"{where} must be a LayerPrecisionRule or a mapping (got {type(rule).__name__})")
+                raise ConfigError(f"{where} must be a mapping with keys {', '.join(_RULE_KEYS)} (pattern and "
+                                  f"format required, e.g. {{pattern: 'lm_head$', format: null}}) or a "
+                                  f"LayerPrecisionRule (got {type(rule).__name__})")
             out.append(rule)
         return tuple(out)
 

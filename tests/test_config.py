@@ -273,7 +273,7 @@ def test_bad_values_name_the_field():
             {"pattern": "attn", "format": None}, {"pattern": "lm_head(", "format": None}]})
     with pytest.raises(ValueError, match=r"layer_rules must be a list of rules \(got LayerPrecisionRule\)"):
         QuantizationConfig("E4M3", layer_rules=LayerPrecisionRule("mlp", None))
-    with pytest.raises(ValueError, match=r"layer_rules\[1\] must be a LayerPrecisionRule or a mapping \(got str\)"):
+    with pytest.raises(ValueError, match=r"layer_rules\[1\] must be a mapping with keys pattern, format, .* or a LayerPrecisionRule \(got str\)"):
         QuantizationConfig("E4M3", layer_rules=[LayerPrecisionRule("mlp", None), "attn"])
 
 
