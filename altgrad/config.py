@@ -54,6 +54,8 @@ __all__ = [
     "LayerPrecisionRule",
     "QuantizationConfig",
     "create_mixed_precision_config",
+    "compile_pattern",
+    "format_or_none",
 ]
 
 
@@ -64,7 +66,6 @@ class ConfigError(ValueError):
 
 # operands a config can quantize, in the order they are shown ("i:E4M3 w:E4M3 go:E5M2 wg:...")
 ROLES = choices(Role)
-_ROLE_ABBREV = {str(r): a for r, a in ROLE_ABBREV.items()}  # plain-string keys (altgrad.surgery)
 
 # the allowed strings of each option, from altgrad.vocabulary (kept as names other modules import)
 SCALING_MODES = choices(ScalingType)
@@ -78,8 +79,6 @@ GRANULARITIES = choices(Granularity)
 SCALE_FORMATS = choices(ScaleFormat)
 SCALE_ROUNDINGS = choices(ScaleRounding)
 GRANULARITY_KEYS = ("granularity", "block_size", "block_2d", "scale_format", "scale_rounding")
-GRANULARITY_DEFAULTS = {"granularity": "tensor", "block_size": 32, "block_2d": False,
-                        "scale_format": "e8m0", "scale_rounding": "floor"}
 # every option a role carries besides its format (RoleConfig's fields after `format`)
 ROLE_OPTIONS = ("scaling", "history_len", "amax_algo", "margin", "pow2", "rounding", "saturate") + GRANULARITY_KEYS
 
@@ -140,8 +139,9 @@ def _granularity_tag(g: Mapping) -> str:
     return f"/{gran}-{g['scale_format']}" + ("-ceil" if g["scale_rounding"] == "ceil" else "")
 
 
-def _format_or_none(where: str, value: Any) -> FormatSpec | None:
-    """A format name / FormatSpec -> FormatSpec; None -> None (high precision)."""
+def format_or_none(where: str, value: Any) -> FormatSpec | None:
+    """A format name / FormatSpec -> FormatSpec; None -> None (high precision). Raises ConfigError
+    naming `where` for an unknown name."""
     if value is None or isinstance(value, FormatSpec):
         return value
     if isinstance(value, str) and value.strip().lower() in HIGH_PRECISION_NAMES:
@@ -157,7 +157,8 @@ def _format_name(fmt: FormatSpec | None) -> str | None:
     return None if fmt is None else fmt.name
 
 
-def _compile(where: str, pattern: Any) -> re.Pattern:
+def compile_pattern(where: str, pattern: Any) -> re.Pattern:
+    """A layer-name regex, compiled; `where` names the key in the one-line ConfigError on a bad one."""
     if not isinstance(pattern, str):
         raise ConfigError(f"{where}: pattern must be a regex string (got {type(pattern).__name__})")
     try:
@@ -177,7 +178,7 @@ def _check_keys(where: str, d: Mapping, allowed: tuple) -> None:
 # -- one role ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RoleConfig:
-    """How one operand is quantized: its format, scaling (DESIGN §4) and rounding (DESIGN §3).
+    """How one operand is quantized: its format, scaling (docs/design.md §4) and rounding (docs/design.md §3).
 
     `format` may be given as a name; it is stored as the FormatSpec."""
 
@@ -199,7 +200,7 @@ class RoleConfig:
         if self.format is None:
             raise ConfigError("RoleConfig.format must be a format name or FormatSpec; "
                               "a high-precision role is written as None in LayerQuantConfig")
-        object.__setattr__(self, "format", _format_or_none("RoleConfig.format", self.format))
+        object.__setattr__(self, "format", format_or_none("RoleConfig.format", self.format))
         # block_2d is checked per role by QuantizationConfig; here any role may carry it
         _check_role_options(lambda key: f"RoleConfig.{key}", "weight", self.options)
 
@@ -207,10 +208,6 @@ class RoleConfig:
     def options(self) -> dict:
         """Every option but the format (ROLE_OPTIONS -> value)."""
         return {k: getattr(self, k) for k in ROLE_OPTIONS}
-
-    @property
-    def granularity_options(self) -> dict:
-        return {k: getattr(self, k) for k in GRANULARITY_KEYS}
 
     @classmethod
     def create(cls, format: str | FormatSpec, **options) -> "RoleConfig":
@@ -234,7 +231,7 @@ class RoleConfig:
 class LayerQuantConfig:
     """What one QuantizedLinear receives: a RoleConfig per operand (None = high precision),
     optionally a format for dW before the optimizer (`weight_grad`) and a storage format for
-    the weights themselves after each optimizer step (`master_weights`, DESIGN §5)."""
+    the weights themselves after each optimizer step (`master_weights`, docs/design.md §5)."""
 
     input: RoleConfig | None
     weight: RoleConfig | None
@@ -249,7 +246,7 @@ class LayerQuantConfig:
             if value is not None and not isinstance(value, RoleConfig):
                 raise ConfigError(f"LayerQuantConfig.{role} must be a RoleConfig or None (got {type(value).__name__})")
         object.__setattr__(self, "master_weights",
-                           _format_or_none("LayerQuantConfig.master_weights", self.master_weights))
+                           format_or_none("LayerQuantConfig.master_weights", self.master_weights))
         _check_choice("LayerQuantConfig.master_rounding", self.master_rounding, ROUNDINGS)
 
     @property
@@ -260,7 +257,7 @@ class LayerQuantConfig:
     def describe(self) -> str:
         """e.g. 'i:E4M3 w:E4M3 go:E5M2'; weight_grad / master weights appear only when set."""
         fmts = self.formats
-        tags = {r: (_granularity_tag(rc.granularity_options) if (rc := getattr(self, r)) else "") for r in ROLES}
+        tags = {r: (_granularity_tag(rc.options) if (rc := getattr(self, r)) else "") for r in ROLES}
         parts = [f"{ROLE_ABBREV[r]}:{fmts[r].name if fmts[r] else '-'}{tags[r]}" for r in ROLES[:3]]
         if fmts["weight_grad"] is not None:
             parts.append(f"wg:{fmts['weight_grad'].name}{tags['weight_grad']}")
@@ -315,12 +312,12 @@ class LayerPrecisionRule:
 
     def _resolve(self, where: str) -> None:
         """Compile the pattern and turn names into FormatSpecs; errors name `where`."""
-        object.__setattr__(self, "_regex", _compile(where, self.pattern))
-        object.__setattr__(self, "format", _format_or_none(f"{where}.format", self.format))
+        object.__setattr__(self, "_regex", compile_pattern(where, self.pattern))
+        object.__setattr__(self, "format", format_or_none(f"{where}.format", self.format))
         for role in ROLES:
             value = getattr(self, role)
             if value is not INHERIT:
-                object.__setattr__(self, role, _format_or_none(f"{where}.{role}", value))
+                object.__setattr__(self, role, format_or_none(f"{where}.{role}", value))
 
     def matches(self, name: str) -> bool:
         return self._regex.search(name) is not None
@@ -372,7 +369,7 @@ class QuantizationConfig:
     weight_format: Any = INHERIT
     grad_output_format: Any = INHERIT
     weight_grad_format: FormatSpec | None = None
-    # per-role options: each a value for every role, or a mapping role -> value
+    # per-role options (ROLE_OPTIONS, RoleConfig's defaults): a value for every role, or a mapping role -> value
     scaling: Any = "delayed"
     history_len: Any = 16
     amax_algo: Any = "max"
@@ -390,13 +387,13 @@ class QuantizationConfig:
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
-        default = _format_or_none("quant.default_format", self.default_format)
+        default = format_or_none("quant.default_format", self.default_format)
         set_("default_format", default)
         for role in ROLES:
             name = f"{role}_format"
             value = getattr(self, name)
-            set_(name, default if value is INHERIT else _format_or_none(f"quant.{name}", value))
-        set_("master_weights", _format_or_none("quant.master_weights", self.master_weights))
+            set_(name, default if value is INHERIT else format_or_none(f"quant.{name}", value))
+        set_("master_weights", format_or_none("quant.master_weights", self.master_weights))
         _check_choice("quant.master_rounding", self.master_rounding, ROUNDINGS)
         for key in ROLE_OPTIONS:
             value = getattr(self, key)
@@ -420,7 +417,9 @@ class QuantizationConfig:
             if isinstance(rule, Mapping):
                 rule = LayerPrecisionRule.from_dict(rule, where)
             elif not isinstance(rule, LayerPrecisionRule):
-                raise ConfigError(f"{where} must be a LayerPrecisionRule or a mapping (got {type(rule).__name__})")
+                raise ConfigError(f"{where} must be a mapping with keys {', '.join(_RULE_KEYS)} (pattern and "
+                                  f"format required, e.g. {{pattern: 'lm_head$', format: null}}) or a "
+                                  f"LayerPrecisionRule (got {type(rule).__name__})")
             out.append(rule)
         return tuple(out)
 
@@ -463,11 +462,6 @@ class QuantizationConfig:
             value = getattr(self, key)
             out[key] = value.get(role, defaults[key]) if isinstance(value, Mapping) else value
         return out
-
-    def granularity_for(self, role: str) -> dict:
-        """The granularity keys for `role`."""
-        opts = self.options_for(role)
-        return {key: opts[key] for key in GRANULARITY_KEYS}
 
     @property
     def enabled(self) -> bool:

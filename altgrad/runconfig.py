@@ -1,4 +1,4 @@
-"""Run configuration: a YAML file maps 1:1 onto frozen dataclasses (DESIGN §7).
+"""Run configuration: a YAML file maps 1:1 onto frozen dataclasses (docs/design.md §7).
 
 Sections: `model` (GPTConfig fields), `train` (the loop), `quant` (parsed straight into a
 `QuantizationConfig` by its `from_dict`, or null for the high-precision baseline), `data`, `log`.

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 import torch.nn as nn
 
-from altgrad.config import QuantizationConfig, _compile, _format_or_none
+from altgrad.config import QuantizationConfig, compile_pattern, format_or_none
 from altgrad.formats import FormatSpec
 from altgrad.linear import BACKENDS, QuantizedLinear
 from altgrad.vocabulary import ROLE_ABBREV, Role
@@ -45,7 +45,7 @@ def _resolve_config(fmt: str | FormatSpec | None, config) -> QuantizationConfig:
                          f"in that format) or config (a QuantizationConfig); got {got}")
     if fmt is not None:
         # a bare format: every role in it, delayed scaling (QuantizationConfig's defaults)
-        return QuantizationConfig(_format_or_none("quantize_model fmt", fmt))
+        return QuantizationConfig(format_or_none("quantize_model fmt", fmt))
     if isinstance(config, Mapping):
         return QuantizationConfig.from_dict(config)
     if not isinstance(config, QuantizationConfig):
@@ -58,7 +58,7 @@ def _compile_skip_patterns(patterns) -> tuple[re.Pattern, ...]:
         return ()
     if isinstance(patterns, str):
         patterns = (patterns,)  # one regex, not a list of characters
-    return tuple(_compile(f"quantize_model skip_patterns[{i}]", p) for i, p in enumerate(patterns))
+    return tuple(compile_pattern(f"quantize_model skip_patterns[{i}]", p) for i, p in enumerate(patterns))
 
 
 # -- finding the layers ------------------------------------------------------------------------

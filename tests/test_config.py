@@ -1,12 +1,14 @@
 """QuantizationConfig, LayerPrecisionRule, RoleConfig: resolution rules, validation, dict round trip."""
 
 import copy
+import dataclasses
 import pickle
 
 import pytest
 import yaml
 
 from altgrad.config import (
+    ROLE_OPTIONS,
     ConfigError,
     INHERIT,
     LayerPrecisionRule,
@@ -271,7 +273,7 @@ def test_bad_values_name_the_field():
             {"pattern": "attn", "format": None}, {"pattern": "lm_head(", "format": None}]})
     with pytest.raises(ValueError, match=r"layer_rules must be a list of rules \(got LayerPrecisionRule\)"):
         QuantizationConfig("E4M3", layer_rules=LayerPrecisionRule("mlp", None))
-    with pytest.raises(ValueError, match=r"layer_rules\[1\] must be a LayerPrecisionRule or a mapping \(got str\)"):
+    with pytest.raises(ValueError, match=r"layer_rules\[1\] must be a mapping with keys pattern, format, .* or a LayerPrecisionRule \(got str\)"):
         QuantizationConfig("E4M3", layer_rules=[LayerPrecisionRule("mlp", None), "attn"])
 
 
@@ -389,3 +391,10 @@ def test_every_role_option_can_differ_per_role():
         for role in ("input", "weight", "grad_output"):
             assert getattr(getattr(layer, role), key) == by_role.get(role, getattr(default, key)), (key, role)
     assert QuantizationConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_role_options_are_role_config_fields_with_the_same_defaults():
+    role_fields = [f for f in dataclasses.fields(RoleConfig) if f.name != "format"]
+    assert tuple(f.name for f in role_fields) == ROLE_OPTIONS
+    shared = {f.name: f.default for f in dataclasses.fields(QuantizationConfig)}
+    assert {f.name: shared[f.name] for f in role_fields} == {f.name: f.default for f in role_fields}

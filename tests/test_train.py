@@ -451,7 +451,7 @@ def test_bad_input_is_one_line_exit_2_before_any_directory_changes(tmp_path, dat
 def test_a_layer_rule_that_matches_nothing_is_a_loud_warning(tmp_path, data_dir):
     proc = ok(train(tmp_path, data_dir, "--train.max_steps=2", "--log.run_name=rules", "--quant.default_format=E5M2",
                     "--quant.layer_rules=[{pattern: 'mlp\\.c_fcc', format: E4M3}]"))
-    assert "warning: quant.layer_rules pattern 'mlp\\\\.c_fcc' matches no Linear layer" in proc.stderr
+    assert "warning: quant.layer_rules[0] pattern 'mlp\\\\.c_fcc' matches no Linear layer" in proc.stderr
 
 
 # ---- stochastic rounding: its stream travels in the checkpoint, evaluation stays out of it -------------
