@@ -14,6 +14,15 @@ from altgrad.formats import FORMAT_REGISTRY, FormatSpec
 ORACLE_FORMATS = list(FORMAT_REGISTRY)
 
 
+def distinct_layouts() -> list[str]:
+    """One registered name per distinct (E, M, bias, specials): aliases compile the same kernel and
+    round the same way, so kernel tests run each layout once."""
+    seen = {}
+    for name, f in FORMAT_REGISTRY.items():
+        seen.setdefault(tuple(f.kernel_fields.values()), name)
+    return list(seen.values())
+
+
 def gfloat_info(fmt: FormatSpec) -> FormatInfo:
     """gfloat's description of the same format (an independent implementation)."""
     high_nans = {"ieee": 2**fmt.man_bits - 1, "fn": 1}.get(fmt.specials, 0)

@@ -9,21 +9,13 @@ import torch
 from altgrad import fast_cast
 from altgrad.formats import FORMAT_REGISTRY, FormatSpec, get_format
 from altgrad.quantize import QuantStats, quantize, quantize_operand
-from oracles import all_bf16_values, log_spread_values, midpoint_values
+from oracles import all_bf16_values, distinct_layouts, log_spread_values, midpoint_values
 
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning",
                                         "ignore:invalid value encountered:RuntimeWarning")
 
 
-def _layouts():
-    """One registered name per distinct (E, M, bias, specials)."""
-    seen = {}
-    for name, f in FORMAT_REGISTRY.items():
-        seen.setdefault(tuple(f.kernel_fields.values()), name)
-    return list(seen.values())
-
-
-LAYOUTS = _layouts()
+LAYOUTS = distinct_layouts()
 
 
 def assert_same_cast(got, want, inputs, what=""):

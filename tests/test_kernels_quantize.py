@@ -11,22 +11,14 @@ import triton.language as tl
 from altgrad.formats import FORMAT_REGISTRY, get_format
 from altgrad.kernels import quantize as kq
 from altgrad.quantize import philox_bits, quantize_with_stats, round_to_format
-from oracles import all_bf16_values, log_spread_values, midpoint_values
+from oracles import all_bf16_values, distinct_layouts, log_spread_values, midpoint_values
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning",
                                         "ignore:invalid value encountered:RuntimeWarning")
 
 
-def _layouts():
-    """One registered name per distinct (E, M, bias, specials): aliases compile the same kernel."""
-    seen = {}
-    for name, f in FORMAT_REGISTRY.items():
-        seen.setdefault(tuple(f.kernel_fields.values()), name)
-    return list(seen.values())
-
-
-LAYOUTS = _layouts()
+LAYOUTS = distinct_layouts()
 
 
 def _kq(x, fmt, scale=None, **kw):
