@@ -31,12 +31,7 @@ VARIANTS = ["plain", "hooks", "log", "shadow"]
 _MIN: dict[str, float] = {}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # benchmarks/conftest.py
 
 
 class Step:

@@ -70,12 +70,7 @@ def interleaved_ratios(formats=FORMATS, rounds=ROUNDS, warmup=WARMUP) -> dict:
     return out
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # benchmarks/conftest.py
 
 
 def test_cpu_quick_step_ratio(benchmark):
