@@ -430,6 +430,20 @@ class QuantizedLinear(nn.Module):
         hist = (None, None, None) if h is None else (h.history, h.count, h.filled)
         return (sc.scale, sc.inv_scale, *hist, getattr(self, f"_stats_{role}"), self.sr_state)
 
+    # -- the interface altgrad.linear_blockwise casts per-tensor roles through --
+    def role_seed(self, role: str) -> int:
+        """The stochastic-rounding seed of role's next cast: sr_seed(self.sr_state, role)."""
+        return sr_seed(self.sr_state, role)
+
+    def cast_tensor_role(self, role: str, mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cast `mat` with role's per-tensor scaling state (scaler, delayed history, stats buffer),
+        as the forward does: (bf16 format-domain values of mat's shape, 0-dim fp32 inv_scale).
+        Updates the state in training mode for non-empty `mat`."""
+        backend = self.backend if self.backend in ("torch", "fast") else ("triton" if mat.is_cuda else "fast")
+        plan = self._plans[backend][_ROLES.index(role)]
+        update = self.training and mat.numel() > 0
+        return cast_role(mat, self._state(role), plan, update, False, self._full_stats)
+
     def _cached_weight(self, cast_backend: str, plan: str | None, update: bool):
         """The opt-in cross-micro-batch weight cast (eager only), or None to cast in the forward."""
         if not self.weight_cache or plan is None or torch.compiler.is_compiling():

@@ -43,12 +43,11 @@ import torch
 from altgrad.blockwise import expand_scales, quantize_blockwise_cast
 from altgrad.config import RoleConfig
 from altgrad.formats import FormatSpec
-from altgrad.vocabulary import OPERAND_ROLES, STAT_FIELDS, Role
+from altgrad.vocabulary import STAT_FIELDS
 
 __all__ = ["blockwise_linear", "blockwise_matmul", "needs_blockwise"]
 
 HEADROOM_LOG2 = 52  # operands are carried below 2**52 so fp32 sums of their products stay finite
-_ROLE_INDEX = {r: i for i, r in enumerate((*OPERAND_ROLES, Role.WEIGHT_GRAD))}  # QuantizedLinear._plans order
 
 
 class Operand(NamedTuple):
@@ -92,9 +91,7 @@ _USES = ("input", "weight", "grad_output", "weight_grad", "input:wgrad", "weight
 def _generator(mod, role: str, use: str, device) -> torch.Generator:
     """Stochastic-rounding draws keyed by the layer's sr_state (base seed, training-forward count)
     and the use, as QuantizedLinear's per-tensor casts are: the global RNG is never touched."""
-    from altgrad.linear import sr_seed  # local: altgrad.linear imports this module
-
-    seed = (sr_seed(mod.sr_state, role) * len(_USES) + _USES.index(use)) % (2**63 - 1)
+    seed = (mod.role_seed(role) * len(_USES) + _USES.index(use)) % (2**63 - 1)
     return torch.Generator(device).manual_seed(seed)
 
 
@@ -166,12 +163,7 @@ def _weight_operands(mod, w: torch.Tensor) -> tuple[Operand, Operand | None]:
 def _tensor_cast(mod, role: str, mat: torch.Tensor):
     """(q fp32, inv 0-dim) of a per-tensor role through QuantizedLinear's own cast (its scaler,
     delayed history and stats buffer)."""
-    from altgrad.linear import cast_role  # local: altgrad.linear imports this module
-
-    backend = mod.backend if mod.backend in ("torch", "fast") else ("triton" if mat.is_cuda else "fast")
-    plan = mod._plans[backend][_ROLE_INDEX[role]]
-    update = mod.training and mat.numel() > 0
-    q, inv = cast_role(mat, mod._state(role), plan, update, False, mod._full_stats)
+    q, inv = mod.cast_tensor_role(role, mat)
     return q.float(), inv
 
 
