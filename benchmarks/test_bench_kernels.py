@@ -19,7 +19,7 @@ import torch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="kernel benchmarks need a CUDA GPU")
 
-import triton.testing  # noqa: E402
+from timing import device_ms, wall  # noqa: E402  (benchmarks/timing.py)
 
 from altgrad.formats import get_format  # noqa: E402
 from altgrad.kernels import quantize as kq  # noqa: E402
@@ -35,19 +35,6 @@ LINEARS = {  # name: (tokens M, in_features K, out_features N)
 GEMMS = ("fwd", "dgrad", "wgrad")
 
 
-def _device_ms(fn) -> float:
-    fn()
-    torch.cuda.synchronize()
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-
-def _wall(benchmark, fn, rounds=20):
-    def run():
-        fn()
-        torch.cuda.synchronize()
-    benchmark.pedantic(run, rounds=rounds, warmup_rounds=2, iterations=1)
-
-
 def _fields(name):
     f = get_format(name)
     return f.kernel_fields
@@ -61,11 +48,11 @@ def quant_input():
 
 
 def _gbs(benchmark, n_bytes, fn):
-    ms = _device_ms(fn)
+    ms = device_ms(fn)
     benchmark.extra_info["device_ms"] = round(ms, 4)
     benchmark.extra_info["GB/s"] = round(n_bytes / ms / 1e6)
     _print(benchmark)
-    _wall(benchmark, fn)
+    wall(benchmark, fn)
 
 
 def _print(benchmark):
@@ -130,7 +117,7 @@ def _ratio(benchmark, key, ms):
     benchmark.extra_info["device_ms"] = round(ms, 4)
     if key not in _CUBLAS_MS:
         a, b, _, _ = _operands(*key)
-        _CUBLAS_MS[key] = _device_ms(lambda: _cublas(a, b))
+        _CUBLAS_MS[key] = device_ms(lambda: _cublas(a, b))
     benchmark.extra_info["ratio_vs_cublas_bf16"] = round(ms / _CUBLAS_MS[key], 3)
     M, N, K = key_mnk(key)
     benchmark.extra_info["TFLOP/s"] = round(2 * M * N * K / ms / 1e9, 1)
@@ -148,10 +135,10 @@ def test_matmul_cublas_bf16(benchmark, linear, gemm):
     a, b, _, _ = _operands(linear, gemm)
     benchmark.group = f"matmul {linear} {gemm}"
     fn = lambda: _cublas(a, b)  # noqa: E731
-    _CUBLAS_MS[(linear, gemm)] = _device_ms(fn)
+    _CUBLAS_MS[(linear, gemm)] = device_ms(fn)
     _ratio(benchmark, (linear, gemm), _CUBLAS_MS[(linear, gemm)])
     benchmark.extra_info["fp32_output"] = _cublas(a, b).dtype == torch.float32
-    _wall(benchmark, fn)
+    wall(benchmark, fn)
 
 
 @pytest.mark.parametrize("autotune", [False, True], ids=["fixed-tile", "autotuned"])
@@ -161,10 +148,10 @@ def test_matmul_triton(benchmark, linear, gemm, autotune):
     a, b, ia, ib = _operands(linear, gemm)
     benchmark.group = f"matmul {linear} {gemm}"
     fn = lambda: ksm.scaled_matmul(a, b, ia, ib, autotune=autotune)  # noqa: E731
-    _ratio(benchmark, (linear, gemm), _device_ms(fn))
+    _ratio(benchmark, (linear, gemm), device_ms(fn))
     M, N, _ = key_mnk((linear, gemm))
     benchmark.extra_info["fixed_tile"] = list(ksm.pick_config("bf16", M, N))
-    _wall(benchmark, fn)
+    wall(benchmark, fn)
 
 
 @pytest.mark.parametrize("linear", LINEARS)
@@ -178,8 +165,8 @@ def test_matmul_in_loop_input(benchmark, linear):
     benchmark.group = f"matmul {linear} fwd"
     fn = lambda: ksm.scaled_matmul(x, wq, None, iw, fmt_a=tuple(f.kernel_fields.values()),  # noqa
                                    scale_a=sx)
-    _ratio(benchmark, (linear, "fwd"), _device_ms(fn))
-    _wall(benchmark, fn)
+    _ratio(benchmark, (linear, "fwd"), device_ms(fn))
+    wall(benchmark, fn)
 
 
 _FP8 = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
@@ -196,8 +183,8 @@ def test_matmul_fp8_triton(benchmark, linear):
     a8, b8, ia, ib = _fp8_operands(linear)
     benchmark.group = f"matmul {linear} fwd"
     fn = lambda: ksm.scaled_matmul(a8, b8, ia, ib, fp8=True)  # noqa: E731
-    _ratio(benchmark, (linear, "fwd"), _device_ms(fn))
-    _wall(benchmark, fn)
+    _ratio(benchmark, (linear, "fwd"), device_ms(fn))
+    wall(benchmark, fn)
 
 
 @pytest.mark.skipif(not _FP8, reason="FP8 tensor cores need sm_89+")
@@ -207,5 +194,5 @@ def test_matmul_fp8_cublas_scaled_mm(benchmark, linear):
     a8, b8, ia, ib = _fp8_operands(linear)
     benchmark.group = f"matmul {linear} fwd"
     fn = lambda: torch._scaled_mm(a8, b8.t(), scale_a=ia, scale_b=ib, out_dtype=torch.float32)  # noqa: E731
-    _ratio(benchmark, (linear, "fwd"), _device_ms(fn))
-    _wall(benchmark, fn)
+    _ratio(benchmark, (linear, "fwd"), device_ms(fn))
+    wall(benchmark, fn)

@@ -21,7 +21,7 @@ from torch import nn
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="Linear benchmarks need a CUDA GPU")
 
-import triton.testing  # noqa: E402
+from timing import device_ms, wall  # noqa: E402  (benchmarks/timing.py)
 
 from altgrad.config import LayerQuantConfig, RoleConfig  # noqa: E402
 from altgrad.linear import QuantizedLinear  # noqa: E402
@@ -32,18 +32,6 @@ SHAPES = {  # name: (tokens M, in_features, out_features)
     "gpt-small c_proj 1536->384": (3072, 1536, 384),
     "gpt-small c_attn 384->1152": (3072, 384, 1152),
 }
-def _device_ms(fn) -> float:
-    """Median device time of fn() in ms (CUDA events, L2 flushed), after one untimed call."""
-    fn()
-    torch.cuda.synchronize()
-    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
-
-
-def _wall(benchmark, fn, rounds=20):
-    def run():
-        fn()
-        torch.cuda.synchronize()
-    benchmark.pedantic(run, rounds=rounds, warmup_rounds=2, iterations=1)
 
 
 def _problem(shape):
@@ -93,11 +81,11 @@ def test_linear_fwd_bwd(benchmark, shape):
     sides["fake_quant_compiled"] = lambda: _fake_quant_fwd_bwd(xd, w, dy)
     ms = {}
     for name, step in sides.items():
-        ms[name] = _device_ms(step)
+        ms[name] = device_ms(step, rep=200)
         print(f"\nRESULT linear fwd+bwd {shape}: {name} {ms[name]:.4f} ms (ratio to bf16 "
               f"{ms[name] / ms['bf16']:.3f})", flush=True)
     benchmark.group = "linear fwd+bwd, simulated E4M3/E5M2 (wall clock)"
     benchmark.extra_info.update({f"{k}_ms": round(v, 4) for k, v in ms.items()})
     benchmark.extra_info["simulated_vs_bf16"] = round(ms["simulated"] / ms["bf16"], 3)
     benchmark.extra_info["fake_quant_vs_simulated"] = round(ms["fake_quant_compiled"] / ms["simulated"], 3)
-    _wall(benchmark, sides["simulated"])
+    wall(benchmark, sides["simulated"])
