@@ -37,8 +37,9 @@ import warnings
 import torch
 
 from altgrad.formats import FormatSpec
+from altgrad.scaling import MIN_SCALE
 
-__all__ = ["cast", "magic_supported"]
+__all__ = ["cast", "cast_operand", "fused_supported", "magic_supported", "operand_params"]
 
 CANONICAL_NAN_BF16 = 0x7FC0  # the bf16 NaN every backend writes for a NaN result
 _INT32_SIGN = -(2**31)
@@ -62,9 +63,10 @@ def _params(fmt_key: tuple, saturate: bool, device: torch.device) -> tuple[torch
     return ip, fp
 
 
-def _finish(x, v, bits, nan, overflow, r, ip, fp, with_stats: bool):
+def _finish(x, v, bits, nan, overflow, r, ip, fp, with_stats: bool, out_dtype=None):
     """Shared tail: saturate or mark overflow, sign, bf16, stats. Returns (q bf16, amax bits,
-    counts, NaN-output count); NaN lanes of q are fixed up by the caller (see cast)."""
+    counts, NaN-output count); NaN lanes of q are fixed up by the caller (see cast). With an
+    out_dtype (cast_operand), q is fp32 or bf16 taken from the bits, NaN lanes already canonical."""
     negzero, sat = ip[4], ip[5]
     fmax, ovf = fp[0], fp[1]
     mag = torch.where(overflow, torch.where(sat != 0, fmax, ovf), r)
@@ -73,9 +75,14 @@ def _finish(x, v, bits, nan, overflow, r, ip, fp, with_stats: bool):
     q_bits = torch.where(keep_sign, mag_bits | (bits & _INT32_SIGN), mag_bits)
     nan_out = nan | (mag_bits > 0x7F800000)
     q_bits = torch.where(nan_out, CANONICAL_NAN_BF16 << 16, q_bits)
+    if out_dtype == torch.float32:
+        q = q_bits.view(torch.float32)
+    elif out_dtype == torch.bfloat16:  # the high half: every format value is a bf16 number
+        q = (q_bits >> 16).to(torch.int16).view(torch.bfloat16)
     # exact for every format value; a NaN converts to a NaN whose bits depend on the vector lane
     # (so the caller rewrites NaN lanes); an int32 -> int16 narrowing instead would not vectorize
-    q = q_bits.view(torch.float32).to(torch.bfloat16)
+    else:
+        q = q_bits.view(torch.float32).to(torch.bfloat16)
     n_nan_out = nan_out.sum()
     if not with_stats:
         return q, None, None, n_nan_out
@@ -86,7 +93,7 @@ def _finish(x, v, bits, nan, overflow, r, ip, fp, with_stats: bool):
     return q, abs_bits.amax(), counts, n_nan_out
 
 
-def _cast_nearest(x, scale, ip, fp, with_stats: bool):
+def _cast_nearest(x, scale, ip, fp, with_stats: bool, out_dtype=None):
     """x: 1-D, non-empty. Returns _finish's tuple."""
     m_, emin, bias, lim = ip[0], ip[1], ip[2], ip[3]
     v = x.float() * scale
@@ -103,10 +110,10 @@ def _cast_nearest(x, scale, ip, fp, with_stats: bool):
     tie = (m_ == 0) & ((mb & 0x7FFFFF) == 0x400000) & (e >= emin) & (((e + bias) & 1) == 0)
     r = torch.where(tie, (mb & 0x7F800000).view(torch.float32), r)
     overflow = (r > fp[0]) & ~nan
-    return _finish(x, v, bits, nan, overflow, r, ip, fp, with_stats)
+    return _finish(x, v, bits, nan, overflow, r, ip, fp, with_stats, out_dtype)
 
 
-def _cast_stochastic(x, scale, k0, k1, ip, fp, with_stats: bool):
+def _cast_stochastic(x, scale, k0, k1, ip, fp, with_stats: bool, out_dtype=None):
     """As _cast_nearest, rounding stochastically with the Philox key (k0, k1) (0-dim int64)."""
     from altgrad.quantize import philox_from_key
 
@@ -130,7 +137,7 @@ def _cast_stochastic(x, scale, k0, k1, ip, fp, with_stats: bool):
     code = torch.minimum(code, max_code)
     normal_bits = (((code >> m_) + (127 - bias)) << 23) | ((code & ((1 << m_) - 1)) << (23 - m_))
     r = torch.where(code >= (1 << m_), normal_bits.view(torch.float32), code.to(torch.float32) * fp[2])
-    return _finish(x, v, bits, nan, overflow, r, ip, fp, with_stats)
+    return _finish(x, v, bits, nan, overflow, r, ip, fp, with_stats, out_dtype)
 
 
 # one top-level function per (rounding, stats) variant: dynamo keeps its compiled graphs per code
@@ -160,6 +167,9 @@ _COMPILED: dict[object, object] = {}
 def _canonical_nan(device: torch.device) -> torch.Tensor:
     return torch.tensor(CANONICAL_NAN_BF16, dtype=torch.int16, device=device).view(torch.bfloat16)
 COMPILE = True  # set False to run the cast eagerly (same bits, slower)
+# inline masks read by several consumers (overflow: the count and the saturation) instead of
+# storing them as bool buffers and summing them in a second pass (4x slower when it happens)
+_INDUCTOR_OPTIONS = {"realize_reads_threshold": 100}
 
 
 def _run(fn, x, *args):
@@ -169,7 +179,7 @@ def _run(fn, x, *args):
         return fn(x, *args)
     compiled = _COMPILED.get(fn)
     if compiled is None:
-        compiled = _COMPILED[fn] = torch.compile(fn, dynamic=True, fullgraph=True)
+        compiled = _COMPILED[fn] = torch.compile(fn, dynamic=True, fullgraph=True, options=_INDUCTOR_OPTIONS)
     if compiled is fn:
         return fn(x, *args)
     try:
@@ -207,3 +217,167 @@ def cast(x: torch.Tensor, fmt: FormatSpec, scale: torch.Tensor, *, rounding: str
     if not stats:
         return q, None
     return q, (amax_bits.view(torch.float32), counts)
+
+
+# -- the fused operand cast: scale, round, stats and scaling-state update in one compiled call --
+# QuantizedLinear's fast backend casts each operand through `cast_operand`: the scale from the
+# amax (the delayed history's, or the tensor's own), the rounding, the stats vector, and in
+# training the scale / inv_scale buffers and the history push, all in one torch.compile'd function
+# that writes its state buffers in place (inductor fuses it into a reduction loop and an
+# elementwise loop). Options are parameter tensors (`operand_params`) and per-call switches 0-dim
+# tensors, so a graph depends only on the python-level variant: the amax source and the rounding.
+
+AMAX_SOURCES = ("none", "own", "own_push", "history")  # scale 1 / x's amax / x's amax + push / history
+
+
+@functools.lru_cache(maxsize=None)
+def operand_params(fmt_key: tuple, domain_key: tuple, saturate: bool, margin: int, pow2: bool, algo_max: bool,
+                   k: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(ip, fp, sp, si) device tensors of one operand role: the domain format's rounding parameters
+    (as `cast`), sp fp32 [fmt.max, 2**margin, 2**-k, 2**k] and si int32 [pow2, amax algo is max].
+    fmt_key / domain_key: FormatSpec.kernel_fields values of the role's format and of the format
+    rounded to (fmt with bias + k)."""
+    fmt = FormatSpec("scale", *fmt_key)
+    ip, fp = _params(domain_key, saturate, device)
+    sp = torch.tensor([fmt.max, float(2**margin), 2.0**-k, 2.0**k], dtype=torch.float32, device=device)
+    si = torch.tensor([int(pow2), int(algo_max)], dtype=torch.int32, device=device)
+    return ip, fp, sp, si
+
+
+@functools.lru_cache(maxsize=None)
+def _switches(update: bool, advance: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(update as a 0-dim bool tensor, the int64 [0, advance] increment of sr_state)."""
+    return (torch.tensor(update, device=device),
+            torch.tensor([0, int(advance)], dtype=torch.int64, device=device))
+
+
+def _scale_of(amax, prev, sp, si):
+    """altgrad.scaling.compute_scale(amax, fmt, margin, pow2, prev_scale=prev) on 0-dim fp32 tensors,
+    the same operations in the same order (two correctly rounded divisions, clamp, pow2 mask), with
+    the validity tests on the bits (0 < bits < inf bits: positive and finite)."""
+    scale = ((sp[0] / amax) / sp[1]).clamp(min=MIN_SCALE)
+    scale_bits = scale.view(torch.int32)
+    scale_bits = torch.where(si[0] != 0, scale_bits & ~0x7FFFFF, scale_bits)
+    amax_bits = amax.view(torch.int32)
+    ok = (amax_bits > 0) & (amax_bits < 0x7F800000) & (scale_bits > 0) & (scale_bits < 0x7F800000)
+    return torch.where(ok, scale_bits.view(torch.float32), prev)
+
+
+def _fused(x, scale, inv_scale, history, count, stats, sr_state, ip, fp, sp, si, upd, adv, key, source, rounding,
+           out_dtype):
+    """One operand cast with its bookkeeping (see cast_operand); returns (q, inv_scale * 2**k)."""
+    x32 = x.float()
+    if source == "none":
+        s = scale
+    else:
+        if source == "history":
+            # count >= 1 here; entries past it hold nothing pushed: stand in the newest for them
+            newest = history[0]
+            valid = torch.arange(history.numel(), device=history.device) < count
+            amax = torch.where(si[1] != 0, torch.where(valid, history, newest).amax(), newest)
+        else:  # the tensor's own amax, NaN if any (compute_scale then keeps the previous scale)
+            amax = (x32.view(torch.int32) & 0x7FFFFFFF).amax().view(torch.float32)
+        s = _scale_of(amax, scale, sp, si)
+    inv = torch.reciprocal(s)
+    if rounding == "nearest":
+        q, amax_bits, counts, _ = _cast_nearest(x, s * sp[2], ip, fp, True, out_dtype)
+    else:
+        q, amax_bits, counts, _ = _cast_stochastic(x, s * sp[2], key[0], key[1], ip, fp, True, out_dtype)
+    amax_x = amax_bits.view(torch.float32)
+    # stats: [amax, scale, overflow, underflow, nan, nonzero, numel]; rel_err (stats[7]) is the caller's
+    numel = torch.full((), x.numel(), dtype=torch.float64, device=x.device)
+    stats[:7].copy_(torch.cat([torch.stack([amax_x, s]).double(), counts[[0, 1, 3, 2]].double(), numel.reshape(1)]))
+    scale.copy_(torch.where(upd, s, scale))
+    inv_scale.copy_(torch.where(upd, inv, inv_scale))
+    if history is not None:  # roll in and push, newest at index 0 (TransformerEngine's amax_history)
+        pushed = torch.cat([amax_x.reshape(1), history[:-1]])
+        history.copy_(torch.where(upd, pushed, history))
+        count.copy_(torch.where(upd, (count + 1).clamp(max=history.numel()), count))
+    sr_state.copy_(sr_state + adv)
+    return q, inv * sp[3]
+
+
+# one top-level function per (amax source, rounding): dynamo keeps graphs per code object
+def _none_nearest(x, scale, inv_scale, stats, sr_state, ip, fp, sp, si, upd, adv, key, out_dtype):
+    return _fused(x, scale, inv_scale, None, None, stats, sr_state, ip, fp, sp, si, upd, adv, key, "none", "nearest",
+                  out_dtype)
+
+
+def _none_stochastic(x, scale, inv_scale, stats, sr_state, ip, fp, sp, si, upd, adv, key, out_dtype):
+    return _fused(x, scale, inv_scale, None, None, stats, sr_state, ip, fp, sp, si, upd, adv, key, "none",
+                  "stochastic", out_dtype)
+
+
+def _own_nearest(x, scale, inv_scale, stats, sr_state, ip, fp, sp, si, upd, adv, key, out_dtype):
+    return _fused(x, scale, inv_scale, None, None, stats, sr_state, ip, fp, sp, si, upd, adv, key, "own", "nearest",
+                  out_dtype)
+
+
+def _own_stochastic(x, scale, inv_scale, stats, sr_state, ip, fp, sp, si, upd, adv, key, out_dtype):
+    return _fused(x, scale, inv_scale, None, None, stats, sr_state, ip, fp, sp, si, upd, adv, key, "own",
+                  "stochastic", out_dtype)
+
+
+def _own_push_nearest(x, scale, inv_scale, history, count, stats, sr_state, ip, fp, sp, si, upd, adv, key, out_dtype):
+    return _fused(x, scale, inv_scale, history, count, stats, sr_state, ip, fp, sp, si, upd, adv, key, "own",
+                  "nearest", out_dtype)
+
+
+def _own_push_stochastic(x, scale, inv_scale, history, count, stats, sr_state, ip, fp, sp, si, upd, adv, key,
+                         out_dtype):
+    return _fused(x, scale, inv_scale, history, count, stats, sr_state, ip, fp, sp, si, upd, adv, key, "own",
+                  "stochastic", out_dtype)
+
+
+def _history_nearest(x, scale, inv_scale, history, count, stats, sr_state, ip, fp, sp, si, upd, adv, key, out_dtype):
+    return _fused(x, scale, inv_scale, history, count, stats, sr_state, ip, fp, sp, si, upd, adv, key, "history",
+                  "nearest", out_dtype)
+
+
+def _history_stochastic(x, scale, inv_scale, history, count, stats, sr_state, ip, fp, sp, si, upd, adv, key,
+                        out_dtype):
+    return _fused(x, scale, inv_scale, history, count, stats, sr_state, ip, fp, sp, si, upd, adv, key, "history",
+                  "stochastic", out_dtype)
+
+
+_FUSED = {("none", "nearest"): _none_nearest, ("none", "stochastic"): _none_stochastic,
+          ("own", "nearest"): _own_nearest, ("own", "stochastic"): _own_stochastic,
+          ("own_push", "nearest"): _own_push_nearest, ("own_push", "stochastic"): _own_push_stochastic,
+          ("history", "nearest"): _history_nearest, ("history", "stochastic"): _history_stochastic}
+
+
+def fused_supported(domain: FormatSpec, rounding: str) -> bool:
+    """Whether cast_operand serves this format and rounding (else the caller casts unfused)."""
+    return rounding == "stochastic" or magic_supported(domain)
+
+
+def cast_operand(x: torch.Tensor, scale: torch.Tensor, inv_scale: torch.Tensor, history: torch.Tensor | None,
+                 count: torch.Tensor | None, stats: torch.Tensor, sr_state: torch.Tensor,
+                 params: tuple[torch.Tensor, ...], *, source: str, rounding: str, seed: int, update: bool,
+                 advance: bool, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """One matmul operand cast with its scaling bookkeeping, fused: (q, inv_scale * 2**k).
+
+    q = round_domain(x * scale_new * 2**-k) in out_dtype (fp32 or bf16, x's shape; NaN results are
+    the canonical NaN 0x7FC00000 / 0x7FC0), with scale_new = compute_scale(amax, fmt, margin, pow2,
+    prev_scale=scale) where amax comes from `source`: "none" keeps `scale`; "own" / "own_push" use
+    x's amax (NaN included); "history" reduces `history[:count]` (max, or the newest with the
+    "most recent" algo). Writes stats[:7] = [amax of x without NaN, scale_new, overflow, underflow,
+    nan, nonzero, numel] (float64). With update: scale / inv_scale take the new values and, where
+    history is given, x's amax is pushed at index 0 and count advanced (capped at its length).
+    advance adds 1 to sr_state[1]. Stochastic rounding draws philox_bits(seed, i) per element.
+
+    Trusted arguments (QuantizedLinear checks them): x fp32/bf16/fp16 non-empty, buffers on x's
+    device as the layer keeps them, params from `operand_params`, the format `fused_supported`.
+    Bit for bit what altgrad.linear's unfused reference bookkeeping gives.
+    """
+    ip, fp, sp, si = params
+    upd, adv = _switches(update, advance, x.device)
+    key = None
+    if rounding == "stochastic":
+        key = torch.tensor([seed & 0xFFFFFFFF, seed >> 32], dtype=torch.int64, device=x.device)
+    flat = x.detach().reshape(-1)  # the row-major index is the Philox counter
+    fn = _FUSED[source, rounding]
+    state = (scale, inv_scale) if history is None else (scale, inv_scale, history, count)
+    with torch.no_grad():
+        q, q_inv = _run(fn, flat, *state, stats, sr_state, ip, fp, sp, si, upd, adv, key, out_dtype)
+    return q.view(x.shape), q_inv

@@ -66,6 +66,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from altgrad import fast_cast
 from altgrad.config import LayerQuantConfig, RoleConfig
 from altgrad.formats import FormatSpec
 from altgrad.linear_blockwise import accumulation_domain, blockwise_linear, needs_blockwise
@@ -96,6 +97,9 @@ class _Plan:
     amax_algo: str
     role: str
     backend: str  # cast backend: torch / fast / triton
+    fused: bool  # the fast backend's fused cast serves it (altgrad.fast_cast.cast_operand)
+    fmt_key: tuple  # kernel_fields values of fmt and of domain (fast_cast.operand_params' keys)
+    domain_key: tuple
 
 
 def _plan_key(rc: RoleConfig, role: str, backend: str) -> str:
@@ -110,7 +114,15 @@ def _plan(key: str) -> _Plan:
     fmt = FormatSpec(name, int(e), int(m), int(bias), specials)
     domain = accumulation_domain(fmt)
     k = domain.bias - fmt.bias
-    return _Plan(fmt, domain, k, rounding, bool(int(sat)), scaling, int(margin), bool(int(pow2)), algo, role, backend)
+    fused = backend == "fast" and fast_cast.fused_supported(domain, rounding)
+    return _Plan(fmt, domain, k, rounding, bool(int(sat)), scaling, int(margin), bool(int(pow2)), algo, role, backend,
+                 fused, tuple(fmt.kernel_fields.values()), tuple(domain.kernel_fields.values()))
+
+
+def _q_dtype(p: _Plan, device: torch.device) -> torch.dtype:
+    """dtype of a cast's format-domain values: fp32 from the fused cast on the CPU (the matmul needs
+    no upcast; the values are the same), else bf16."""
+    return torch.float32 if p.fused and device.type == "cpu" else torch.bfloat16
 
 
 def sr_seed(sr_state: torch.Tensor, role: str) -> int:
@@ -141,7 +153,10 @@ def _cast_operand_impl(x, scale, inv_scale, history, count, filled, stats, sr_st
     if x.numel() == 0:  # nothing to scale, round or observe: state unchanged, stats of nothing
         stats.zero_()
         stats[1] = scale
-        return torch.empty(x.shape, dtype=torch.bfloat16, device=x.device), inv_scale * 2.0**p.k
+        return torch.empty(x.shape, dtype=_q_dtype(p, x.device), device=x.device), inv_scale * 2.0**p.k
+    if p.fused:
+        return _cast_fused(x, scale, inv_scale, history, count, filled, stats, sr_state, p, update, advance,
+                           full_stats)
     if p.scaling == "none":
         s = scale.clone()
     else:
@@ -172,28 +187,55 @@ def _cast_operand_impl(x, scale, inv_scale, history, count, filled, stats, sr_st
     stats[2:6].copy_(torch.stack([st.overflow, st.underflow, st.nan, st.nonzero]))
     stats[6] = x.numel()
     if bool(full_stats):
-        x32 = x.detach().float()
-        err = torch.linalg.vector_norm(q.float() * q_inv - x32)
-        stats[7] = err / torch.linalg.vector_norm(x32).clamp(min=torch.finfo(torch.float32).tiny)
+        _rel_err(x, q, q_inv, stats)
+    return q, q_inv
+
+
+def _rel_err(x, q, q_inv, stats):
+    """stats[7] = ||q·inv_scale - x|| / ||x||: an extra pass, on logging steps only."""
+    x32 = x.detach().float()
+    err = torch.linalg.vector_norm(q.float() * q_inv - x32)
+    stats[7] = err / torch.linalg.vector_norm(x32).clamp(min=torch.finfo(torch.float32).tiny)
+
+
+def _cast_fused(x, scale, inv_scale, history, count, filled, stats, sr_state, p, update, advance, full_stats):
+    """_cast_operand_impl's work in one compiled call (altgrad.fast_cast.cast_operand), same bits.
+    Whether the delayed history is empty is read from its CPU mirror `filled` (no device sync)."""
+    if p.scaling == "delayed":
+        n = int(filled)
+        source = "history" if n else "own_push"
+    else:
+        source = "own" if p.scaling == "current" else "none"
+    seed = sr_seed(sr_state, p.role) if p.rounding == "stochastic" else 0
+    params = fast_cast.operand_params(p.fmt_key, p.domain_key, p.saturate, p.margin, p.pow2, p.amax_algo == "max",
+                                      p.k, x.device)
+    q, q_inv = fast_cast.cast_operand(x, scale, inv_scale, history, count, stats, sr_state, params, source=source,
+                                      rounding=p.rounding, seed=seed, update=update, advance=advance,
+                                      out_dtype=_q_dtype(p, x.device))
+    if update and history is not None:
+        filled.fill_(min(n + 1, history.numel()))
+    if bool(full_stats):
+        _rel_err(x, q, q_inv, stats)
     return q, q_inv
 
 
 @_cast_operand.register_fake
 def _(x, scale, inv_scale, history, count, filled, stats, sr_state, plan, update, advance, full_stats):
-    return torch.empty(x.shape, dtype=torch.bfloat16, device=x.device), torch.empty((), dtype=torch.float32,
-                                                                                      device=x.device)
+    return (torch.empty(x.shape, dtype=_q_dtype(_plan(plan), x.device), device=x.device),
+            torch.empty((), dtype=torch.float32, device=x.device))
 
 
 # -- the matmul op: (a @ b^T) · inv_a · inv_b (+ bias) -----------------------------------------
 def _matmul_torch(a, b, inv_a, inv_b, bias, out_dtype):
     """(a @ b^T) · inv_a · inv_b (+ bias), fp32 accumulation; a, b may be any strided views."""
-    c = a.float() @ b.float().t()
+    c = a.float() @ b.float().t()  # no copy for fp32 operands (the fused cast's on the CPU)
+    # in place, in this order: (c · inv_a) · inv_b + bias (inv_a · inv_b first would round differently)
     if inv_a is not None:
-        c = c * inv_a
+        c.mul_(inv_a)
     if inv_b is not None:
-        c = c * inv_b
+        c.mul_(inv_b)
     if bias is not None:
-        c = c + bias.float()
+        c.add_(bias.float())
     return c.to(out_dtype)
 
 
