@@ -169,13 +169,14 @@ def _canonical_nan(device: torch.device) -> torch.Tensor:
 COMPILE = True  # set False to run the cast eagerly (same bits, slower)
 # inline masks read by several consumers (overflow: the count and the saturation) instead of
 # storing them as bool buffers and summing them in a second pass (4x slower when it happens)
-_INDUCTOR_OPTIONS = {"realize_reads_threshold": 100}
+_INDUCTOR_OPTIONS = {"realize_reads_threshold": 100, "size_asserts": False, "alignment_asserts": False, "scalar_asserts": False}
 
 
 def _run(fn, x, *args):
     """fn compiled (once per input dtype), or eagerly where compiling is off or fails (e.g. no C++
-    compiler), and for single elements (which dynamic shapes would compile separately)."""
-    if not COMPILE or x.numel() < 2:
+    compiler), for single elements (which dynamic shapes would compile separately) and under a
+    TorchDispatchMode (op counters, FlopCounterMode: dynamo does not trace there)."""
+    if not COMPILE or x.numel() < 2 or torch._C._len_torch_dispatch_stack():
         return fn(x, *args)
     compiled = _COMPILED.get(fn)
     if compiled is None:

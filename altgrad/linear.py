@@ -55,6 +55,7 @@ high precision (passed through in fp32). Decisions written down here:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -133,20 +134,42 @@ def sr_seed(sr_state: torch.Tensor, role: str) -> int:
     return h % 2**63
 
 
+# -- the ops, registered on the dispatcher directly ----------------------------------------------
+# torch.library.Library define + impl (CompositeExplicitAutograd: every device; no autograd formula,
+# the ops run inside _QuantizedLinearFn) instead of torch.library.custom_op, whose Python wrapper
+# (defaults, version bumps of every mutated buffer, its autograd shim) costs ~100 us per eager call.
+_LIB = torch.library.Library("altgrad", "FRAGMENT")
+_LIB.define("cast_operand(Tensor x, Tensor(a1!) scale, Tensor(a2!) inv_scale, Tensor(a3!)? history, "
+            "Tensor(a4!)? count, Tensor(a5!)? filled, Tensor(a6!) stats, Tensor(a7!) sr_state, str plan, "
+            "bool update, bool advance, Tensor full_stats) -> (Tensor, Tensor)")
+_LIB.define("scaled_mm(Tensor a, Tensor b, Tensor? inv_a, Tensor? inv_b, Tensor? bias, ScalarType out_dtype, "
+            "str backend) -> Tensor")
+
+
+def _no_autocast(device_type: str):
+    """autocast off (the casts and products are exact fp32 work), entered only where it is on."""
+    return torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else _NULL
+
+
+_NULL = contextlib.nullcontext()
+
+
 # -- the cast op: scale from the state, round, stats, history push -----------------------------
-@torch.library.custom_op("altgrad::cast_operand",
-                         mutates_args=("scale", "inv_scale", "history", "count", "filled", "stats", "sr_state"))
 def _cast_operand(x: torch.Tensor, scale: torch.Tensor, inv_scale: torch.Tensor, history: Optional[torch.Tensor],
                   count: Optional[torch.Tensor], filled: Optional[torch.Tensor], stats: torch.Tensor,
                   sr_state: torch.Tensor, plan: str, update: bool, advance: bool,
                   full_stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q bf16 with x's shape, inv_scale·2**k 0-dim fp32) for one operand; in training (`update`) also
-    stores the scale used and pushes x's amax into the delayed history; `advance` counts one
+    """altgrad::cast_operand: (q with x's shape, inv_scale·2**k 0-dim fp32) for one operand, q the
+    format-domain values (fp32 from the fused cast on the CPU, else bf16); in training (`update`)
+    also stores the scale used and pushes x's amax into the delayed history; `advance` counts one
     training forward in sr_state after this cast's draws. full_stats: a 0-dim CPU bool tensor (so
     turning rel_err on for a logging step changes no compiled graph)."""
-    with torch.autocast(x.device.type, enabled=False):
+    with _no_autocast(x.device.type):
         return _cast_operand_impl(x, scale, inv_scale, history, count, filled, stats, sr_state, _plan(plan), update,
                                   advance, full_stats)
+
+
+_LIB.impl("cast_operand", _cast_operand, "CompositeExplicitAutograd")
 
 
 def _cast_operand_impl(x, scale, inv_scale, history, count, filled, stats, sr_state, p, update, advance, full_stats):
@@ -219,7 +242,7 @@ def _cast_fused(x, scale, inv_scale, history, count, filled, stats, sr_state, p,
     return q, q_inv
 
 
-@_cast_operand.register_fake
+@torch.library.register_fake("altgrad::cast_operand")
 def _(x, scale, inv_scale, history, count, filled, stats, sr_state, plan, update, advance, full_stats):
     return (torch.empty(x.shape, dtype=_q_dtype(_plan(plan), x.device), device=x.device),
             torch.empty((), dtype=torch.float32, device=x.device))
@@ -239,13 +262,16 @@ def _matmul_torch(a, b, inv_a, inv_b, bias, out_dtype):
     return c.to(out_dtype)
 
 
-@torch.library.custom_op("altgrad::scaled_mm", mutates_args=())
 def _scaled_mm(a: torch.Tensor, b: torch.Tensor, inv_a: Optional[torch.Tensor], inv_b: Optional[torch.Tensor],
                bias: Optional[torch.Tensor], out_dtype: torch.dtype, backend: str) -> torch.Tensor:
-    """(a @ b^T) · inv_a · inv_b (+ bias) in out_dtype; backend "triton" uses kernels/scaled_matmul.py.
-    The products are exact fp32 work on format-domain values: autocast must not make them bf16."""
-    with torch.autocast(a.device.type, enabled=False):
+    """altgrad::scaled_mm: (a @ b^T) · inv_a · inv_b (+ bias) in out_dtype; backend "triton" uses
+    kernels/scaled_matmul.py. The products are exact fp32 work on format-domain values: autocast
+    must not make them bf16."""
+    with _no_autocast(a.device.type):
         return _scaled_mm_impl(a, b, inv_a, inv_b, bias, out_dtype, backend)
+
+
+_LIB.impl("scaled_mm", _scaled_mm, "CompositeExplicitAutograd")
 
 
 def _scaled_mm_impl(a, b, inv_a, inv_b, bias, out_dtype, backend):
@@ -257,7 +283,7 @@ def _scaled_mm_impl(a, b, inv_a, inv_b, bias, out_dtype, backend):
     return ksm.scaled_matmul(a, b, inv_a, inv_b, bias=bias, out_dtype=kernel_dtype).to(out_dtype)
 
 
-@_scaled_mm.register_fake
+@torch.library.register_fake("altgrad::scaled_mm")
 def _(a, b, inv_a, inv_b, bias, out_dtype, backend):
     return a.new_empty((a.shape[0], b.shape[0]), dtype=out_dtype)
 
