@@ -88,7 +88,10 @@ def _finish(x, v, bits, nan, overflow, r, ip, fp, with_stats: bool, out_dtype=No
         return q, None, None, n_nan_out
     nonzero = (v != 0) & ~nan
     underflow = nonzero & (r == 0)
-    counts = torch.stack([overflow.sum(), underflow.sum(), nonzero.sum(), nan.sum()])
+    # cast_operand (out_dtype given) counts in int32, exact below 2**31 elements (its callers check):
+    # int64 accumulators cost ~30 % of the whole pass on AVX-512
+    cdt = torch.int64 if out_dtype is None else torch.int32
+    counts = torch.stack([overflow.sum(dtype=cdt), underflow.sum(dtype=cdt), nonzero.sum(dtype=cdt), nan.sum(dtype=cdt)])
     abs_bits = torch.where(nan, 0, x.float().view(torch.int32) & 0x7FFFFFFF)
     return q, abs_bits.amax(), counts, n_nan_out
 
@@ -192,6 +195,14 @@ def _run(fn, x, *args):
         return fn(x, *args)
 
 
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    """x as a dense 1-D tensor in row-major order (the index is the Philox counter), detached (a view
+    of x would make dynamo guard on its base's layout). A broadcast gradient (stride 0, e.g. of
+    `y.sum()`) is copied: each of these would compile another graph."""
+    flat = x.reshape(-1).detach()
+    return flat if flat.numel() < 2 or flat.stride(0) == 1 else flat.contiguous()
+
+
 def cast(x: torch.Tensor, fmt: FormatSpec, scale: torch.Tensor, *, rounding: str, saturate: bool,
          seed: int, stats: bool):
     """round_fmt(x * scale) as bf16 of x's shape, and (amax fp32 0-dim, counts int64[4]) or None.
@@ -201,7 +212,7 @@ def cast(x: torch.Tensor, fmt: FormatSpec, scale: torch.Tensor, *, rounding: str
     """
     key = tuple(fmt.kernel_fields.values())
     ip, fp = _params(key, saturate, x.device)
-    flat = x.reshape(-1)  # the row-major index is the Philox counter
+    flat = _flat(x)
     scale = scale.reshape(())
     if rounding == "stochastic":
         k0 = torch.tensor(seed & 0xFFFFFFFF, dtype=torch.int64, device=x.device)
@@ -231,6 +242,14 @@ def cast(x: torch.Tensor, fmt: FormatSpec, scale: torch.Tensor, *, rounding: str
 AMAX_SOURCES = ("none", "own", "own_push", "history")  # scale 1 / x's amax / x's amax + push / history
 
 
+def _static(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Mark fixed-size tensors static for dynamo: only x's length (and the history's) stay symbolic,
+    so no size of theirs is "duck-shaped" together with a parameter vector's (another graph)."""
+    for t in tensors:
+        torch._dynamo.mark_static(t)
+    return tensors
+
+
 @functools.lru_cache(maxsize=None)
 def operand_params(fmt_key: tuple, domain_key: tuple, saturate: bool, margin: int, pow2: bool, algo_max: bool,
                    k: int, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -239,17 +258,15 @@ def operand_params(fmt_key: tuple, domain_key: tuple, saturate: bool, margin: in
     fmt_key / domain_key: FormatSpec.kernel_fields values of the role's format and of the format
     rounded to (fmt with bias + k)."""
     fmt = FormatSpec("scale", *fmt_key)
-    ip, fp = _params(domain_key, saturate, device)
+    ip, fp = (t.clone() for t in _params(domain_key, saturate, device))
     sp = torch.tensor([fmt.max, float(2**margin), 2.0**-k, 2.0**k], dtype=torch.float32, device=device)
     si = torch.tensor([int(pow2), int(algo_max)], dtype=torch.int32, device=device)
-    return ip, fp, sp, si
+    return _static(ip, fp, sp, si)
 
 
 @functools.lru_cache(maxsize=None)
-def _switches(update: bool, advance: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(update as a 0-dim bool tensor, the int64 [0, advance] increment of sr_state)."""
-    return (torch.tensor(update, device=device),
-            torch.tensor([0, int(advance)], dtype=torch.int64, device=device))
+def _update_flag(update: bool, device: torch.device) -> torch.Tensor:
+    return _static(torch.tensor(update, device=device))[0]
 
 
 def _scale_of(amax, prev, sp, si):
@@ -264,10 +281,8 @@ def _scale_of(amax, prev, sp, si):
     return torch.where(ok, scale_bits.view(torch.float32), prev)
 
 
-def _fused(x, scale, inv_scale, history, count, stats, sr_state, ip, fp, sp, si, upd, adv, key, source, rounding,
-           out_dtype):
-    """One operand cast with its bookkeeping (see cast_operand); returns (q, inv_scale * 2**k)."""
-    x32 = x.float()
+def _fused(x, scale, inv_scale, history, count, ip, fp, sp, si, upd, key, source, rounding, out_dtype):
+    """One operand cast with its bookkeeping (see cast_operand): (q, inv_scale * 2**k, stats[:7])."""
     if source == "none":
         s = scale
     else:
@@ -277,7 +292,7 @@ def _fused(x, scale, inv_scale, history, count, stats, sr_state, ip, fp, sp, si,
             valid = torch.arange(history.numel(), device=history.device) < count
             amax = torch.where(si[1] != 0, torch.where(valid, history, newest).amax(), newest)
         else:  # the tensor's own amax, NaN if any (compute_scale then keeps the previous scale)
-            amax = (x32.view(torch.int32) & 0x7FFFFFFF).amax().view(torch.float32)
+            amax = (x.float().view(torch.int32) & 0x7FFFFFFF).amax().view(torch.float32)
         s = _scale_of(amax, scale, sp, si)
     inv = torch.reciprocal(s)
     if rounding == "nearest":
@@ -285,60 +300,50 @@ def _fused(x, scale, inv_scale, history, count, stats, sr_state, ip, fp, sp, si,
     else:
         q, amax_bits, counts, _ = _cast_stochastic(x, s * sp[2], key[0], key[1], ip, fp, True, out_dtype)
     amax_x = amax_bits.view(torch.float32)
-    # stats: [amax, scale, overflow, underflow, nan, nonzero, numel]; rel_err (stats[7]) is the caller's
-    numel = torch.full((), x.numel(), dtype=torch.float64, device=x.device)
-    stats[:7].copy_(torch.cat([torch.stack([amax_x, s]).double(), counts[[0, 1, 3, 2]].double(), numel.reshape(1)]))
+    # [amax, scale, overflow, underflow, nan, nonzero, numel] (rel_err, stats[7], is the caller's)
+    numel = torch.full((1,), x.numel(), dtype=torch.float64, device=x.device)
+    stats = torch.cat([torch.stack([amax_x, s]).double(), counts[[0, 1, 3, 2]].double(), numel])
     scale.copy_(torch.where(upd, s, scale))
     inv_scale.copy_(torch.where(upd, inv, inv_scale))
     if history is not None:  # roll in and push, newest at index 0 (TransformerEngine's amax_history)
         pushed = torch.cat([amax_x.reshape(1), history[:-1]])
         history.copy_(torch.where(upd, pushed, history))
         count.copy_(torch.where(upd, (count + 1).clamp(max=history.numel()), count))
-    sr_state.copy_(sr_state + adv)
-    return q, inv * sp[3]
+    return q, inv * sp[3], stats
 
 
 # one top-level function per (amax source, rounding): dynamo keeps graphs per code object
-def _none_nearest(x, scale, inv_scale, stats, sr_state, ip, fp, sp, si, upd, adv, key, out_dtype):
-    return _fused(x, scale, inv_scale, None, None, stats, sr_state, ip, fp, sp, si, upd, adv, key, "none", "nearest",
+def _none_nearest(x, scale, inv_scale, ip, fp, sp, si, upd, key, out_dtype):
+    return _fused(x, scale, inv_scale, None, None, ip, fp, sp, si, upd, key, "none", "nearest", out_dtype)
+
+
+def _none_stochastic(x, scale, inv_scale, ip, fp, sp, si, upd, key, out_dtype):
+    return _fused(x, scale, inv_scale, None, None, ip, fp, sp, si, upd, key, "none", "stochastic", out_dtype)
+
+
+def _own_nearest(x, scale, inv_scale, ip, fp, sp, si, upd, key, out_dtype):
+    return _fused(x, scale, inv_scale, None, None, ip, fp, sp, si, upd, key, "own", "nearest", out_dtype)
+
+
+def _own_stochastic(x, scale, inv_scale, ip, fp, sp, si, upd, key, out_dtype):
+    return _fused(x, scale, inv_scale, None, None, ip, fp, sp, si, upd, key, "own", "stochastic", out_dtype)
+
+
+def _own_push_nearest(x, scale, inv_scale, history, count, ip, fp, sp, si, upd, key, out_dtype):
+    return _fused(x, scale, inv_scale, history, count, ip, fp, sp, si, upd, key, "own", "nearest", out_dtype)
+
+
+def _own_push_stochastic(x, scale, inv_scale, history, count, ip, fp, sp, si, upd, key, out_dtype):
+    return _fused(x, scale, inv_scale, history, count, ip, fp, sp, si, upd, key, "own", "stochastic", out_dtype)
+
+
+def _history_nearest(x, scale, inv_scale, history, count, ip, fp, sp, si, upd, key, out_dtype):
+    return _fused(x, scale, inv_scale, history, count, ip, fp, sp, si, upd, key, "history", "nearest", out_dtype)
+
+
+def _history_stochastic(x, scale, inv_scale, history, count, ip, fp, sp, si, upd, key, out_dtype):
+    return _fused(x, scale, inv_scale, history, count, ip, fp, sp, si, upd, key, "history", "stochastic",
                   out_dtype)
-
-
-def _none_stochastic(x, scale, inv_scale, stats, sr_state, ip, fp, sp, si, upd, adv, key, out_dtype):
-    return _fused(x, scale, inv_scale, None, None, stats, sr_state, ip, fp, sp, si, upd, adv, key, "none",
-                  "stochastic", out_dtype)
-
-
-def _own_nearest(x, scale, inv_scale, stats, sr_state, ip, fp, sp, si, upd, adv, key, out_dtype):
-    return _fused(x, scale, inv_scale, None, None, stats, sr_state, ip, fp, sp, si, upd, adv, key, "own", "nearest",
-                  out_dtype)
-
-
-def _own_stochastic(x, scale, inv_scale, stats, sr_state, ip, fp, sp, si, upd, adv, key, out_dtype):
-    return _fused(x, scale, inv_scale, None, None, stats, sr_state, ip, fp, sp, si, upd, adv, key, "own",
-                  "stochastic", out_dtype)
-
-
-def _own_push_nearest(x, scale, inv_scale, history, count, stats, sr_state, ip, fp, sp, si, upd, adv, key, out_dtype):
-    return _fused(x, scale, inv_scale, history, count, stats, sr_state, ip, fp, sp, si, upd, adv, key, "own",
-                  "nearest", out_dtype)
-
-
-def _own_push_stochastic(x, scale, inv_scale, history, count, stats, sr_state, ip, fp, sp, si, upd, adv, key,
-                         out_dtype):
-    return _fused(x, scale, inv_scale, history, count, stats, sr_state, ip, fp, sp, si, upd, adv, key, "own",
-                  "stochastic", out_dtype)
-
-
-def _history_nearest(x, scale, inv_scale, history, count, stats, sr_state, ip, fp, sp, si, upd, adv, key, out_dtype):
-    return _fused(x, scale, inv_scale, history, count, stats, sr_state, ip, fp, sp, si, upd, adv, key, "history",
-                  "nearest", out_dtype)
-
-
-def _history_stochastic(x, scale, inv_scale, history, count, stats, sr_state, ip, fp, sp, si, upd, adv, key,
-                        out_dtype):
-    return _fused(x, scale, inv_scale, history, count, stats, sr_state, ip, fp, sp, si, upd, adv, key, "history",
-                  "stochastic", out_dtype)
 
 
 _FUSED = {("none", "nearest"): _none_nearest, ("none", "stochastic"): _none_stochastic,
@@ -363,22 +368,25 @@ def cast_operand(x: torch.Tensor, scale: torch.Tensor, inv_scale: torch.Tensor, 
     prev_scale=scale) where amax comes from `source`: "none" keeps `scale`; "own" / "own_push" use
     x's amax (NaN included); "history" reduces `history[:count]` (max, or the newest with the
     "most recent" algo). Writes stats[:7] = [amax of x without NaN, scale_new, overflow, underflow,
-    nan, nonzero, numel] (float64). With update: scale / inv_scale take the new values and, where
-    history is given, x's amax is pushed at index 0 and count advanced (capped at its length).
-    advance adds 1 to sr_state[1]. Stochastic rounding draws philox_bits(seed, i) per element.
+    nan, nonzero, numel] (float64). With update: scale / inv_scale (fp32) take the new values and,
+    with "own_push" / "history", x's amax is pushed at index 0 of the fp32 history and count
+    advanced (capped at its length). advance adds 1 to sr_state[1]. Stochastic rounding draws
+    philox_bits(seed, i) for element i (row-major).
 
-    Trusted arguments (QuantizedLinear checks them): x fp32/bf16/fp16 non-empty, buffers on x's
-    device as the layer keeps them, params from `operand_params`, the format `fused_supported`.
+    Trusted arguments (QuantizedLinear checks them): x fp32/bf16/fp16 with 0 < numel < 2**31,
+    buffers on x's device as the layer keeps them, params from `operand_params`, the format
+    `fused_supported`.
     Bit for bit what altgrad.linear's unfused reference bookkeeping gives.
     """
     ip, fp, sp, si = params
-    upd, adv = _switches(update, advance, x.device)
     key = None
     if rounding == "stochastic":
-        key = torch.tensor([seed & 0xFFFFFFFF, seed >> 32], dtype=torch.int64, device=x.device)
-    flat = x.detach().reshape(-1)  # the row-major index is the Philox counter
-    fn = _FUSED[source, rounding]
+        key = _static(torch.tensor([seed & 0xFFFFFFFF, seed >> 32], dtype=torch.int64, device=x.device))[0]
     state = (scale, inv_scale) if history is None else (scale, inv_scale, history, count)
     with torch.no_grad():
-        q, q_inv = _run(fn, flat, *state, stats, sr_state, ip, fp, sp, si, upd, adv, key, out_dtype)
+        q, q_inv, st = _run(_FUSED[source, rounding], _flat(x.detach()), *state, ip, fp, sp, si,
+                            _update_flag(update, x.device), key, out_dtype)
+        stats[:7].copy_(st)
+        if advance:
+            sr_state[1] += 1
     return q.view(x.shape), q_inv

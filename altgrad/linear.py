@@ -11,7 +11,9 @@ high precision (passed through in fp32). Decisions written down here:
 
 - Backends. Each operand is cast once by `altgrad.quantize.quantize_operand`, which also yields
   the role's stats in the same pass. "torch" uses the reference rounding and fp32 matmuls (the
-  oracle); "fast" uses the fused exact cast (bit-identical to the reference) and fp32 matmuls;
+  oracle); "fast" uses the fused exact cast (bit-identical to the reference) and fp32 matmuls:
+  `altgrad.fast_cast.cast_operand`, one compiled call per operand for the scale, the rounding,
+  the stats and the scaling-state update (docs/design.md, "The fused cast");
   "triton" casts with kernels/quantize.py and multiplies with kernels/scaled_matmul.py (CUDA, or
   CPU under TRITON_INTERPRET=1); "auto" is triton on CUDA tensors when all three operand roles have
   a format, else fast. Training uses "auto".
@@ -19,7 +21,8 @@ high precision (passed through in fp32). Decisions written down here:
   matmul rounding each tile as it loads it) re-rounds every tile once per N-tile and measured
   4-15x slower than a separate cast at GPT-small shapes; until GPU measurements say otherwise for
   some shape, the cast is used everywhere.
-- Saved for backward are the quantized operands (bf16 format-domain values) and 0-dim scales.
+- Saved for backward are the quantized operands (format-domain values: bf16, or fp32 from the
+  fused cast on the CPU, where the fp32 matmuls then need no upcast) and 0-dim scales.
 - The weight is cast at every forward by default, so any change of its values (optimizer step,
   `.data` writes, `copy_`, `load_state_dict`, `nn.init`, EMA code) is seen at the next forward.
   `weight_cache = True` (see `set_weight_cache`) is an explicit opt-in for gradient accumulation:
@@ -47,10 +50,10 @@ high precision (passed through in fp32). Decisions written down here:
 - Stats per role, kept on device (no host sync) in one float64 vector per role: amax, scale,
   overflow, underflow, nan, nonzero, numel and, when `full_stats` is on, rel_err =
   ||Q(x)·inv_s - x|| / ||x|| (off by default: an extra pass per operand).
-- torch.compile: every cast and matmul is a `torch.library` custom op (`altgrad::cast_operand`,
-  `altgrad::scaled_mm`) with a fake implementation; the casts mutate the scaling buffers in place,
-  the autograd function holds no module, and per-role options travel as constant strings, so
-  `torch.compile(model, fullgraph=True)` traces a quantized model once.
+- torch.compile: every cast and matmul is a `torch.library` op (`altgrad::cast_operand`,
+  `altgrad::scaled_mm`, schemas marking the mutated buffers) with a fake implementation; the casts
+  mutate the scaling buffers in place, the autograd function holds no module, and per-role options
+  travel as constant strings, so `torch.compile(model, fullgraph=True)` traces a quantized model once.
 """
 
 from __future__ import annotations
@@ -178,8 +181,15 @@ def _cast_operand_impl(x, scale, inv_scale, history, count, filled, stats, sr_st
         stats[1] = scale
         return torch.empty(x.shape, dtype=_q_dtype(p, x.device), device=x.device), inv_scale * 2.0**p.k
     if p.fused:
-        return _cast_fused(x, scale, inv_scale, history, count, filled, stats, sr_state, p, update, advance,
-                           full_stats)
+        # the fused cast keeps fp32 scaling buffers and counts in int32
+        if scale.dtype == torch.float32 and (history is None or history.dtype == torch.float32) and \
+                x.numel() < 2**31:
+            return _cast_fused(x, scale, inv_scale, history, count, filled, stats, sr_state, p, update, advance,
+                               full_stats)
+        # buffers converted by module.to(dtype) (the unfused bookkeeping converts as it goes), or huge x
+        q, q_inv = _cast_operand_impl(x, scale, inv_scale, history, count, filled, stats, sr_state,
+                                      dataclasses.replace(p, fused=False), update, advance, full_stats)
+        return q.to(_q_dtype(p, x.device)), q_inv
     if p.scaling == "none":
         s = scale.clone()
     else:

@@ -678,3 +678,138 @@ def test_zero_features_like_nn_linear(features, granularity):
         (y * torch.arange(y.numel()).reshape(y.shape)).sum().backward()
         (y_ref * torch.arange(y_ref.numel()).reshape(y_ref.shape)).sum().backward()
         assert torch.equal(x.grad, x_ref.grad)
+
+
+# -- the fused cast's bookkeeping equals the reference's, call by call ---------------------------
+def _special_inputs(step, shape, g):
+    """Fresh data per step: spread magnitudes, then zeros, NaN, inf, near FLT_MAX, subnormals, empty."""
+    x = torch.randn(shape, generator=g) * 10.0 ** torch.randint(-6, 7, (), generator=g).item()
+    kind = step % 7
+    if kind == 1:
+        x = torch.zeros(shape)  # amax 0: the previous scale stays
+    elif kind == 2:
+        x.view(-1)[3] = math.nan  # own amax NaN (scale kept), stats amax without it
+    elif kind == 3:
+        x.view(-1)[5] = -math.inf
+    elif kind == 4:
+        x.view(-1)[:2] = torch.tensor([3e38, -1e-40])  # the MIN_SCALE clamp for small formats; subnormal
+    elif kind == 5:
+        x = torch.empty(0, shape[-1])  # an empty batch changes no state
+    return x
+
+
+_FUSED_CASES = {
+    "delayed-max": dict(fmts=("E4M3", "E4M3", "E5M2"), scaling="delayed"),
+    "delayed-most_recent-margin-pow2-nosat": dict(fmts=("E3M4", "E7M0", "E5M2"), scaling="delayed",
+                                                  amax_algo="most_recent", margin=2, pow2=True, saturate=False),
+    "delayed-history1-stochastic": dict(fmts=("E5M2", "E2M5", "E0M7"), scaling="delayed", history_len=1,
+                                        rounding="stochastic"),
+    "current-stochastic-nosat-e7m0": dict(fmts=("E7M0", "E7M0", "E6M1"), scaling="current", rounding="stochastic",
+                                          saturate=False, margin=1),
+    "current-huge-margin": dict(fmts=("E0M7", "E4M3", "E1M6"), scaling="current", margin=130),
+    "none": dict(fmts=("E5M2", "E4M3", "E7M0"), scaling="none", saturate=False),
+}
+
+
+@pytest.mark.parametrize("dtype,module_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                                (torch.bfloat16, torch.bfloat16)])
+@pytest.mark.parametrize("case", list(_FUSED_CASES))
+def test_fused_cast_state_and_stats_equal_reference_call_by_call(case, dtype, module_dtype):
+    """The fast backend's fused cast (scale from the amax source, rounding, stats, scale/inv_scale
+    and history update in one compiled call) leaves every output, gradient, scaler buffer (scale,
+    inv_scale, history, count and its CPU mirror), stats buffer and sr_state bit-identical to the
+    reference after every training call, evaluation call, empty batch and special input; bf16
+    inputs, and a module converted to bf16 (buffers included: the unfused bookkeeping serves it)."""
+    opts = dict(_FUSED_CASES[case])
+    fmts = opts.pop("fmts")
+    if module_dtype == torch.bfloat16 and opts["scaling"] == "none":
+        pytest.skip("scaling 'none' casts with the stored scale, which quantize_operand needs in fp32")
+    torch.manual_seed(11)
+    base = nn.Linear(33, 21)
+    layers = []
+    for backend in ("torch", "fast"):
+        lin = nn.Linear(33, 21)
+        lin.load_state_dict(base.state_dict())
+        rcs = [RoleConfig(f, **opts) for f in fmts]
+        wg = RoleConfig("E5M2", **{**opts, "scaling": "current" if opts["scaling"] == "delayed" else opts["scaling"]})
+        ql = QuantizedLinear(lin, LayerQuantConfig(*rcs, weight_grad=wg), backend=backend, seed=5).to(module_dtype)
+        layers.append(ql)
+    g = torch.Generator().manual_seed(3)
+
+    def state(ql):
+        out = {k: v.clone() for k, v in ql.state_dict().items()}
+        out.update({f"stats.{r}": getattr(ql, f"_stats_{r}").clone() for r in ql.role_configs})
+        out.update({f"filled.{r}": sc.amax_history.filled.clone() for r, sc in ql.scalers.items()
+                    if sc.amax_history is not None})
+        return out
+
+    def same(a, b):
+        return a.shape == b.shape and a.dtype == b.dtype and torch.equal(
+            a.view(-1).view(torch.uint8) if a.is_floating_point() else a, b.view(-1).view(torch.uint8)
+            if b.is_floating_point() else b)
+
+    for step in range(9):
+        x = _special_inputs(step, (4, 5, 33) if step % 2 else (7, 33), g).to(dtype)
+        dy = torch.randn(*x.shape[:-1], 21, generator=g).to(dtype)
+        training = step not in (4, 7)
+        results = []
+        for ql in layers:
+            ql.train(training)
+            ql.full_stats = step == 6
+            xi = x.clone().requires_grad_(training)
+            with torch.set_grad_enabled(training):
+                y = ql(xi)
+                if training:
+                    y.backward(dy)
+            grads = (xi.grad, ql.weight.grad, ql.bias.grad) if training else ()
+            results.append((y.detach(), *grads, state(ql)))
+            ql.zero_grad()
+        (*ref, ref_state), (*fast, fast_state) = results
+        for a, b in zip(ref, fast):
+            assert same(a, b), (case, step)
+        assert ref_state.keys() == fast_state.keys()
+        for k in ref_state:
+            assert same(ref_state[k], fast_state[k]), (case, step, k, ref_state[k], fast_state[k])
+    # the fused cast ran (not a fallback): its scale buffers moved from 1 where scaling computes them
+    if opts["scaling"] != "none":
+        assert layers[1].scalers["weight"].scale.item() != 1.0
+
+
+def test_fused_cast_graphs_do_not_recompile_across_steps_and_shapes():
+    """Each fused variant compiles at most one graph per input dtype (and history length 1 vs more):
+    new batch shapes, formats, scaling options and training/evaluation calls reuse it."""
+    from altgrad import fast_cast
+
+    torch._dynamo.reset()  # earlier tests compiled other input dtypes
+    torch.manual_seed(0)
+    for fmts, hist in ((("E4M3", "E4M3", "E5M2"), 16), (("E7M0", "E3M4", "E2M5"), 4), (("E5M2", "E6M1", "E0M7"), 9)):
+        rcs = [RoleConfig(f, scaling="delayed", history_len=hist, margin=hist % 3, pow2=hist == 4) for f in fmts]
+        ql = QuantizedLinear(nn.Linear(24, 40), LayerQuantConfig(*rcs), backend="fast")
+        for rows in (3, 17, 64, 5):
+            ql.train(rows != 64)
+            x = torch.randn(rows, 24, requires_grad=True)
+            ql(x).sum().backward()
+    for fn in (fast_cast._own_push_nearest, fast_cast._history_nearest):
+        entries = torch._dynamo.eval_frame._debug_get_cache_entry_list(fn.__code__)
+        assert len(entries) == 1, (fn.__name__, len(entries))
+
+
+def test_fast_cast_under_a_dispatch_mode_runs_eagerly_and_keeps_compiling_after():
+    """A TorchDispatchMode (FlopCounterMode, op counters) cannot host a compiled call: the fast
+    cast runs its eager code there (same bits, no warning) and compiles again afterwards."""
+    import warnings
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from altgrad import fast_cast
+
+    _, ql = make(scaling="delayed", backend="fast")
+    _, ref = make(scaling="delayed", backend="torch")
+    x = torch.randn(9, 37)
+    ql(x), ref(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with FlopCounterMode(display=False):
+            y = ql(x)
+    assert torch.equal(y, ref(x))
+    assert all(c is not fn for fn, c in fast_cast._COMPILED.items())
