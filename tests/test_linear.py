@@ -807,12 +807,13 @@ def test_fast_cast_does_not_recompile_across_steps_shapes_views_and_broadcast_gr
 def test_fast_cast_under_a_dispatch_mode_runs_eagerly_and_keeps_compiling_after():
     """A TorchDispatchMode (an op counter, as benchmarks/test_bench_ops.py uses) cannot host a
     compiled call: the fast cast runs its eager code there (same bits, no warning) and compiles
-    again afterwards."""
+    again afterwards, instead of falling back to eager code for the rest of the process."""
     import warnings
 
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from altgrad import fast_cast
+    from altgrad.quantize import quantize_operand
 
     class Counter(TorchDispatchMode):
         n = 0
@@ -823,11 +824,14 @@ def test_fast_cast_under_a_dispatch_mode_runs_eagerly_and_keeps_compiling_after(
 
     _, ql = make(scaling="delayed", backend="fast")
     _, ref = make(scaling="delayed", backend="torch")
-    x = torch.randn(9, 37)
-    ql(x), ref(x)
+    x = torch.randn(9, 37) * 30
+    scale = torch.tensor(0.75)
+    ql(x), ref(x), quantize_operand(x, "E4M3", scale, backend="fast")  # compiled here
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with Counter():
             y = ql(x)
-    assert Counter.n > 0 and torch.equal(y, ref(x))
-    assert all(c is not fn for fn, c in fast_cast._COMPILED.items())
+            q, st = quantize_operand(x, "E4M3", scale, backend="fast")
+    q_ref, st_ref = quantize_operand(x, "E4M3", scale, backend="torch")
+    assert Counter.n > 0 and torch.equal(y, ref(x)) and torch.equal(q, q_ref) and st == st_ref
+    assert fast_cast._COMPILED and all(c is not fn for fn, c in fast_cast._COMPILED.items())
