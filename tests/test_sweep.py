@@ -91,6 +91,20 @@ def test_plan_commands_names_and_order(setup):
     assert [r.seed for r in sweep.plan([cfg["bf16"], cfg["e5m2"]], train_script=script)] == [7, 42]
 
 
+def test_plan_layers_base_configs_under_every_config(setup, tmp_path):
+    _, script, cfg = setup
+    base = tmp_path / "small.yaml"
+    base.write_text("train: {seed: 5, max_steps: 3}\nmodel: {n_layer: 1}\n")
+    runs = sweep.plan([cfg["bf16"], cfg["e5m2"]], bases=[base], out_root=tmp_path / "o", train_script=script,
+                      python="py")
+    assert runs[1].cmd[:4] == ("py", str(script), str(base), str(cfg["e5m2"]))
+    assert [r.seed for r in runs] == [7, 5]  # bf16 sets its own seed over the base's; e5m2 has none
+    sweep.validate(runs)  # the layered config is what validate checks
+    assert runs[1].config_files == [base, cfg["e5m2"]]
+    with pytest.raises(sweep.SweepError, match="--base .*does not exist"):
+        sweep.plan([cfg["bf16"]], bases=[tmp_path / "nope.yaml"], train_script=script)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"sets": ["train.max_steps"]}, "overrides are written --section.key=value"),
     ({"sets": ["max_steps=5"]}, "overrides are written --section.key=value"),
