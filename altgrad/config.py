@@ -428,12 +428,6 @@ class QuantizationConfig:
         """The first rule whose pattern matches `name`, or None."""
         return next((rule for rule in self.layer_rules if rule.matches(name)), None)
 
-    def get_format_for_layer(self, name: str) -> FormatSpec | None:
-        """The layer's main format: the matching rule's `format`, else `default_format`.
-        Per-role formats may differ: see layer_config."""
-        rule = self.matching_rule(name)
-        return rule.format if rule is not None else self.default_format
-
     def role_formats(self, name: str) -> tuple[dict[str, FormatSpec | None], FormatSpec | None]:
         """(role -> format, master-weight format) for the layer called `name`."""
         rule = self.matching_rule(name)
