@@ -187,11 +187,30 @@ def describe_format(run: Run) -> str:
         extras.append("SR")
     if quant.get("scaling") not in (None, "delayed"):
         extras.append(f"scaling:{quant['scaling']}")
+    gran = _granularity(quant)
+    if gran:
+        extras.append(gran)
     rules = quant.get("layer_rules") or []
     if rules:  # per-layer precision: name the formats in play ("hp" = high precision)
         used = [default] + [r.get("format") if isinstance(r, dict) else None for r in rules]
         text = "mixed " + "/".join(dict.fromkeys(str(f) if f else "hp" for f in used))
     return " ".join([text] + extras)
+
+
+def _granularity(quant: dict) -> str:
+    """"" for per-tensor scales, else e.g. "row", "block32", "block32-ceil", "block16x16-fp32", or the
+    per-role mapping as written ("granularity:{...}")."""
+    g = quant.get("granularity", "tensor")
+    if isinstance(g, dict) or any(isinstance(quant.get(k), dict) for k in ("block_size", "block_2d")):
+        return f"granularity:{g}" if g != "tensor" else ""
+    if g == "tensor":
+        return ""
+    bs = quant.get("block_size", 32)
+    text = "row" if g == "row" else (f"block{bs}x{bs}" if quant.get("block_2d") else f"block{bs}")
+    for key, default in (("scale_format", "e8m0"), ("scale_rounding", "floor")):
+        if quant.get(key, default) != default:
+            text += f"-{quant[key]}" if not isinstance(quant[key], dict) else f"-{key}:{quant[key]}"
+    return text
 
 
 def final_val(run: Run) -> tuple[float | None, int | None]:
