@@ -450,6 +450,51 @@ def _spread_lines(spread: dict[str, tuple[float, float, int]], baseline: Run) ->
     return lines
 
 
+def _group_mean(vals: list) -> float | None:
+    vals = [v for v in vals if _finite(v)]
+    return statistics.mean(vals) if vals else None
+
+
+def group_table(rows: list[Row], runs: list[Run], cmp: Comparison, markdown: bool = False) -> str | None:
+    """One line per config over its seeds (None when no config has two or more): loss at step S as
+    mean ± std, the mean's distance from the baseline mean in baseline σ (when the baseline has
+    seeds), the other columns averaged over the seeds (max overflow: the max), and how many of its
+    runs PASS the per-run rule."""
+    groups: dict[str, list[Row]] = {}
+    for run, row in zip(runs, rows):
+        groups.setdefault(run.group, []).append(row)
+    if not any(len(g) >= 2 for g in groups.values()):
+        return None
+    columns = ("config", "format", "seeds", "loss@S mean ± std", "Δ/σ", "grad cos", "bit-stall", "max overflow",
+               "mean underflow", "PASS")
+    cells = [list(columns)]
+    for group, grp in groups.items():
+        losses = [r.loss for r in grp if _finite(r.loss)]
+        if len(losses) >= 2:
+            loss = f"{statistics.mean(losses):.4f} ± {statistics.stdev(losses):.4f}"
+        else:
+            loss = _fmt(losses[0] if losses else None, ".4f")
+        gap = None
+        if cmp.spread is not None and losses:
+            gap = (statistics.mean(losses) - cmp.spread[0]) / cmp.spread[1]
+        passed = sum(r.verdict == "PASS" for r in grp)
+        verdicts = "baseline" if grp[0].verdict == "baseline" else f"{passed}/{len(grp)}"
+        overflow = [r.max_overflow for r in grp if _finite(r.max_overflow)]
+        cells.append([group, grp[0].fmt, str(len(grp)), loss, _fmt(gap, "+.1f"),
+                      _fmt(_group_mean([r.grad_cos for r in grp]), ".4f"),
+                      _fmt(_group_mean([r.bit_stall for r in grp]), ".3f"),
+                      _fmt(max(overflow) if overflow else None, ".2e"),
+                      _fmt(_group_mean([r.mean_underflow for r in grp]), ".2e"), verdicts])
+    if markdown:
+        lines = ["| " + " | ".join(c) + " |" for c in cells]
+        lines.insert(1, "|" + "|".join("---" for _ in columns) + "|")
+        return "\n".join(lines)
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
 # ---- plots -----------------------------------------------------------------------------------------
 
 
@@ -568,6 +613,11 @@ def write_report(runs: list[Run], baseline: Run, out_dir: str | Path) -> tuple[s
     text = "\n".join([cmp.header, "", format_table(rows), "", note] + spread)
     md = ["# altgrad report", "", cmp.header, "", format_table(rows, markdown=True), "", note, ""]
     md += [f"- {line}" for line in spread] + ([""] if spread else [])
+    by_config = group_table(rows, runs, cmp)
+    if by_config is not None:  # a sweep with seeds: one line per config
+        text += "\n\nby config, over its seeds (PASS: runs passing the rule above)\n" + by_config
+        md += ["## By config, over its seeds", "", group_table(rows, runs, cmp, markdown=True), "",
+               "PASS: how many of the config's runs pass the per-run rule above.", ""]
     md += ["| run | status | steps | high-precision matmuls | wall time (s) |", "|---|---|---|---|---|"]
     for run in runs:
         wall = run.summary.get("wall_time_s")
