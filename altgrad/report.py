@@ -594,6 +594,40 @@ def make_plots(runs: list[Run], out_dir: Path) -> list[Path]:
     return [p for p in made if p is not None]
 
 
+def _group_plot(rows: list[Row], runs: list[Run], cmp: Comparison, path: Path) -> Path | None:
+    """Loss at step S per config: mean over its seeds with a ±std bar and each seed as a dot; the
+    baseline's mean ± std as a band."""
+    import matplotlib.pyplot as plt
+
+    groups: dict[str, list[float]] = {}
+    for run, row in zip(runs, rows):
+        groups.setdefault(run.group, [])
+        if _finite(row.loss):
+            groups[run.group].append(row.loss)
+    groups = {g: v for g, v in groups.items() if v}
+    if not groups:
+        return None
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(groups) + 2), 4))
+    if cmp.spread is not None:
+        mean, std = cmp.spread[0], cmp.spread[1]
+        ax.axhspan(mean - std, mean + std, color="0.85", label="baseline mean ± std")
+        ax.axhline(mean, color="0.5", lw=1)
+    for i, (group, vals) in enumerate(groups.items()):
+        m = statistics.mean(vals)
+        err = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        ax.errorbar([i], [m], yerr=[err], fmt="o", color="tab:blue", capsize=3)
+        ax.scatter([i] * len(vals), vals, s=8, color="tab:orange", zorder=3)
+    ax.set_xticks(range(len(groups)), list(groups), rotation=60, ha="right", fontsize=8)
+    ax.set_ylabel(f"val loss at step {cmp.step}")
+    ax.set_title("per config: mean ± std over seeds (dots: seeds)")
+    if cmp.spread is not None:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
 
@@ -614,10 +648,12 @@ def write_report(runs: list[Run], baseline: Run, out_dir: str | Path) -> tuple[s
     md = ["# altgrad report", "", cmp.header, "", format_table(rows, markdown=True), "", note, ""]
     md += [f"- {line}" for line in spread] + ([""] if spread else [])
     by_config = group_table(rows, runs, cmp)
-    if by_config is not None:  # a sweep with seeds: one line per config
+    if by_config is not None:  # a sweep with seeds: one line per config, and its plot
         text += "\n\nby config, over its seeds (PASS: runs passing the rule above)\n" + by_config
         md += ["## By config, over its seeds", "", group_table(rows, runs, cmp, markdown=True), "",
                "PASS: how many of the config's runs pass the per-run rule above.", ""]
+        group_png = _group_plot(rows, runs, cmp, out_dir / "by_config.png")
+        plots += [group_png] if group_png is not None else []
     md += ["| run | status | steps | high-precision matmuls | wall time (s) |", "|---|---|---|---|---|"]
     for run in runs:
         wall = run.summary.get("wall_time_s")

@@ -286,6 +286,7 @@ def test_a_sweep_with_seeds_gets_one_line_per_config(tmp_path, capsys):
     assert "+6.5" in e2 and "0.9550" in e2 and "2.00e-01" in e2 and e2.rstrip().endswith("0/3")
     assert lines["e0m7"].rstrip().endswith("1/1") and "2.0100" in lines["e0m7"]
     assert "## By config, over its seeds" in (tmp_path / "rep" / "report.md").read_text()
+    assert (tmp_path / "rep" / "by_config.png").stat().st_size > 0
     # one seed per config: no such table
     assert report.main([str(dirs[0]), str(dirs[-1]), "--out", str(tmp_path / "rep2")]) == 0
     assert "by config" not in capsys.readouterr().out
