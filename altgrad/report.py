@@ -430,13 +430,16 @@ def _cells(row: Row, sigma: bool) -> list[str]:
 
 def format_table(rows: list[Row], markdown: bool = False) -> str:
     sigma = any(r.gap_sigma is not None for r in rows)
-    columns = _columns(sigma)
-    cells = [list(columns)] + [_cells(r, sigma) for r in rows]
+    return _render([list(_columns(sigma))] + [_cells(r, sigma) for r in rows], markdown)
+
+
+def _render(cells: list[list[str]], markdown: bool) -> str:
+    """A header row and data rows as a markdown table, or as aligned text columns."""
     if markdown:
         lines = ["| " + " | ".join(c) + " |" for c in cells]
-        lines.insert(1, "|" + "|".join("---" for _ in columns) + "|")
+        lines.insert(1, "|" + "|".join("---" for _ in cells[0]) + "|")
         return "\n".join(lines)
-    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
@@ -485,14 +488,7 @@ def group_table(rows: list[Row], runs: list[Run], cmp: Comparison, markdown: boo
                       _fmt(_group_mean([r.bit_stall for r in grp]), ".3f"),
                       _fmt(max(overflow) if overflow else None, ".2e"),
                       _fmt(_group_mean([r.mean_underflow for r in grp]), ".2e"), verdicts])
-    if markdown:
-        lines = ["| " + " | ".join(c) + " |" for c in cells]
-        lines.insert(1, "|" + "|".join("---" for _ in columns) + "|")
-        return "\n".join(lines)
-    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return _render(cells, markdown)
 
 
 # ---- plots -----------------------------------------------------------------------------------------

@@ -308,3 +308,28 @@ def test_the_full_size_set_runs_end_to_end_at_tiny_size(tmp_path, fixture_text, 
         assert summary["status"] in ("completed", "diverged") and summary["config"]["train"]["max_steps"] == 4
         assert summary["config"]["model"]["n_embd"] == 32 and summary["config"]["log"]["wandb_mode"] == "disabled"
     assert "compared at step 4:" in proc.stdout and (out / "report" / "report.md").is_file()
+
+
+@pytest.mark.slow
+def test_the_granularity_sweep_runs_end_to_end_at_tiny_size(tmp_path, fixture_text, prepare_module):
+    """scripts/granularity_sweep.sh as written, shrunk by overrides and one seed: 16 real runs, one report
+    whose format column names each run's granularity."""
+    data = tmp_path / "data"
+    prepare_module.prepare(fixture_text, data)
+    out = tmp_path / "out"
+    repo = Path(__file__).resolve().parent.parent
+    tiny = ["--model.n_layer=1", "--model.n_head=2", "--model.n_embd=32", "--model.block_size=32",
+            "--train.batch_size=4", "--train.max_steps=2", "--train.warmup=1", "--train.eval_interval=2",
+            "--train.eval_iters=1", "--train.shadow_interval=2", "--seeds", "42", f"--data.dir={data}"]
+    proc = subprocess.run([str(repo / "scripts" / "granularity_sweep.sh"), *tiny], capture_output=True, text=True,
+                          timeout=600, env=dict(os.environ, PYTHON=sys.executable, OUT=str(out), JOBS="3"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fmt = {line.split()[0]: " ".join(line.split()[2:5]) for line in proc.stdout.splitlines()
+           if line.split() and line.split()[0].endswith("_s42") and line.split()[1] == "completed"}
+    assert len(fmt) == 16 and fmt["baseline_s42"].startswith("FP32")
+    assert fmt["e2m5_tensor_s42"].split()[:2] == ["E2M5", "scaling:current"]  # then the loss: no granularity tag
+    float(fmt["e2m5_tensor_s42"].split()[2])
+    assert fmt["e0m7_row_s42"] == "E0M7 scaling:current row" and fmt["e4m3_block32_s42"] == "E4M3 scaling:current block32"
+    cfg = json.loads((out / "e3m4_block32_s42" / "summary.json").read_text())["config"]
+    assert cfg["model"]["n_embd"] == 32 and cfg["train"]["lr"] == 2e-3  # cpu_quick's lr under the tiny overrides
+    assert cfg["quant"]["granularity"] == "block" and cfg["quant"]["scaling"] == "current"
