@@ -53,7 +53,7 @@ def fail(message, code=EXIT_USAGE):
 # config: YAML + --section.key=value overrides (+ --resume)
 try:
     args = parse_args(sys.argv[1:])
-    cfg = load_config(args.config_path, args.overrides)
+    cfg = load_config(list(args.config_paths), args.overrides)
 except ConfigError as e:
     fail(e)
 if args.resume:

@@ -67,13 +67,17 @@ class BlockCast(NamedTuple):
     number of tiles. x ~ q * inv_scale expanded over each block.
     overflow, nan: bool masks of x's shape (overflow: non-NaN elements whose rounded magnitude
     exceeds fmt.max, inf included).
+    stats: from the "fast" backend (else None): (amax fp32 0-dim of the non-NaN |x|, int64[4]
+    counts of overflow, underflow (nonzero x rounded to 0), NaN and nonzero elements), counted in
+    the rounding pass.
     """
 
     q: torch.Tensor
     scale: torch.Tensor
     inv_scale: torch.Tensor
-    overflow: torch.Tensor
-    nan: torch.Tensor
+    overflow: torch.Tensor | None
+    nan: torch.Tensor | None
+    stats: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def emax_elem(fmt: FormatSpec | str) -> int:
@@ -128,7 +132,7 @@ def _blocked(v: torch.Tensor, axis: int, block_size: int | None, block_2d: bool)
     k = shape[-1]
     bs = k if block_size is None else block_size
     nb = -(-k // bs) if k else 0
-    t = torch.nn.functional.pad(t, (0, nb * bs - k))
+    t = torch.nn.functional.pad(t, (0, nb * bs - k)).contiguous()  # one layout for every backend
     if block_2d:
         r = shape[0]
         nr = -(-r // bs)
@@ -155,8 +159,11 @@ def _check_tensor_layout(x: torch.Tensor, axis: int, block_2d: bool) -> int:
 
 
 # -- the reference -------------------------------------------------------------------------------
-def _cast_torch(x, fmt, block_size, axis, scale_format, scale_rounding, rounding, saturate, block_2d,
-                generator) -> BlockCast:
+def _cast(x, fmt, block_size, axis, scale_format, scale_rounding, rounding, saturate, block_2d, generator,
+          fast: bool, masks: bool) -> BlockCast:
+    """The torch cast: block amaxes and scales, then the rounding, by the reference (fast=False) or
+    by altgrad.fast_cast.round_blocks (nearest rounding; the same bits, and the stats in one pass)."""
+    from altgrad import fast_cast
     from altgrad.quantize import round_with_masks  # local: altgrad.quantize re-exports this module
 
     v = x.float()
@@ -164,9 +171,42 @@ def _cast_torch(x, fmt, block_size, axis, scale_format, scale_rounding, rounding
     amax_dims = (1, 3) if block_2d else (-1,)
     amax = blocks.abs().amax(dim=amax_dims, keepdim=True) if blocks.numel() else blocks.sum(amax_dims, keepdim=True)
     scale, inv_scale = block_scales(amax, fmt, scale_format, scale_rounding)
-    q, overflow, nan = round_with_masks(blocks * scale, fmt, rounding, saturate, generator)
+    out = fast_cast.round_blocks(blocks, fmt, scale, saturate, masks) if fast and rounding == "nearest" else None
+    stats = None
+    if out is None:
+        q, overflow, nan = round_with_masks(blocks * scale, fmt, rounding, saturate, generator)
+    else:
+        q, overflow, nan, amax_x, counts = out
+        # the zero padding counts only where a NaN scale made it NaN: take those back out
+        pad = _padding_per_block(x.shape[axis], block_size, block_2d and x.shape[1 - axis], blocks.shape)
+        if pad is not None:
+            counts = counts - torch.stack([torch.zeros_like(counts[0]), torch.zeros_like(counts[0]),
+                                           (torch.isnan(scale) * pad).sum().to(counts.dtype),
+                                           torch.zeros_like(counts[0])])
+        stats = (amax_x, counts)
     squeeze = (lambda s: s[:, 0, :, 0].movedim(-1, axis)) if block_2d else (lambda s: s.squeeze(-1).movedim(-1, axis))
-    return BlockCast(undo(q), squeeze(scale), squeeze(inv_scale), undo(overflow), undo(nan))
+    return BlockCast(undo(q), squeeze(scale), squeeze(inv_scale), None if overflow is None else undo(overflow),
+                     None if nan is None else undo(nan), stats)
+
+
+def _padding_per_block(k: int, block_size: int | None, rows, blocked_shape):
+    """Zero-padding elements in each block (the blocked layout's scale shape), or None if none:
+    the last block of each slice is short by nb * bs - k (and 2-D tiles also by their rows)."""
+    if block_size is None:
+        return None
+    nb, bs = blocked_shape[-2], blocked_shape[-1]
+    col_pad = nb * bs - k
+    row_pad = (blocked_shape[0] * bs - rows) if rows else 0
+    if col_pad == 0 and row_pad == 0:
+        return None
+    cols = torch.full((nb,), bs)
+    cols[-1] -= col_pad
+    if not rows:
+        return (bs - cols).reshape(nb, 1)  # broadcasts over the leading dimensions of (..., nb, 1)
+    nr = blocked_shape[0]
+    rws = torch.full((nr,), bs)
+    rws[-1] -= row_pad
+    return (bs * bs - rws[:, None] * cols[None, :]).reshape(nr, 1, nb, 1)
 
 
 def expand_scales(s: torch.Tensor, shape, axis: int = -1, block_size: int | None = None,
@@ -185,28 +225,34 @@ def expand_scales(s: torch.Tensor, shape, axis: int = -1, block_size: int | None
 def quantize_blockwise_cast(x: torch.Tensor, fmt: FormatSpec | str, block_size: int | None = 32, *,
                             axis: int = -1, scale_format: str = "e8m0", scale_rounding: str = "floor",
                             rounding: str = "nearest", saturate: bool = True, block_2d: bool = False,
-                            generator: torch.Generator | None = None, backend: str = "auto") -> BlockCast:
+                            generator: torch.Generator | None = None, backend: str = "auto",
+                            masks: bool = True) -> BlockCast:
     """Blockwise cast of x: format-domain values and per-block scales (see BlockCast).
 
     x: float32 / bfloat16 / float16, any shape (2-D for block_2d). block_size: elements per
     block along `axis`, or None for one scale per slice along `axis` (row-wise). backend:
-    "torch" (this reference), "triton" (kernels/block_quantize.py; CUDA, or CPU under
-    TRITON_INTERPRET=1; 2-D x, axis -1, e8m0 scales, no block_2d), "auto" (triton on CUDA where
-    supported). Both give identical results for rounding="nearest".
+    "torch" (this reference), "fast" (the reference's scales, then the rounding and stats in one
+    compiled pass of altgrad.fast_cast; stochastic rounding runs the reference), "triton"
+    (kernels/block_quantize.py; CUDA, or CPU under TRITON_INTERPRET=1; 2-D x, axis -1, e8m0
+    scales, no block_2d), "auto" (triton on CUDA where supported, else fast). All give identical
+    results for rounding="nearest". masks=False lets the fast backend skip writing the overflow
+    and nan masks (then None; its `stats` still count them).
 
     Raises:
         TypeError: x is not a float tensor.
         ValueError: an unknown format, block_size, axis, scale_format, scale_rounding, rounding
             or backend, or block_2d on a tensor that is not 2-D.
     """
-    from altgrad.quantize import as_fp32, check_rounding, resolve_backend, kernel_seed  # see _cast_torch
+    from altgrad.quantize import BACKENDS, as_fp32, check_rounding, kernel_seed  # local: see _cast
 
     fmt = get_format(fmt)
     as_fp32(x, "x")
     _check_args(block_size, scale_format, scale_rounding, block_2d)
     check_rounding(rounding)
     axis = _check_tensor_layout(x, axis, block_2d)
-    want = resolve_backend(backend, x)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} (got {backend!r})")
+    want = ("triton" if x.is_cuda else "fast") if backend == "auto" else backend
     kernel_ok = x.dim() == 2 and axis == 1 and not block_2d and scale_format == "e8m0"
     if want == "triton" and kernel_ok:
         from altgrad.kernels import block_quantize as kbq
@@ -218,9 +264,9 @@ def quantize_blockwise_cast(x: torch.Tensor, fmt: FormatSpec | str, block_size: 
         return BlockCast(res.q, res.scale, res.inv_scale, res.overflow, res.nan)
     if backend == "triton":
         raise ValueError("backend='triton' casts 2-D tensors along their last axis with e8m0 scales and no "
-                         "block_2d; use backend='torch' or 'auto' for other layouts and fp32 scales")
-    return _cast_torch(x, fmt, block_size, axis, scale_format, scale_rounding, rounding, saturate, block_2d,
-                       generator)
+                         "block_2d; use backend='torch', 'fast' or 'auto' for other layouts and fp32 scales")
+    return _cast(x, fmt, block_size, axis, scale_format, scale_rounding, rounding, saturate, block_2d, generator,
+                 fast=want != "torch", masks=masks)
 
 
 def quantize_blockwise(x: torch.Tensor, fmt: FormatSpec | str, block_size: int | None = 32, *,

@@ -390,3 +390,64 @@ def cast_operand(x: torch.Tensor, scale: torch.Tensor, inv_scale: torch.Tensor, 
         if advance:
             sr_state[1] += 1
     return q.view(x.shape), q_inv
+
+
+# -- blocks: each element rounded at its block's scale (row / block scaling) -------------------------
+def _round_blocks(blocks, scale, ip, fp, sat, with_masks: bool):
+    """blocks, scale: flat fp32 (one scale per element); ip / fp: the format's params with
+    saturate=False (so an overflow shows as inf / NaN), sat: 0-dim int32. Returns what the reference
+    round_with_masks gives for blocks * scale (q fp32 with NaN lanes = v, and the overflow and nan
+    masks as uint8, or None) and the stats of blocks: (amax bits of the non-NaN |blocks|, counts
+    [overflow, underflow, nan, nonzero])."""
+    v = blocks * scale
+    q16, _, _, _ = _cast_nearest(blocks, scale, ip, fp, False)
+    q_bits = q16.float().view(torch.int32)
+    v_bits = v.view(torch.int32)
+    nan = (v_bits & 0x7FFFFFFF) > 0x7F800000
+    overflow = ~nan & ((q_bits & 0x7FFFFFFF) >= 0x7F800000)
+    special = torch.where(sat != 0, fp[0], fp[1]).view(torch.int32)  # max, or inf / NaN
+    out = torch.where(nan, v_bits, torch.where(overflow, special | (v_bits & _INT32_SIGN), q_bits))
+    nonzero = (blocks != 0) & ~nan
+    underflow = nonzero & ((out & 0x7FFFFFFF) == 0)
+    abs_bits = torch.where(nan, 0, blocks.view(torch.int32) & 0x7FFFFFFF)
+    counts = torch.stack([overflow.sum(), underflow.sum(), nan.sum(), nonzero.sum()])
+    # bool outputs compile to scalar stores on the CPU; uint8 ones vectorize
+    masks = (overflow.to(torch.uint8), nan.to(torch.uint8)) if with_masks else (None, None)
+    return out.view(torch.float32), *masks, abs_bits.amax(), counts
+
+
+def _round_blocks_masks(blocks, scale, ip, fp, sat):
+    return _round_blocks(blocks, scale, ip, fp, sat, True)
+
+
+def _round_blocks_stats(blocks, scale, ip, fp, sat):
+    return _round_blocks(blocks, scale, ip, fp, sat, False)
+
+
+def round_blocks(blocks: torch.Tensor, fmt: FormatSpec, scale: torch.Tensor, saturate: bool, masks: bool = True):
+    """Nearest rounding of fp32 `blocks * scale` (scale per block, broadcastable), bit for bit as
+    `altgrad.quantize.round_with_masks`, with the stats of `blocks` in the same pass.
+
+    Returns (q fp32, overflow bool or None, nan bool or None, amax fp32 0-dim of the non-NaN
+    |blocks|, counts int64[4]: overflow, underflow, nan, nonzero); the masks only with `masks`.
+    None when the magic-constant rounding does not apply to fmt (the caller then uses the
+    reference). blocks: non-empty fp32 of blocks' layout; arguments are trusted.
+    """
+    if not magic_supported(fmt) or blocks.numel() == 0:
+        return None
+    ip, fp = _params(tuple(fmt.kernel_fields.values()), False, blocks.device)
+    sat = _sat_flag(bool(saturate), blocks.device)
+    # flat x and a flat per-element scale (written out here: a per-lane gather of the block's scale
+    # would cost the compiled loop an integer division per element): one graph for every layout
+    shape = blocks.shape
+    flat_scale = scale.expand(shape).reshape(-1)
+    fn = _round_blocks_masks if masks else _round_blocks_stats
+    q, overflow, nan, amax_bits, counts = _run(fn, _flat(blocks), flat_scale, ip, fp, sat)
+    if masks:
+        overflow, nan = overflow.view(torch.bool).view(shape), nan.view(torch.bool).view(shape)
+    return q.view(shape), overflow, nan, amax_bits.view(torch.float32), counts
+
+
+@functools.lru_cache(maxsize=None)
+def _sat_flag(saturate: bool, device: torch.device) -> torch.Tensor:
+    return torch.tensor(int(saturate), dtype=torch.int32, device=device)

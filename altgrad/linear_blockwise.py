@@ -45,7 +45,7 @@ from altgrad.config import RoleConfig
 from altgrad.formats import FormatSpec
 from altgrad.vocabulary import STAT_FIELDS
 
-__all__ = ["blockwise_linear", "blockwise_matmul", "needs_blockwise"]
+__all__ = ["blockwise_linear", "blockwise_matmul", "needs_blockwise", "weight_block_scales"]
 
 HEADROOM_LOG2 = 52  # operands are carried below 2**52 so fp32 sums of their products stay finite
 
@@ -103,28 +103,38 @@ def _block_cast(mod, rc: RoleConfig, use: str, mat: torch.Tensor, block_2d: bool
     gen = _generator(mod, role, use, mat.device) if rc.rounding == "stochastic" else None
     c = quantize_blockwise_cast(mat, _domain(rc), bs, scale_format=rc.scale_format,
                                 scale_rounding=rc.scale_rounding, rounding=rc.rounding, saturate=rc.saturate,
-                                block_2d=block_2d, generator=gen, backend="torch" if gen is not None else "auto")
-    inv_full = expand_scales(c.inv_scale, mat.shape, -1, bs, block_2d)
-    _record(mod, use, mat, c, inv_full)
+                                block_2d=block_2d, generator=gen, backend=_cast_backend(mod, gen),
+                                masks=False)
+    _record(mod, use, mat, c, lambda: expand_scales(c.inv_scale, mat.shape, -1, bs, block_2d))
     return c.q, c.inv_scale, bs or mat.shape[1]
+
+
+def _cast_backend(mod, generator) -> str:
+    """The layer's backend ("torch" is the reference everywhere); stochastic rounding draws from a
+    torch.Generator, which only the reference takes."""
+    return "torch" if generator is not None or mod.backend == "torch" else mod.backend
 
 
 def _record(mod, use, mat, c, inv_full) -> None:
     """Stats of one use in QuantizedLinear's field order (amax, scale, overflow, underflow, nan,
     nonzero, numel, rel_err): a role's first use into its stats buffer (so `mod.stats` and the
-    metrics see it), every use into `mod.blockwise_stats[use]`."""
+    metrics see it), every use into `mod.blockwise_stats[use]`. Counted in the cast's own pass
+    when it gives them (`c.stats`), else from its masks."""
     x = mat.detach().float()
     dev = x.device
-    nonzero = (x != 0) & ~c.nan
-    absx = torch.where(c.nan, 0.0, x.abs())
+    if c.stats is not None:
+        amax, counts = c.stats
+        overflow, underflow, nan, nonzero = counts.unbind(0)
+    else:
+        nz = (x != 0) & ~c.nan
+        amax = torch.where(c.nan, 0.0, x.abs()).amax() if x.numel() else torch.zeros((), device=dev)
+        overflow, underflow, nan, nonzero = c.overflow.sum(), (nz & (c.q == 0)).sum(), c.nan.sum(), nz.sum()
     rel_err = torch.full((), math.nan, device=dev)
     if mod.full_stats:
-        err = torch.linalg.vector_norm(c.q * inv_full - x)
+        err = torch.linalg.vector_norm(c.q * inv_full() - x)
         rel_err = err / torch.linalg.vector_norm(x).clamp(min=torch.finfo(torch.float32).tiny)
-    values = (absx.amax() if x.numel() else torch.zeros((), device=dev),
-              c.scale.flatten().nanmedian() if c.scale.numel() else torch.ones((), device=dev),
-              c.overflow.sum(), (nonzero & (c.q == 0)).sum(), c.nan.sum(), nonzero.sum(),
-              torch.tensor(x.numel(), device=dev), rel_err)
+    values = (amax, c.scale.flatten().nanmedian() if c.scale.numel() else torch.ones((), device=dev),
+              overflow, underflow, nan, nonzero, torch.tensor(x.numel(), device=dev), rel_err)
     vec = torch.stack([v.to(torch.float64) for v in values])
     if ":" not in use:
         getattr(mod, f"_stats_{use}").copy_(vec)
@@ -158,6 +168,16 @@ def _weight_operands(mod, w: torch.Tensor) -> tuple[Operand, Operand | None]:
     dgrad = Operand(q.t(), inv.t().repeat_interleave(bs, 0)[: w.shape[1]], bs)
     mod.blockwise_stats["weight:dgrad"] = mod.blockwise_stats["weight"]  # one cast serves both uses
     return fwd, dgrad
+
+
+def weight_block_scales(w: torch.Tensor, rc: RoleConfig) -> torch.Tensor:
+    """The per-element scale (w's shape (out, in), fp32) of the forward GEMM's cast of w along
+    in_features under rc's row / block scaling (2-D tiles with block_2d): what the bit-stall metric
+    needs to tell whether an update moved a weight's code. Nearest-rounding casts, no state touched."""
+    bs = rc.block_size if rc.granularity == "block" else None
+    c = quantize_blockwise_cast(w, rc.format, bs, scale_format=rc.scale_format, scale_rounding=rc.scale_rounding,
+                                saturate=rc.saturate, block_2d=rc.block_2d, masks=False)
+    return expand_scales(c.scale, w.shape, -1, bs, rc.block_2d)
 
 
 def _tensor_cast(mod, role: str, mat: torch.Tensor):

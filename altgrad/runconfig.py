@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import yaml
 
-from altgrad.config import INHERIT, ROLE_OPTIONS, ConfigError, QuantizationConfig
+from altgrad.config import INHERIT, ROLE_OPTIONS, ConfigError, QuantizationConfig, config_fields
 
 __all__ = [
     "ConfigError",
@@ -37,6 +37,7 @@ __all__ = [
     "CliArgs",
     "parse_args",
     "load_config",
+    "merge_configs",
     "config_from_dict",
     "apply_overrides",
     "build_quant_config",
@@ -426,19 +427,34 @@ def read_yaml(path: str | os.PathLike) -> dict:
     return raw
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> RunConfig:
+def merge_configs(raws: list[dict]) -> dict:
+    """Layer config mappings left to right, as a later `--section.key=value` overrides an earlier one:
+    each `section.key` of a later mapping replaces the earlier value (a value is replaced whole,
+    never merged deeper); a section that is null or not a mapping replaces the whole section
+    (`quant: null` selects the baseline, a `quant` mapping over a null one is taken as it is)."""
+    out: dict = {}
+    for raw in raws:
+        for name, section in raw.items():
+            if isinstance(section, dict) and isinstance(out.get(name), dict):
+                out[name] = {**out[name], **copy.deepcopy(section)}
+            else:
+                out[name] = copy.deepcopy(section)
+    return out
+
+
+def load_config(path: str | os.PathLike | list | tuple | None, overrides: list[str] = ()) -> RunConfig:
     """Read a YAML config (None: all defaults), apply overrides, check everything.
 
-    `log.run_name` defaults to the file's name without extension.
+    `path` may be a list of files, layered left to right by `merge_configs` (e.g. the cpu_quick
+    model and schedule, then a format config's quant section). `log.run_name` defaults to the
+    last file's name without extension. Raises ConfigError (one line naming the file or key).
     """
-    raw: dict = {}
-    if path is not None:
-        path = Path(path)
-        raw = read_yaml(path)
+    paths = [] if path is None else [Path(p) for p in path] if isinstance(path, (list, tuple)) else [Path(path)]
+    raw = merge_configs([read_yaml(p) for p in paths])
     raw = apply_overrides(raw, list(overrides))
     log = raw.get("log")
-    if path is not None and (log is None or (isinstance(log, dict) and log.get("run_name") is None)):
-        raw["log"] = dict(log or {}, run_name=path.stem)
+    if paths and (log is None or (isinstance(log, dict) and log.get("run_name") is None)):
+        raw["log"] = dict(log or {}, run_name=paths[-1].stem)
     cfg = config_from_dict(raw)
     if cfg.log.run_name is None:
         cfg = dataclasses.replace(cfg, log=dataclasses.replace(cfg.log, run_name="run"))
@@ -451,14 +467,15 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Ru
 
 @dataclass(frozen=True)
 class CliArgs:
-    config_path: str
+    config_paths: tuple[str, ...]
     overrides: tuple[str, ...]
     resume: bool
 
 
 USAGE = (
-    "usage: python train.py CONFIG.yaml [--section.key=value ...] [--resume]\n"
-    "  e.g. python train.py configs/e5m2_fp8.yaml --train.max_steps=500 --log.wandb_mode=offline"
+    "usage: python train.py CONFIG.yaml [MORE.yaml ...] [--section.key=value ...] [--resume]\n"
+    "  e.g. python train.py configs/e5m2_fp8.yaml --train.max_steps=500 --log.wandb_mode=offline\n"
+    "       python train.py configs/cpu_quick.yaml configs/e2m5_block32.yaml   (files layered left to right)"
 )
 
 
@@ -490,7 +507,7 @@ def help_text() -> str:
             comment = f"  {comments[f.name]}" if f.name in comments else ""
             lines.append(f"  {name}.{f.name} ({_describe(hints[f.name])}; default {default}){comment}")
     lines.append("quant:  null = the high-precision baseline, else a mapping (altgrad/config.py, QuantizationConfig):")
-    for f in dataclasses.fields(QuantizationConfig):
+    for f in config_fields(QuantizationConfig):
         if f.default is dataclasses.MISSING:
             default = "required: a format name, or null for high precision"
         elif f.default is INHERIT:
@@ -505,7 +522,8 @@ def help_text() -> str:
 
 
 def parse_args(argv: list[str]) -> CliArgs:
-    """Split train.py's arguments into the config path, overrides and the --resume flag."""
+    """Split train.py's arguments into the config paths (one or more, layered left to right),
+    overrides and the --resume flag."""
     paths, overrides, resume = [], [], False
     for arg in argv:
         if arg in ("-h", "--help"):
@@ -520,9 +538,9 @@ def parse_args(argv: list[str]) -> CliArgs:
             raise ConfigError(f"{arg}: unknown option; {USAGE.splitlines()[0]}")
         else:
             paths.append(arg)
-    if len(paths) != 1:
-        raise ConfigError(f"expected exactly one config file, got {len(paths)}; {USAGE.splitlines()[0]}")
-    return CliArgs(paths[0], tuple(overrides), resume)
+    if not paths:
+        raise ConfigError(f"expected a config file; {USAGE.splitlines()[0]}")
+    return CliArgs(tuple(paths), tuple(overrides), resume)
 
 
 # ----------------------------------------------------------------------------------------

@@ -27,6 +27,9 @@ output and exits 130.
 Outcomes: a run that diverges (exit code 3) is a result and goes into the report; any other
 failing run is listed at the end and makes the sweep exit 1 after reporting the others.
 Without --seeds each config runs once with its own `train.seed` (42 if unset).
+
+**--base FILE** (repeatable) layers FILE under every config, as `python train.py FILE CONFIG`
+does: e.g. `--base configs/cpu_quick.yaml` runs each format config at laptop size.
 """
 
 from __future__ import annotations
@@ -60,6 +63,11 @@ class SweepRun:
     run_dir: Path
     cmd: tuple[str, ...]
     overrides: tuple[str, ...] = ()  # what train.py parses (--section.key=value), the sweep's own included
+    bases: tuple[Path, ...] = ()  # config files layered under `config` (train.py BASE... CONFIG)
+
+    @property
+    def config_files(self) -> list[Path]:
+        return [*self.bases, self.config]
 
 
 class SweepError(ValueError):
@@ -72,11 +80,11 @@ def _default_train_script() -> Path:
     return beside if beside.is_file() else Path("train.py")
 
 
-def _config_seed(path: Path) -> int:
-    from altgrad.runconfig import ConfigError, read_yaml
+def _config_seed(paths: list[Path]) -> int:
+    from altgrad.runconfig import ConfigError, merge_configs, read_yaml
 
     try:
-        raw = read_yaml(path)
+        raw = merge_configs([read_yaml(p) for p in paths])
     except ConfigError as err:
         raise SweepError(str(err)) from None
     seed = (raw.get("train") or {}).get("seed", 42) if isinstance(raw.get("train"), dict) else 42
@@ -99,29 +107,33 @@ def _normalize(overrides: list[str]) -> list[str]:
 
 def plan(configs: list[str | Path], seeds: list[int] | None = None, sets: list[str] = (),
          out_root: str | Path = "out", train_script: str | Path | None = None,
-         python: str = sys.executable) -> list[SweepRun]:
+         python: str = sys.executable, bases: list[str | Path] = ()) -> list[SweepRun]:
     """The runs of a sweep, in order: every seed of the first config, then of the next, ...
 
-    `sets` are overrides, `--section.key=value` or `section.key=value`. Checks only the command
-    line; `validate` checks the configs themselves.
+    `sets` are overrides, `--section.key=value` or `section.key=value`; `bases` are config files
+    layered under every config. Checks only the command line; `validate` checks the configs.
     """
     overrides = _normalize(list(sets))
     if seeds is not None and (not seeds or any(isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2**32
                                                for s in seeds)):
         raise SweepError(f"--seeds must be one or more integers in [0, 2**32) (got {seeds!r})")
     script = Path(train_script) if train_script else _default_train_script()
+    bases = tuple(map(Path, bases))
+    for base in bases:
+        if not base.is_file():
+            raise SweepError(f"--base {str(base)!r} does not exist")
     runs, names = [], set()
     for config in map(Path, configs):
         if not config.is_file():
             raise SweepError(f"config {str(config)!r} does not exist")
-        for seed in seeds if seeds is not None else [_config_seed(config)]:
+        for seed in seeds if seeds is not None else [_config_seed([*bases, config])]:
             name = f"{config.stem}_s{seed}"
             if name in names:
                 raise SweepError(f"two runs would both be named {name!r}: give each config a distinct file name")
             names.add(name)
             own = (f"--train.seed={seed}", f"--log.run_name={name}", f"--log.out_dir={out_root}", *overrides)
-            runs.append(SweepRun(config, seed, name, Path(out_root) / name, (python, str(script), str(config), *own),
-                                 own))
+            cmd = (python, str(script), *map(str, bases), str(config), *own)
+            runs.append(SweepRun(config, seed, name, Path(out_root) / name, cmd, own, bases))
     return runs
 
 
@@ -137,7 +149,7 @@ def validate(runs: list[SweepRun]) -> None:
     checked_data = set()
     for run in runs:
         try:
-            cfg = load_config(run.config, list(run.overrides))
+            cfg = load_config(run.config_files, list(run.overrides))
         except ConfigError as err:
             raise SweepError(f"{run.run_name} ({run.config}): {err}") from None
         key = (str(cfg.data_dir), cfg.model.block_size, cfg.model.vocab_size)
@@ -259,6 +271,8 @@ def _parse_args(argv):
                                 epilog="Overrides: --section.key=value, as train.py (or --set section.key=value).")
     p.add_argument("configs", nargs="+", metavar="CONFIG", help="YAML configs; the first is the baseline")
     p.add_argument("--seeds", nargs="+", type=int, metavar="S", help="seeds to run each config with")
+    p.add_argument("--base", dest="bases", action="append", default=[], metavar="FILE",
+                   help="config layered under every CONFIG (repeatable), e.g. configs/cpu_quick.yaml")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override passed to every run (repeatable); same as --section.key=value")
     p.add_argument("--jobs", "-j", type=int, default=1, metavar="N", help="runs at once (default 1)")
@@ -280,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.jobs < 1:
             raise SweepError(f"--jobs must be >= 1 (got {args.jobs})")
-        runs = plan(args.configs, args.seeds, args.sets, args.out_root, args.train_script)
+        runs = plan(args.configs, args.seeds, args.sets, args.out_root, args.train_script, bases=args.bases)
         validate(runs)
     except SweepError as err:
         print(f"sweep: {err}", file=sys.stderr)

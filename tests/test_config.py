@@ -9,6 +9,7 @@ import yaml
 
 from altgrad.config import (
     ROLE_OPTIONS,
+    RoleOptions,
     ConfigError,
     INHERIT,
     LayerPrecisionRule,
@@ -137,6 +138,12 @@ def test_rule_bad_input_names_the_rule(kwargs, match):
         LayerPrecisionRule(**kwargs)
 
 
+def weight_format(cfg, name):
+    """The weight role's format of the layer called name (None: the layer stays high precision)."""
+    lc = cfg.layer_config(name)
+    return None if lc is None else lc.weight.format
+
+
 # -- QuantizationConfig resolution -------------------------------------------------------------
 def test_role_formats_default_to_default_format():
     cfg = QuantizationConfig("E5M2")
@@ -145,7 +152,7 @@ def test_role_formats_default_to_default_format():
     for name in GPT_LINEARS:
         assert names(cfg.layer_config(name)) == {"input": "E5M2", "weight": "E5M2",
                                                  "grad_output": "E5M2", "weight_grad": None}
-        assert cfg.get_format_for_layer(name) is E5M2
+        assert weight_format(cfg, name) is E5M2
 
 
 def test_hybrid_recipe_per_role():
@@ -161,18 +168,18 @@ def test_first_matching_rule_wins_and_order_matters():
     specific = LayerPrecisionRule(r"h\.0\.mlp", "E3M4")
     general = LayerPrecisionRule(r"mlp", "E5M2")
     cfg = QuantizationConfig("E4M3", layer_rules=[specific, general])
-    assert cfg.get_format_for_layer("transformer.h.0.mlp.c_fc") is E3M4
-    assert cfg.get_format_for_layer("transformer.h.1.mlp.c_fc") is E5M2
-    assert cfg.get_format_for_layer("transformer.h.0.attn.c_attn") is E4M3  # no rule: default
+    assert weight_format(cfg, "transformer.h.0.mlp.c_fc") is E3M4
+    assert weight_format(cfg, "transformer.h.1.mlp.c_fc") is E5M2
+    assert weight_format(cfg, "transformer.h.0.attn.c_attn") is E4M3  # no rule: default
     swapped = QuantizationConfig("E4M3", layer_rules=[general, specific])
-    assert swapped.get_format_for_layer("transformer.h.0.mlp.c_fc") is E5M2
+    assert weight_format(swapped, "transformer.h.0.mlp.c_fc") is E5M2
 
 
 def test_rule_format_none_keeps_layer_high_precision():
     cfg = QuantizationConfig("E4M3", grad_output_format="E5M2", master_weights="E4M3",
                              layer_rules=[LayerPrecisionRule("lm_head", None)])
     assert cfg.layer_config("lm_head") is None
-    assert cfg.get_format_for_layer("lm_head") is None
+    assert weight_format(cfg, "lm_head") is None
     other = cfg.layer_config("transformer.h.0.attn.c_attn")
     assert other.describe() == "i:E4M3 w:E4M3 go:E5M2 mw:E4M3(nearest)"
 
@@ -233,7 +240,7 @@ def test_scaling_options_reach_every_role():
 def test_a_null_rule_first_keeps_a_layer_in_high_precision():
     cfg = QuantizationConfig("E5M2", layer_rules=[LayerPrecisionRule(r"lm_head$", None),
                                                   LayerPrecisionRule("lm_head", "E4M3")])
-    assert cfg.layer_config("lm_head") is None and cfg.get_format_for_layer("lm_head") is None
+    assert cfg.layer_config("lm_head") is None and weight_format(cfg, "lm_head") is None
     assert cfg.layer_config("lm_head_proj").weight.format is E4M3
     assert cfg.layer_config("h.0.mlp.c_fc").weight.format is E5M2
 
@@ -320,7 +327,7 @@ def test_from_dict_minimal_and_empty_lists():
 
 @pytest.mark.parametrize("section, match", [
     ({"default_format": "E4M3", "scale": "delayed"},
-     r"^quant: unknown key 'scale'; allowed keys: default_format, layer_rules, .*master_rounding$"),
+     r"^quant: unknown key 'scale'; allowed keys: default_format, layer_rules, .*master_rounding, scaling, .*scale_rounding$"),
     ({"grad_output_format": "E5M2"}, r"^quant: missing key 'default_format'"),
     ({"default_format": "E4M4"}, r"^quant\.default_format: unknown format 'E4M4'"),
     ({"default_format": "E4M3", "history_len": 0}, r"^quant\.history_len must be an int >= 1 \(got 0\)"),
@@ -347,7 +354,7 @@ def test_mixed_precision_config_on_nanogpt_names():
     cfg = create_mixed_precision_config()  # attention high precision, MLP E5M2, lm_head high precision
     for name in GPT_LINEARS:
         expected = E5M2 if ".mlp." in name else None
-        assert cfg.get_format_for_layer(name) is expected, name
+        assert weight_format(cfg, name) is expected, name
         assert (cfg.layer_config(name) is None) == (expected is None), name
     mixed = create_mixed_precision_config("E4M3", "E3M4", "E5M2", scaling="current", grad_output_format="E5M2")
     assert mixed.layer_config("transformer.h.1.attn.c_proj").describe() == "i:E4M3 w:E4M3 go:E4M3"
@@ -363,9 +370,9 @@ def test_mixed_precision_user_rules_come_first():
     cfg = create_mixed_precision_config(mlp_format="E5M2", default_format="E4M3",
                                         layer_rules=[LayerPrecisionRule(r"h\.0\.mlp", None)])
     assert cfg.layer_config("transformer.h.0.mlp.c_fc") is None
-    assert cfg.get_format_for_layer("transformer.h.1.mlp.c_fc") is E5M2
-    assert cfg.get_format_for_layer("transformer.h.1.attn.c_attn") is None
-    assert cfg.get_format_for_layer("some.other.proj") is E4M3
+    assert weight_format(cfg, "transformer.h.1.mlp.c_fc") is E5M2
+    assert weight_format(cfg, "transformer.h.1.attn.c_attn") is None
+    assert weight_format(cfg, "some.other.proj") is E4M3
 
 
 def test_configs_survive_pickle_and_deepcopy():
@@ -393,8 +400,14 @@ def test_every_role_option_can_differ_per_role():
     assert QuantizationConfig.from_dict(cfg.to_dict()) == cfg
 
 
-def test_role_options_are_role_config_fields_with_the_same_defaults():
-    role_fields = [f for f in dataclasses.fields(RoleConfig) if f.name != "format"]
-    assert tuple(f.name for f in role_fields) == ROLE_OPTIONS
-    shared = {f.name: f.default for f in dataclasses.fields(QuantizationConfig)}
-    assert {f.name: shared[f.name] for f in role_fields} == {f.name: f.default for f in role_fields}
+def test_role_options_are_declared_once_for_both_configs():
+    options = {f.name: f.default for f in dataclasses.fields(RoleOptions)}
+    assert tuple(options) == ROLE_OPTIONS
+    for cls in (RoleConfig, QuantizationConfig):
+        assert issubclass(cls, RoleOptions)
+        assert {f.name: f.default for f in dataclasses.fields(cls) if f.name in options} == options
+    # the options are keyword-only: the format (RoleConfig) / default_format stay the first positional
+    assert RoleConfig("E4M3").format.name == "E4M3" and QuantizationConfig("E5M2").default_format.name == "E5M2"
+    with pytest.raises(TypeError):
+        RoleConfig("E4M3", "current")
+    assert list(RoleConfig("E4M3").to_dict()) == ["format", *ROLE_OPTIONS]

@@ -26,7 +26,8 @@ def hard_rows(g, rows=24, k=75):
 def check(x, fmt, bs, **kw):
     ref = quantize_blockwise_cast(x, fmt, bs, backend="torch", **kw)
     got = quantize_blockwise_cast(x, fmt, bs, backend="triton", **kw)
-    for name, a, b in zip(ref._fields, got, ref):
+    assert ref.stats is None and got.stats is None  # only the fast backend counts stats in its pass
+    for name, a, b in zip(ref._fields[:-1], got, ref):
         assert a.shape == b.shape and same_bits(a, b), name
 
 

@@ -282,14 +282,36 @@ def test_config_is_frozen():
 
 def test_parse_args():
     args = parse_args(["configs/x.yaml", "--train.lr=1e-3", "--resume", "--log.run_name=a"])
-    assert args.config_path == "configs/x.yaml" and args.resume
+    assert args.config_paths == ("configs/x.yaml",) and args.resume
     assert args.overrides == ("--train.lr=1e-3", "--log.run_name=a")
     assert not parse_args(["c.yaml"]).resume
+    assert parse_args(["a.yaml", "--train.lr=1", "b.yaml"]).config_paths == ("a.yaml", "b.yaml")
+
+
+def test_config_files_layer_left_to_right(tmp_path):
+    base = write(tmp_path, "model: {n_layer: 2, n_head: 2, n_embd: 64}\ntrain: {lr: 1.0e-3, max_steps: 40}\nquant: null\n",
+                 "base.yaml")
+    fmt = write(tmp_path, "train: {lr: 5.0e-4}\nquant: {default_format: E2M5, granularity: row, scaling: current}\n",
+                "e2m5_row.yaml")
+    cfg = load_config([base, fmt], ["--train.max_steps=30"])
+    assert (cfg.model.n_layer, cfg.model.n_embd) == (2, 64)  # kept from the first file
+    assert (cfg.train.lr, cfg.train.max_steps) == (5e-4, 30)  # the later file, then the override, win
+    inp = build_quant_config(cfg).layer_config("transformer.h.0.attn.c_attn").input
+    assert inp.format.name == "E2M5" and inp.granularity == "row"
+    assert cfg.log.run_name == "e2m5_row"  # the last file names the run
+    # a later null section replaces the whole section: the baseline
+    assert load_config([fmt, base]).quant is None
+    # a value is replaced whole, never merged deeper
+    hyb = write(tmp_path, "quant: {default_format: E4M3, scaling: {grad_output: current}}\n", "hyb.yaml")
+    two = write(tmp_path, "quant: {scaling: {input: current}}\n", "two.yaml")
+    lc = build_quant_config(load_config([hyb, two])).layer_config("transformer.h.0.attn.c_attn")
+    assert (lc.input.scaling, lc.grad_output.scaling) == ("current", "delayed")
+    with pytest.raises(ConfigError, match="missing.yaml: config file not found"):
+        load_config([base, tmp_path / "missing.yaml"])
 
 
 @pytest.mark.parametrize("argv, message", [
-    ([], "expected exactly one config file, got 0"),
-    (["a.yaml", "b.yaml"], "expected exactly one config file, got 2"),
+    ([], "expected a config file"),
     (["a.yaml", "-v"], "-v: unknown option"),
     (["a.yaml", "--train.lr"], "overrides are written --section.key=value"),
 ])
