@@ -172,7 +172,16 @@ def _canonical_nan(device: torch.device) -> torch.Tensor:
 COMPILE = True  # set False to run the cast eagerly (same bits, slower)
 # inline masks read by several consumers (overflow: the count and the saturation) instead of
 # storing them as bool buffers and summing them in a second pass (4x slower when it happens)
-_INDUCTOR_OPTIONS = {"realize_reads_threshold": 100, "size_asserts": False, "alignment_asserts": False, "scalar_asserts": False}
+# (and no size / alignment / scalar asserts on the inputs: ~10 us of wrapper time per call)
+_INDUCTOR_OPTIONS = {"realize_reads_threshold": 100, "size_asserts": False, "alignment_asserts": False,
+                     "scalar_asserts": False}
+
+
+def _inductor_options() -> dict:
+    """_INDUCTOR_OPTIONS that this torch's inductor knows (an unknown one would fail the compile)."""
+    from torch._inductor import config
+
+    return {k: v for k, v in _INDUCTOR_OPTIONS.items() if hasattr(config, k)}
 
 
 def _run(fn, x, *args):
@@ -183,7 +192,7 @@ def _run(fn, x, *args):
         return fn(x, *args)
     compiled = _COMPILED.get(fn)
     if compiled is None:
-        compiled = _COMPILED[fn] = torch.compile(fn, dynamic=True, fullgraph=True, options=_INDUCTOR_OPTIONS)
+        compiled = _COMPILED[fn] = torch.compile(fn, dynamic=True, fullgraph=True, options=_inductor_options())
     if compiled is fn:
         return fn(x, *args)
     try:
