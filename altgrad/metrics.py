@@ -178,6 +178,16 @@ def quant_metrics(model: nn.Module) -> dict[str, float]:
 # ---- optimizer-step effect: bit-stall, flips, ULP ratio ---------------------------------------------
 
 
+def _round_nearest(w: torch.Tensor, scale: torch.Tensor, fmt) -> torch.Tensor:
+    """round_fmt(w·scale), nearest: the fused fast cast off CUDA for a per-tensor scale (the same
+    values as the reference, as bf16), else the reference round_to_format."""
+    from altgrad.quantize import quantize_operand, round_to_format
+
+    if scale.numel() == 1 and not w.is_cuda:
+        return quantize_operand(w, fmt, scale.reshape(()), stats=False, backend="fast")[0]
+    return round_to_format(w * scale, fmt)
+
+
 class UpdateTracker:
     """Call `before_step()` just before `optimizer.step()` and `after_step()` just after, on the
     steps you log (it copies every quantized weight, so not on every step)."""
@@ -198,16 +208,13 @@ class UpdateTracker:
         update/<layer>/bit_stall per layer; {} when before_step captured nothing."""
         if not self._before:
             return {}
-        from altgrad.quantize import round_to_format
-
         counts, ratios, names = [], [], []
         for name, param, w0, fmt, scale in self._before:
             w1 = param.detach().float()
             changed = w1 != w0  # (out, in)
             # nearest rounding regardless of the role's rounding: a stochastic draw would flip codes
             # of weights the step did not move, and this metric is about the update
-            q0 = round_to_format(w0 * scale, fmt)
-            q1 = round_to_format(w1 * scale, fmt)
+            q0, q1 = _round_nearest(w0, scale, fmt), _round_nearest(w1, scale, fmt)
             moved = q1 != q0
             counts.append(torch.stack([
                 changed.sum(), (changed & ~moved).sum(), moved.sum(),

@@ -343,3 +343,20 @@ def test_update_tracker_without_quantized_weights_is_empty():
     tracker = metrics.UpdateTracker(GPT(CFG))
     tracker.before_step()
     assert tracker.after_step() == {}
+
+
+@pytest.mark.parametrize("fmt", ["E4M3", "E5M2", "E7M0", "E0M7", "E3M4"])
+def test_update_tracker_rounding_is_the_reference_rounding(fmt):
+    """The tracker's nearest rounding of w·scale (the fused fast cast for a per-tensor scale) gives
+    the reference round_to_format values, element for element, special values included."""
+    from altgrad.formats import get_format
+    from altgrad.metrics import _round_nearest
+    from altgrad.quantize import round_to_format
+
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(37, 23, generator=g) * 10.0 ** torch.randint(-8, 8, (37, 1), generator=g)
+    w[0, :4] = torch.tensor([0.0, -0.0, float("inf"), float("nan")])
+    scale = torch.tensor(get_format(fmt).max / 3.7)
+    got, want = _round_nearest(w, scale, get_format(fmt)).float(), round_to_format(w * scale, fmt)
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got.nan_to_num(), want.nan_to_num())
