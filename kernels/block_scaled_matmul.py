@@ -163,12 +163,12 @@ def _block_scaled_matmul_kernel(
 # register spills for fp32 and bf16 operands in the three layouts, aligned or not: checked by
 # `altgrad.compile_check`.
 BLOCK_SCALED_CONFIGS = {
-    16: [MatmulConfig(128, 128, 16, 4, 8), MatmulConfig(64, 128, 16, 4, 4), MatmulConfig(64, 64, 16, 4, 4)],
-    32: [MatmulConfig(128, 128, 32, 3, 8), MatmulConfig(64, 128, 32, 3, 4), MatmulConfig(64, 64, 32, 3, 4)],
-    64: [MatmulConfig(128, 128, 64, 2, 8), MatmulConfig(64, 128, 64, 2, 4), MatmulConfig(64, 64, 64, 3, 4)],
-    128: [MatmulConfig(64, 128, 128, 2, 8), MatmulConfig(64, 64, 128, 2, 4)],
+    16: [MatmulConfig(128, 128, 16, 3, 8), MatmulConfig(64, 128, 16, 3, 8), MatmulConfig(128, 64, 16, 3, 8),
+         MatmulConfig(64, 64, 16, 4, 4)],
+    32: [MatmulConfig(128, 128, 32, 2, 8), MatmulConfig(64, 128, 32, 3, 8), MatmulConfig(128, 64, 32, 3, 8),
+         MatmulConfig(64, 64, 32, 3, 4)],
 }
-_ROW_K_STEP = 32  # the K step when neither operand is block-scaled
+_MAX_K_STEP = 32  # the longest K step (fp32 tiles staged in shared memory: register pressure)
 # at least this many output tiles for one full wave (an H100/H200 has 132 SMs), as scaled_matmul
 _WAVE_TILES = 128
 _GROUP_M = 8
@@ -177,9 +177,10 @@ INT32_LIMIT = 2**31  # element offsets at or past this need 64-bit index math
 
 def k_step(block_a: int | None, block_b: int | None) -> int:
     """BLOCK_K for a call: the smaller block size among the block-scaled operands (None: not
-    block-scaled), or 32 when neither is."""
+    block-scaled), at most 32; 32 when neither is. Block sizes are powers of two, so the step
+    divides every block: each step lies inside one block of each operand."""
     blocks = [b for b in (block_a, block_b) if b is not None]
-    return min(blocks) if blocks else _ROW_K_STEP
+    return min(blocks + [_MAX_K_STEP])
 
 
 def pick_config(step: int, M: int, N: int) -> MatmulConfig:
