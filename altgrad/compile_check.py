@@ -4,9 +4,9 @@
     python -m altgrad.compile_check --target sm_90 --json out.json
 
 What it compiles: the specialisations that `QuantizedLinear`, the tests and the benchmarks can launch
-on CUDA, through the kernels' own public launchers (`quantize`, `block_quantize`, `scaled_matmul`)
-called with CPU tensors, so the arguments, constexprs and alignment/divisibility attributes are exactly those of a
-real launch:
+on CUDA, through the kernels' own public launchers (`quantize`, `block_quantize`, `scaled_matmul`
+and `block_scaled_matmul`) called with CPU tensors, so the arguments, constexprs and alignment/divisibility
+attributes are exactly those of a real launch:
 
 - quantize: every registered format (plus E7M0 carried 2**-10 lower, as `QuantizedLinear` does) x
   nearest/stochastic x stats on/off, bf16 input, q output (what `QuantizedLinear` runs); and for E4M3
@@ -18,6 +18,11 @@ real launch:
   and wgrad layouts, the epilogue variants (bias, bf16 output), fp32/bf16 inputs for the in-loop
   paths, the bf16/in-loop "/unaligned" lists on odd shapes (strides, M, N or K not multiples of 16, as the tests
   and a 65-character vocabulary give) and the 64-bit index variant.
+- block_scaled_matmul: every tile of `BLOCK_SCALED_CONFIGS` (K steps 16 and 32) for the three layouts with
+  fp32 operands, bf16 operands with bias and bf16 output, and odd fp32 operands (37x53x300: K not a
+  multiple of the block, unaligned strides); block sizes 16 / 32 / 64 / 128 in equal and different
+  pairs, a block-scaled operand beside a row-scaled one, row x row and row x per-tensor (the plain
+  loop), and the 64-bit index variant.
 
 Each distinct specialisation compiles once (Triton's own cache keys, the same as a launch). A case
 fails when its shared memory exceeds the target's opt-in maximum per block (232448 B = 227 KB on

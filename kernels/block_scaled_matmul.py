@@ -13,16 +13,21 @@ scale at all are accepted too. The three GEMMs of a Linear layer are views, no c
 (each GEMM casts its operands along its own K, so w_q in dgrad is W cast along out_features, etc.)
 
 How: one program per BLOCK_M x BLOCK_N tile of C walks K in steps of BLOCK_K = the smaller block size of
-the block-scaled operands (block sizes 16, 32, 64, 128: the larger is a multiple of the smaller, so a
-step never straddles a block of either operand). Each step's partial dot product is computed on its own
+the block-scaled operands, at most 32 (`k_step`; block sizes are 16, 32, 64, 128, so the step divides
+every block and never straddles a block of either operand; a block of 64 or 128 takes two or four
+steps, each scaled by the same inverse scales). Each step's partial dot product is computed on its own
 in fp32, multiplied by its row of inv_a and its column of inv_b, and added to the fp32 accumulator:
     acc += (dot(A_k, B_k^T) * inv_a[:, kb_a]) * inv_b[:, kb_b]
 This is correct for any fp32 scales (they do not factor out of a sum over blocks), and for E8M0
 (power-of-two) scales both multiplications are exact, so the result equals a float64 product of the
 dequantized operands up to the fp32 accumulation order. Row-wise and per-tensor scales factor out of the
 sum: they are applied once in the epilogue, and when neither operand is block-scaled the loop is a plain
-matmul with BLOCK_K from the tile list. `altgrad.linear_blockwise.blockwise_matmul` (torch) is the
-reference; it multiplies in the same order.
+matmul with BLOCK_K = 32. `altgrad.linear_blockwise.blockwise_matmul` (torch) is the reference; it
+scales each partial product in the same order (its steps are whole blocks of the smaller size).
+Why steps of at most 32: the operands arrive as fp32 format-domain values (the block casts' output),
+staged in shared memory as fp32 and converted to bf16 in registers, and a block-scaled step keeps the
+partial product live beside the accumulator; longer steps spill registers (see BLOCK_SCALED_CONFIGS).
+The price is two fp32 multiplies per output element per step on the CUDA cores.
 
 Numerics of the dot: every 8-bit format value is exact in bf16 and every product of two is exact in
 fp32, so tiles are converted to bf16 for `tl.dot` on the GPU (fp32 under the Triton interpreter, whose
@@ -155,18 +160,17 @@ def _block_scaled_matmul_kernel(
         tl.store(c_ptrs, c, mask=c_mask)
 
 
-# Tile configurations per K step (the smaller block size of the block-scaled operands; 32 when no
-# operand is block-scaled), largest tile first. The operands are staged in shared memory in their own
-# dtype (fp32 q from the block casts), so the lists are sized for fp32 tiles; a block-scaled step keeps
-# a second (BLOCK_M, BLOCK_N) fp32 tile (the partial product) live beside the accumulator, which bounds
-# the tile at 128 x 128 with 8 warps. Every entry fits sm_90 (227 KB) and sm_80 (163 KB) without
-# register spills for fp32 and bf16 operands in the three layouts, aligned or not: checked by
-# `altgrad.compile_check`.
+# Tile configurations per K step (`k_step`: 16 or 32), largest tile first. The operands are staged in
+# shared memory in their own dtype (fp32 q from the block casts), so the lists are sized for fp32 tiles;
+# a block-scaled step keeps a second (BLOCK_M, BLOCK_N) fp32 tile (the partial product) live beside the
+# accumulator. Every entry fits sm_90 (227 KB) and sm_80 (163 KB) without register spills for fp32 and
+# bf16 operands in the three layouts, aligned or not (odd K, strides): checked by `altgrad.compile_check`.
+# Tried and dropped (register spills on sm_90, Triton 3.9): K steps of 64 and 128 with fp32 operands
+# at 64 x 64 and larger tiles; 128 x 128 tiles with 8 warps (2-4 stages); 64 x 128 with 4 warps on
+# unaligned fp32 operands. (128 x 64 with 8 warps fits too, but gives the same tile count as 64 x 128.)
 BLOCK_SCALED_CONFIGS = {
-    16: [MatmulConfig(128, 128, 16, 3, 8), MatmulConfig(64, 128, 16, 3, 8), MatmulConfig(128, 64, 16, 3, 8),
-         MatmulConfig(64, 64, 16, 4, 4)],
-    32: [MatmulConfig(128, 128, 32, 2, 8), MatmulConfig(64, 128, 32, 3, 8), MatmulConfig(128, 64, 32, 3, 8),
-         MatmulConfig(64, 64, 32, 3, 4)],
+    16: [MatmulConfig(64, 128, 16, 3, 8), MatmulConfig(64, 64, 16, 4, 4)],
+    32: [MatmulConfig(64, 128, 32, 3, 8), MatmulConfig(64, 64, 32, 3, 4)],
 }
 _MAX_K_STEP = 32  # the longest K step (fp32 tiles staged in shared memory: register pressure)
 # at least this many output tiles for one full wave (an H100/H200 has 132 SMs), as scaled_matmul
