@@ -49,6 +49,7 @@ __all__ = [
     "ROLES",
     "ROLE_OPTIONS",
     "INHERIT",
+    "RoleOptions",
     "RoleConfig",
     "LayerQuantConfig",
     "LayerPrecisionRule",
@@ -56,6 +57,7 @@ __all__ = [
     "create_mixed_precision_config",
     "compile_pattern",
     "format_or_none",
+    "config_fields",
 ]
 
 
@@ -79,8 +81,6 @@ GRANULARITIES = choices(Granularity)
 SCALE_FORMATS = choices(ScaleFormat)
 SCALE_ROUNDINGS = choices(ScaleRounding)
 GRANULARITY_KEYS = ("granularity", "block_size", "block_2d", "scale_format", "scale_rounding")
-# every option a role carries besides its format (RoleConfig's fields after `format`)
-ROLE_OPTIONS = ("scaling", "history_len", "amax_algo", "margin", "pow2", "rounding", "saturate") + GRANULARITY_KEYS
 
 
 # -- validation helpers ------------------------------------------------------------------------
@@ -176,25 +176,37 @@ def _check_keys(where: str, d: Mapping, allowed: tuple) -> None:
 
 
 # -- one role ----------------------------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class RoleOptions:
+    """Every option a quantized role carries besides its format, with its default: declared once,
+    shared by RoleConfig (one role's values) and QuantizationConfig (a value for every role, or a
+    mapping role -> value). Scaling: docs/design.md §4; rounding: §3; granularity: docs/block_scaling.md."""
+
+    scaling: str = "delayed"  # delayed | current | none
+    history_len: int = 16  # delayed scaling's amax history length
+    amax_algo: str = "max"  # max | most_recent over the history
+    margin: int = 0  # scale = fmt.max / amax / 2**margin
+    pow2: bool = False  # round the per-tensor scale down to a power of two
+    rounding: str = "nearest"  # nearest | stochastic
+    saturate: bool = True  # overflow to +-max (else inf / NaN)
+    granularity: str = "tensor"  # tensor | row | block
+    block_size: int = 32  # elements per block along K (granularity block)
+    block_2d: bool = False  # block_size x block_size tiles (weights)
+    scale_format: str = "e8m0"  # e8m0 (power of two) | fp32, for row / block scales
+    scale_rounding: str = "floor"  # e8m0 exponent: floor (OCP MX) | ceil (never saturates)
+
+
+# every option a role carries besides its format, in declaration order
+ROLE_OPTIONS = tuple(f.name for f in fields(RoleOptions))
+
+
 @dataclass(frozen=True)
-class RoleConfig:
-    """How one operand is quantized: its format, scaling (docs/design.md §4) and rounding (docs/design.md §3).
+class RoleConfig(RoleOptions):
+    """How one operand is quantized: its format and its RoleOptions (keyword-only).
 
     `format` may be given as a name; it is stored as the FormatSpec."""
 
     format: FormatSpec
-    scaling: str = "delayed"
-    history_len: int = 16
-    amax_algo: str = "max"
-    margin: int = 0
-    pow2: bool = False
-    rounding: str = "nearest"
-    saturate: bool = True
-    granularity: str = "tensor"
-    block_size: int = 32
-    block_2d: bool = False
-    scale_format: str = "e8m0"
-    scale_rounding: str = "floor"
 
     def __post_init__(self):
         if self.format is None:
@@ -215,15 +227,13 @@ class RoleConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping, where: str = "RoleConfig") -> "RoleConfig":
-        _check_keys(where, d, tuple(f.name for f in fields(cls)))
+        _check_keys(where, d, ("format", *ROLE_OPTIONS))
         if "format" not in d:
             raise ConfigError(f"{where}: missing key 'format'")
         return cls(**d)
 
     def to_dict(self) -> dict:
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
-        d["format"] = self.format.name
-        return d
+        return {"format": self.format.name, **self.options}
 
 
 # -- one layer ---------------------------------------------------------------------------------
@@ -350,7 +360,7 @@ class LayerPrecisionRule:
 
 # -- the whole model ---------------------------------------------------------------------------
 @dataclass(frozen=True)
-class QuantizationConfig:
+class QuantizationConfig(RoleOptions):
     """Formats and options for every Linear layer of a model (resolution order: module docstring).
 
     `input_format`, `weight_format`, `grad_output_format` default to `default_format`
@@ -369,19 +379,7 @@ class QuantizationConfig:
     weight_format: Any = INHERIT
     grad_output_format: Any = INHERIT
     weight_grad_format: FormatSpec | None = None
-    # per-role options (ROLE_OPTIONS, RoleConfig's defaults): a value for every role, or a mapping role -> value
-    scaling: Any = "delayed"
-    history_len: Any = 16
-    amax_algo: Any = "max"
-    margin: Any = 0
-    pow2: Any = False
-    rounding: Any = "nearest"
-    saturate: Any = True
-    granularity: Any = "tensor"
-    block_size: Any = 32
-    block_2d: Any = False
-    scale_format: Any = "e8m0"
-    scale_rounding: Any = "floor"
+    # RoleOptions' fields (keyword-only): a value for every role, or a mapping role -> value
     master_weights: FormatSpec | None = None
     master_rounding: str = "nearest"
 
@@ -476,7 +474,7 @@ class QuantizationConfig:
         if isinstance(d, Mapping) and "skip_patterns" in d:
             raise ConfigError("quant.skip_patterns: not a key; keep a layer in high precision with a rule "
                               "first in quant.layer_rules: {pattern: REGEX, format: null}")
-        _check_keys("quant", d, tuple(f.name for f in fields(cls)))
+        _check_keys("quant", d, tuple(f.name for f in config_fields(cls)))
         if "default_format" not in d:
             raise ConfigError("quant: missing key 'default_format' (a format name such as 'E5M2', "
                               "or null for no quantization)")
@@ -485,13 +483,20 @@ class QuantizationConfig:
     def to_dict(self) -> dict:
         """Plain data (format names as strings, None = high precision) that from_dict rebuilds."""
         d = {}
-        for f in fields(self):
+        for f in config_fields(type(self)):
             value = getattr(self, f.name)
             if isinstance(value, FormatSpec) or value is None:
                 value = _format_name(value)
             d[f.name] = dict(value) if isinstance(value, Mapping) else value
         d["layer_rules"] = [rule.to_dict() for rule in self.layer_rules]
         return d
+
+
+def config_fields(cls) -> list:
+    """cls's dataclass fields with RoleOptions' (keyword-only, declared first) after its own: the
+    order a config is written and described in."""
+    own = [f for f in fields(cls) if f.name not in ROLE_OPTIONS]
+    return own + [f for f in fields(cls) if f.name in ROLE_OPTIONS]
 
 
 def create_mixed_precision_config(attention_format: str | FormatSpec | None = None,

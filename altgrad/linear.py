@@ -68,7 +68,7 @@ from torch import nn
 
 from altgrad.config import LayerQuantConfig, RoleConfig
 from altgrad.formats import FormatSpec
-from altgrad.linear_blockwise import accumulation_domain, blockwise_linear, needs_blockwise
+from altgrad.linear_blockwise import accumulation_domain, blockwise_linear, needs_blockwise, weight_block_scales
 from altgrad.quantize import BACKENDS, quantize_operand, round_with_masks
 from altgrad.scaling import TensorScaler, compute_scale
 from altgrad.vocabulary import OPERAND_ROLES, STAT_FIELDS, Role
@@ -394,15 +394,27 @@ class QuantizedLinear(nn.Module):
         for r in self.role_configs:
             buf = getattr(self, f"_stats_{r}")
             out[r] = {f: buf[i] for i, f in enumerate(fields)}
+        # row / block roles: each GEMM casts along its own K, so an operand's second use (e.g.
+        # "input:wgrad", x cast along the tokens) has stats of its own (one cast serving two uses
+        # is reported once)
+        block_uses = getattr(self, "blockwise_stats", {})
+        for use, st in block_uses.items():
+            if ":" in use and all(st is not other for u, other in block_uses.items() if u != use and ":" not in u):
+                out[use] = st
         return out
 
     def weight_format_and_scale(self) -> tuple[FormatSpec | None, torch.Tensor | None]:
-        """(weight role's FormatSpec, a detached fp32 0-dim copy of its current scale), or
-        (None, None) when the weight is kept in high precision."""
+        """(weight role's FormatSpec, the scale its next forward cast uses, detached fp32), or
+        (None, None) when the weight is kept in high precision. The scale is 0-dim for per-tensor
+        scaling; for row / block scaling it is per element, of the weight's shape (out, in), the
+        block scales of the forward GEMM's cast along in_features computed from the current weight."""
         fmt = self.formats["weight"]
         if fmt is None:
             return None, None
-        return fmt, self.scalers["weight"].scale.detach().float().clone()
+        rc = self.role_configs["weight"]
+        if rc.granularity == "tensor":
+            return fmt, self.scalers["weight"].scale.detach().float().clone()
+        return fmt, weight_block_scales(self.weight.detach(), rc)
 
     # -- backend choice --
     def _backends(self, x: torch.Tensor) -> tuple[str, str]:

@@ -50,7 +50,7 @@ from altgrad.config import RoleConfig
 from altgrad.formats import FormatSpec
 from altgrad.vocabulary import STAT_FIELDS
 
-__all__ = ["blockwise_linear", "blockwise_matmul", "needs_blockwise", "MATMUL_BACKENDS"]
+__all__ = ["blockwise_linear", "blockwise_matmul", "needs_blockwise", "weight_block_scales", "MATMUL_BACKENDS"]
 
 HEADROOM_LOG2 = 52  # operands are carried below 2**52 so fp32 sums of their products stay finite
 
@@ -173,6 +173,16 @@ def _weight_operands(mod, w: torch.Tensor) -> tuple[Operand, Operand | None]:
     dgrad = Operand(q.t(), inv.t().repeat_interleave(bs, 0)[: w.shape[1]], bs)
     mod.blockwise_stats["weight:dgrad"] = mod.blockwise_stats["weight"]  # one cast serves both uses
     return fwd, dgrad
+
+
+def weight_block_scales(w: torch.Tensor, rc: RoleConfig) -> torch.Tensor:
+    """The per-element scale (w's shape (out, in), fp32) of the forward GEMM's cast of w along
+    in_features under rc's row / block scaling (2-D tiles with block_2d): what the bit-stall metric
+    needs to tell whether an update moved a weight's code. Nearest-rounding casts, no state touched."""
+    bs = rc.block_size if rc.granularity == "block" else None
+    c = quantize_blockwise_cast(w, rc.format, bs, scale_format=rc.scale_format, scale_rounding=rc.scale_rounding,
+                                saturate=rc.saturate, block_2d=rc.block_2d, masks=False)
+    return expand_scales(c.scale, w.shape, -1, bs, rc.block_2d)
 
 
 def _tensor_cast(mod, role: str, mat: torch.Tensor):

@@ -187,11 +187,30 @@ def describe_format(run: Run) -> str:
         extras.append("SR")
     if quant.get("scaling") not in (None, "delayed"):
         extras.append(f"scaling:{quant['scaling']}")
+    gran = _granularity(quant)
+    if gran:
+        extras.append(gran)
     rules = quant.get("layer_rules") or []
     if rules:  # per-layer precision: name the formats in play ("hp" = high precision)
         used = [default] + [r.get("format") if isinstance(r, dict) else None for r in rules]
         text = "mixed " + "/".join(dict.fromkeys(str(f) if f else "hp" for f in used))
     return " ".join([text] + extras)
+
+
+def _granularity(quant: dict) -> str:
+    """"" for per-tensor scales, else e.g. "row", "block32", "block32-ceil", "block16x16-fp32", or the
+    per-role mapping as written ("granularity:{...}")."""
+    g = quant.get("granularity", "tensor")
+    if isinstance(g, dict) or any(isinstance(quant.get(k), dict) for k in ("block_size", "block_2d")):
+        return f"granularity:{g}" if g != "tensor" else ""
+    if g == "tensor":
+        return ""
+    bs = quant.get("block_size", 32)
+    text = "row" if g == "row" else (f"block{bs}x{bs}" if quant.get("block_2d") else f"block{bs}")
+    for key, default in (("scale_format", "e8m0"), ("scale_rounding", "floor")):
+        if quant.get(key, default) != default:
+            text += f"-{quant[key]}" if not isinstance(quant[key], dict) else f"-{key}:{quant[key]}"
+    return text
 
 
 def final_val(run: Run) -> tuple[float | None, int | None]:
@@ -411,13 +430,16 @@ def _cells(row: Row, sigma: bool) -> list[str]:
 
 def format_table(rows: list[Row], markdown: bool = False) -> str:
     sigma = any(r.gap_sigma is not None for r in rows)
-    columns = _columns(sigma)
-    cells = [list(columns)] + [_cells(r, sigma) for r in rows]
+    return _render([list(_columns(sigma))] + [_cells(r, sigma) for r in rows], markdown)
+
+
+def _render(cells: list[list[str]], markdown: bool) -> str:
+    """A header row and data rows as a markdown table, or as aligned text columns."""
     if markdown:
         lines = ["| " + " | ".join(c) + " |" for c in cells]
-        lines.insert(1, "|" + "|".join("---" for _ in columns) + "|")
+        lines.insert(1, "|" + "|".join("---" for _ in cells[0]) + "|")
         return "\n".join(lines)
-    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
@@ -429,6 +451,44 @@ def _spread_lines(spread: dict[str, tuple[float, float, int]], baseline: Run) ->
         tag = " (baseline)" if group == baseline.group else ""
         lines.append(f"seed spread {group}{tag}: final val loss {mean:.4f} ± {std:.4f} over {n} seeds")
     return lines
+
+
+def _group_mean(vals: list) -> float | None:
+    vals = [v for v in vals if _finite(v)]
+    return statistics.mean(vals) if vals else None
+
+
+def group_table(rows: list[Row], runs: list[Run], cmp: Comparison, markdown: bool = False) -> str | None:
+    """One line per config over its seeds (None when no config has two or more): loss at step S as
+    mean ± std, the mean's distance from the baseline mean in baseline σ (when the baseline has
+    seeds), the other columns averaged over the seeds (max overflow: the max), and how many of its
+    runs PASS the per-run rule."""
+    groups: dict[str, list[Row]] = {}
+    for run, row in zip(runs, rows):
+        groups.setdefault(run.group, []).append(row)
+    if not any(len(g) >= 2 for g in groups.values()):
+        return None
+    columns = ("config", "format", "seeds", "loss@S mean ± std", "Δ/σ", "grad cos", "bit-stall", "max overflow",
+               "mean underflow", "PASS")
+    cells = [list(columns)]
+    for group, grp in groups.items():
+        losses = [r.loss for r in grp if _finite(r.loss)]
+        if len(losses) >= 2:
+            loss = f"{statistics.mean(losses):.4f} ± {statistics.stdev(losses):.4f}"
+        else:
+            loss = _fmt(losses[0] if losses else None, ".4f")
+        gap = None
+        if cmp.spread is not None and losses:
+            gap = (statistics.mean(losses) - cmp.spread[0]) / cmp.spread[1]
+        passed = sum(r.verdict == "PASS" for r in grp)
+        verdicts = "baseline" if grp[0].verdict == "baseline" else f"{passed}/{len(grp)}"
+        overflow = [r.max_overflow for r in grp if _finite(r.max_overflow)]
+        cells.append([group, grp[0].fmt, str(len(grp)), loss, _fmt(gap, "+.1f"),
+                      _fmt(_group_mean([r.grad_cos for r in grp]), ".4f"),
+                      _fmt(_group_mean([r.bit_stall for r in grp]), ".3f"),
+                      _fmt(max(overflow) if overflow else None, ".2e"),
+                      _fmt(_group_mean([r.mean_underflow for r in grp]), ".2e"), verdicts])
+    return _render(cells, markdown)
 
 
 # ---- plots -----------------------------------------------------------------------------------------
@@ -530,6 +590,40 @@ def make_plots(runs: list[Run], out_dir: Path) -> list[Path]:
     return [p for p in made if p is not None]
 
 
+def _group_plot(rows: list[Row], runs: list[Run], cmp: Comparison, path: Path) -> Path | None:
+    """Loss at step S per config: mean over its seeds with a ±std bar and each seed as a dot; the
+    baseline's mean ± std as a band."""
+    import matplotlib.pyplot as plt
+
+    groups: dict[str, list[float]] = {}
+    for run, row in zip(runs, rows):
+        groups.setdefault(run.group, [])
+        if _finite(row.loss):
+            groups[run.group].append(row.loss)
+    groups = {g: v for g, v in groups.items() if v}
+    if not groups:
+        return None
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(groups) + 2), 4))
+    if cmp.spread is not None:
+        mean, std = cmp.spread[0], cmp.spread[1]
+        ax.axhspan(mean - std, mean + std, color="0.85", label="baseline mean ± std")
+        ax.axhline(mean, color="0.5", lw=1)
+    for i, (group, vals) in enumerate(groups.items()):
+        m = statistics.mean(vals)
+        err = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        ax.errorbar([i], [m], yerr=[err], fmt="o", color="tab:blue", capsize=3)
+        ax.scatter([i] * len(vals), vals, s=8, color="tab:orange", zorder=3)
+    ax.set_xticks(range(len(groups)), list(groups), rotation=60, ha="right", fontsize=8)
+    ax.set_ylabel(f"val loss at step {cmp.step}")
+    ax.set_title("per config: mean ± std over seeds (dots: seeds)")
+    if cmp.spread is not None:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
 
@@ -549,6 +643,13 @@ def write_report(runs: list[Run], baseline: Run, out_dir: str | Path) -> tuple[s
     text = "\n".join([cmp.header, "", format_table(rows), "", note] + spread)
     md = ["# altgrad report", "", cmp.header, "", format_table(rows, markdown=True), "", note, ""]
     md += [f"- {line}" for line in spread] + ([""] if spread else [])
+    by_config = group_table(rows, runs, cmp)
+    if by_config is not None:  # a sweep with seeds: one line per config, and its plot
+        text += "\n\nby config, over its seeds (PASS: runs passing the rule above)\n" + by_config
+        md += ["## By config, over its seeds", "", group_table(rows, runs, cmp, markdown=True), "",
+               "PASS: how many of the config's runs pass the per-run rule above.", ""]
+        group_png = _group_plot(rows, runs, cmp, out_dir / "by_config.png")
+        plots += [group_png] if group_png is not None else []
     md += ["| run | status | steps | high-precision matmuls | wall time (s) |", "|---|---|---|---|---|"]
     for run in runs:
         wall = run.summary.get("wall_time_s")

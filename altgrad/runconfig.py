@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import yaml
 
-from altgrad.config import INHERIT, ROLE_OPTIONS, ConfigError, QuantizationConfig
+from altgrad.config import INHERIT, ROLE_OPTIONS, ConfigError, QuantizationConfig, config_fields
 
 __all__ = [
     "ConfigError",
@@ -507,7 +507,7 @@ def help_text() -> str:
             comment = f"  {comments[f.name]}" if f.name in comments else ""
             lines.append(f"  {name}.{f.name} ({_describe(hints[f.name])}; default {default}){comment}")
     lines.append("quant:  null = the high-precision baseline, else a mapping (altgrad/config.py, QuantizationConfig):")
-    for f in dataclasses.fields(QuantizationConfig):
+    for f in config_fields(QuantizationConfig):
         if f.default is dataclasses.MISSING:
             default = "required: a format name, or null for high precision"
         elif f.default is INHERIT:

@@ -44,7 +44,7 @@ int64 (a second specialisation) once an operand's offsets reach 2**31.
 Verified: under the Triton interpreter against float64 and the torch reference (tests/
 test_kernels_block_matmul.py); compiled for sm_90 and sm_80 with Triton's ptxas. Not yet run on a GPU.
 
-Self-contained but for `quantize.py` (paste the two side by side). `python kernels/block_scaled_matmul.py`
+Self-contained but for `quantize.py` and `scaled_matmul.py` (paste the three side by side). `python kernels/block_scaled_matmul.py`
 checks itself against `block_scaled_matmul_ref` (CPU: TRITON_INTERPRET=1).
 """
 

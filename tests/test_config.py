@@ -9,6 +9,7 @@ import yaml
 
 from altgrad.config import (
     ROLE_OPTIONS,
+    RoleOptions,
     ConfigError,
     INHERIT,
     LayerPrecisionRule,
@@ -326,7 +327,7 @@ def test_from_dict_minimal_and_empty_lists():
 
 @pytest.mark.parametrize("section, match", [
     ({"default_format": "E4M3", "scale": "delayed"},
-     r"^quant: unknown key 'scale'; allowed keys: default_format, layer_rules, .*master_rounding$"),
+     r"^quant: unknown key 'scale'; allowed keys: default_format, layer_rules, .*master_rounding, scaling, .*scale_rounding$"),
     ({"grad_output_format": "E5M2"}, r"^quant: missing key 'default_format'"),
     ({"default_format": "E4M4"}, r"^quant\.default_format: unknown format 'E4M4'"),
     ({"default_format": "E4M3", "history_len": 0}, r"^quant\.history_len must be an int >= 1 \(got 0\)"),
@@ -399,8 +400,14 @@ def test_every_role_option_can_differ_per_role():
     assert QuantizationConfig.from_dict(cfg.to_dict()) == cfg
 
 
-def test_role_options_are_role_config_fields_with_the_same_defaults():
-    role_fields = [f for f in dataclasses.fields(RoleConfig) if f.name != "format"]
-    assert tuple(f.name for f in role_fields) == ROLE_OPTIONS
-    shared = {f.name: f.default for f in dataclasses.fields(QuantizationConfig)}
-    assert {f.name: shared[f.name] for f in role_fields} == {f.name: f.default for f in role_fields}
+def test_role_options_are_declared_once_for_both_configs():
+    options = {f.name: f.default for f in dataclasses.fields(RoleOptions)}
+    assert tuple(options) == ROLE_OPTIONS
+    for cls in (RoleConfig, QuantizationConfig):
+        assert issubclass(cls, RoleOptions)
+        assert {f.name: f.default for f in dataclasses.fields(cls) if f.name in options} == options
+    # the options are keyword-only: the format (RoleConfig) / default_format stay the first positional
+    assert RoleConfig("E4M3").format.name == "E4M3" and QuantizationConfig("E5M2").default_format.name == "E5M2"
+    with pytest.raises(TypeError):
+        RoleConfig("E4M3", "current")
+    assert list(RoleConfig("E4M3").to_dict()) == ["format", *ROLE_OPTIONS]

@@ -224,3 +224,38 @@ def test_a_gpt_trains_one_step_with_block_scales_and_reports_metrics(seeded):
     assert set(fc.blockwise_stats) == {"input", "weight", "grad_output", "input:wgrad", "weight:dgrad",
                                        "grad_output:wgrad"}
     assert float(fc.stats["input"]["numel"]) == 2 * 16 * 32
+    # the second uses are in the stats interface (the 2-D weight tile cast serves both of its uses: once)
+    assert set(fc.stats) == {"input", "weight", "grad_output", "input:wgrad", "grad_output:wgrad"}
+    assert any("/input:wgrad/underflow" in k for k in metrics) and "quant/grad_output:wgrad/underflow" in metrics
+    assert float(fc.stats["input:wgrad"]["numel"]) == 2 * 16 * 32
+
+
+@pytest.mark.parametrize("cfg", [dict(granularity="block", block_size=16), dict(granularity="row"),
+                                 dict(granularity="block", block_size=16, block_2d={"weight": True})],
+                         ids=["block16", "row", "tile16"])
+def test_bit_stall_reads_the_weights_own_block_scales(cfg, seeded):
+    """A block-scaled weight's codes live on its block scales: the update tracker must judge an
+    update against those (a per-tensor scale of 1 would call every small weight's update a stall)."""
+    from altgrad.blockwise import quantize_blockwise_cast
+    from altgrad.metrics import UpdateTracker
+    from altgrad.quantize import round_to_format
+
+    m, lin = layer(48, 32, **cfg)
+    with torch.no_grad():
+        lin.weight.mul_(1e-3)
+        lin.weight[0] *= 1e3  # one large row: per tensor, the rest would sit far below it
+    fmt, scale = m.weight_format_and_scale()
+    assert scale.shape == lin.weight.shape
+    rc = m.role_configs["weight"]
+    bs = 16 if rc.granularity == "block" else None
+    c = quantize_blockwise_cast(lin.weight.detach(), rc.format, bs, block_2d=rc.block_2d, backend="torch")
+    q = lin.weight.detach() * scale
+    # the weight's codes are round(w * scale) at these scales: exactly what its cast gives
+    assert torch.equal(round_to_format(q, fmt), c.q)
+    tracker = UpdateTracker(torch.nn.Sequential(m))
+    tracker.before_step()
+    with torch.no_grad():  # move every weight 4 ulps of its own code towards 0: every code moves
+        lin.weight.sub_(torch.sign(q) * 4 * fmt.ulp(q) / scale)
+    out = tracker.after_step()
+    assert out["update/bit_stall"] == 0.0 and out["update/flip"] == 1.0
+

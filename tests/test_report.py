@@ -110,6 +110,14 @@ def test_verdicts_ratios_and_aggregates(runs):
     ({"quant": {"default_format": None,
                 "layer_rules": [{"pattern": "attn", "format": None}, {"pattern": "mlp", "format": "E5M2"}]}},
      "cpu", "mixed hp/E5M2"),
+    ({"quant": {"default_format": "E2M5", "scaling": "current", "granularity": "block"}}, "cpu",
+     "E2M5 scaling:current block32"),
+    ({"quant": {"default_format": "E4M3", "scaling": "current", "granularity": "block", "block_size": 16,
+                "block_2d": True, "scale_rounding": "ceil"}}, "cpu", "E4M3 scaling:current block16x16-ceil"),
+    ({"quant": {"default_format": "E0M7", "scaling": "current", "granularity": "row", "scale_format": "fp32"}},
+     "cpu", "E0M7 scaling:current row-fp32"),
+    ({"quant": {"default_format": "E4M3", "scaling": "current", "granularity": {"input": "row"}}}, "cpu",
+     "E4M3 scaling:current granularity:{'input': 'row'}"),
     ({}, "cpu", "—"),
     # a quant section whose formats are all high-precision names ran unquantized: say what ran
     ({"train": {"dtype": "auto"}, "quant": {"default_format": "bf16"}}, "cpu (2 threads)", "FP32"),
@@ -257,6 +265,31 @@ def test_the_verdict_uses_the_baselines_seed_spread(tmp_path, capsys):
     assert rows["e5m2_s42"].gap_sigma == pytest.approx(1.5) and rows["e5m2_s42"].verdict == "PASS"
     assert "Δ/σ" in out and "+7.4" in out
     assert "PASS = |loss - baseline mean| <= 3 sigma at step 30; sigma = 0.0200" in out and "seed-spread rule" in out
+
+
+def test_a_sweep_with_seeds_gets_one_line_per_config(tmp_path, capsys):
+    base = {42: 2.00, 43: 2.02, 44: 1.98}
+    fmt = {42: 2.10, 43: 2.16, 44: 2.13}  # mean 2.13: 6.5 baseline sigmas away
+    dirs = [write_run(tmp_path, f"base_s{s}", val_losses={0: 4.0, 30: v}, seed=s) for s, v in base.items()]
+    dirs += [write_run(tmp_path, f"e2m5_block32_s{s}", val_losses={0: 4.0, 30: v}, seed=s,
+                       quant={"default_format": "E2M5", "scaling": "current", "granularity": "block"},
+                       shadow={0: 1.0, 30: 0.9 + 0.01 * (s - 42)}, underflow={"input": {0: 0.1, 30: 0.3}})
+             for s, v in fmt.items()]
+    dirs.append(write_run(tmp_path, "e0m7_s42", val_losses={0: 4.0, 30: 2.01}, quant={"default_format": "E0M7"}))
+    assert report.main([str(d) for d in dirs] + ["--out", str(tmp_path / "rep")]) == 0
+    out = capsys.readouterr().out
+    table = out.split("by config, over its seeds")[1]
+    lines = {line.split()[0]: line for line in table.splitlines()[3:] if line.strip() and not line.startswith("report")}
+    assert set(lines) == {"base", "e2m5_block32", "e0m7"}
+    e2 = lines["e2m5_block32"]
+    assert "E2M5 scaling:current block32" in e2 and " 3 " in e2 and "2.1300 ± 0.0300" in e2
+    assert "+6.5" in e2 and "0.9550" in e2 and "2.00e-01" in e2 and e2.rstrip().endswith("0/3")
+    assert lines["e0m7"].rstrip().endswith("1/1") and "2.0100" in lines["e0m7"]
+    assert "## By config, over its seeds" in (tmp_path / "rep" / "report.md").read_text()
+    assert (tmp_path / "rep" / "by_config.png").stat().st_size > 0
+    # one seed per config: no such table
+    assert report.main([str(dirs[0]), str(dirs[-1]), "--out", str(tmp_path / "rep2")]) == 0
+    assert "by config" not in capsys.readouterr().out
 
 
 def test_missing_run_dir_is_a_one_line_error(tmp_path, capsys):

@@ -223,6 +223,17 @@ def test_jobs_run_at_once_with_whole_prefixed_lines_and_logs(setup, capsys):
 # ---- Ctrl-C: forwarded once, the runs save, the sweep reports and exits 130 ----------------------------
 
 
+REPO = Path(__file__).resolve().parent.parent
+
+
+def tiny_real_runs(tmp_path, fixture_text, prepare_module, max_steps: int) -> tuple[Path, list[str]]:
+    """(out root, overrides) for real train.py runs of a 1-layer model on the prepared fixture corpus."""
+    data = tmp_path / "data"
+    prepare_module.prepare(fixture_text, data)
+    return tmp_path / "out", ["--model.n_layer=1", "--model.n_head=2", "--model.n_embd=32", "--model.block_size=32",
+                              "--train.batch_size=4", f"--train.max_steps={max_steps}", f"--data.dir={data}"]
+
+
 def _wait(predicate, timeout=60):
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -257,14 +268,10 @@ def test_ctrl_c_during_a_real_run_leaves_it_saved_and_resumable(tmp_path, fixtur
     from altgrad.checkpoint import CKPT_LAST, load_checkpoint
     from altgrad.tracking import read_metrics
 
-    data = tmp_path / "data"
-    prepare_module.prepare(fixture_text, data)
-    out = tmp_path / "out"
-    repo = Path(__file__).resolve().parent.parent
-    tiny = ["--model.n_layer=1", "--model.n_head=2", "--model.n_embd=32", "--model.block_size=32",
-            "--train.device=cpu", "--train.batch_size=4", "--train.max_steps=100000", "--train.eval_interval=50",
-            "--train.eval_iters=2", "--train.log_interval=1", "--log.wandb_mode=disabled", f"--data.dir={data}"]
-    cmd = [sys.executable, "-m", "altgrad.sweep", str(repo / "configs" / "baseline.yaml"), *tiny,
+    out, tiny = tiny_real_runs(tmp_path, fixture_text, prepare_module, max_steps=100000)
+    tiny += ["--train.device=cpu", "--train.eval_interval=50", "--train.eval_iters=2", "--train.log_interval=1",
+             "--log.wandb_mode=disabled"]
+    cmd = [sys.executable, "-m", "altgrad.sweep", str(REPO / "configs" / "baseline.yaml"), *tiny,
            "--out-root", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
@@ -286,14 +293,10 @@ def test_ctrl_c_during_a_real_run_leaves_it_saved_and_resumable(tmp_path, fixtur
 @pytest.mark.slow
 def test_the_full_size_set_runs_end_to_end_at_tiny_size(tmp_path, fixture_text, prepare_module):
     """scripts/full_size_sweep.sh as written, shrunk by overrides: 9 real runs, 3 at a time, one report."""
-    data = tmp_path / "data"
-    prepare_module.prepare(fixture_text, data)
-    out = tmp_path / "out"
-    repo = Path(__file__).resolve().parent.parent
-    tiny = ["--model.n_layer=1", "--model.n_head=2", "--model.n_embd=32", "--model.block_size=32",
-            "--train.device=cpu", "--train.batch_size=4", "--train.max_steps=4", "--train.warmup=1",
-            "--train.eval_interval=2", "--train.eval_iters=1", "--train.shadow_interval=2", f"--data.dir={data}"]
-    proc = subprocess.run([str(repo / "scripts" / "full_size_sweep.sh"), *tiny], capture_output=True, text=True,
+    out, tiny = tiny_real_runs(tmp_path, fixture_text, prepare_module, max_steps=4)
+    tiny += ["--train.device=cpu", "--train.warmup=1", "--train.eval_interval=2", "--train.eval_iters=1",
+             "--train.shadow_interval=2"]
+    proc = subprocess.run([str(REPO / "scripts" / "full_size_sweep.sh"), *tiny], capture_output=True, text=True,
                           timeout=600, env=dict(os.environ, PYTHON=sys.executable, OUT=str(out), JOBS="3"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     names = ["baseline", "e5m2_fp8", "e4m3_e5m2_hybrid", "e3m4", "e2m5", "e1m6", "e6m1", "e7m0", "e0m7"]
@@ -308,3 +311,24 @@ def test_the_full_size_set_runs_end_to_end_at_tiny_size(tmp_path, fixture_text, 
         assert summary["status"] in ("completed", "diverged") and summary["config"]["train"]["max_steps"] == 4
         assert summary["config"]["model"]["n_embd"] == 32 and summary["config"]["log"]["wandb_mode"] == "disabled"
     assert "compared at step 4:" in proc.stdout and (out / "report" / "report.md").is_file()
+
+
+@pytest.mark.slow
+def test_the_granularity_sweep_runs_end_to_end_at_tiny_size(tmp_path, fixture_text, prepare_module):
+    """scripts/granularity_sweep.sh as written, shrunk by overrides and one seed: 16 real runs, one report
+    whose format column names each run's granularity."""
+    out, tiny = tiny_real_runs(tmp_path, fixture_text, prepare_module, max_steps=2)
+    tiny += ["--train.warmup=1", "--train.eval_interval=2", "--train.eval_iters=1", "--train.shadow_interval=2",
+             "--seeds", "42"]
+    proc = subprocess.run([str(REPO / "scripts" / "granularity_sweep.sh"), *tiny], capture_output=True, text=True,
+                          timeout=600, env=dict(os.environ, PYTHON=sys.executable, OUT=str(out), JOBS="3"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fmt = {line.split()[0]: " ".join(line.split()[2:5]) for line in proc.stdout.splitlines()
+           if line.split() and line.split()[0].endswith("_s42") and line.split()[1] == "completed"}
+    assert len(fmt) == 16 and fmt["baseline_s42"].startswith("FP32")
+    assert fmt["e2m5_tensor_s42"].split()[:2] == ["E2M5", "scaling:current"]  # then the loss: no granularity tag
+    float(fmt["e2m5_tensor_s42"].split()[2])
+    assert fmt["e0m7_row_s42"] == "E0M7 scaling:current row" and fmt["e4m3_block32_s42"] == "E4M3 scaling:current block32"
+    cfg = json.loads((out / "e3m4_block32_s42" / "summary.json").read_text())["config"]
+    assert cfg["model"]["n_embd"] == 32 and cfg["train"]["lr"] == 2e-3  # cpu_quick's lr under the tiny overrides
+    assert cfg["quant"]["granularity"] == "block" and cfg["quant"]["scaling"] == "current"
