@@ -139,6 +139,18 @@ def test_bias_and_bf16_output(scales, seeded):
     assert got16.dtype == torch.bfloat16 and torch.equal(got16, got.to(torch.bfloat16))
 
 
+def test_bf16_operands_give_the_fp32_operands_result(seeded):
+    """Format values are exact in bf16, and the kernel feeds both dtypes to the same dot: bf16
+    operands (as QuantizedLinear's per-tensor casts give them) must change nothing, bit for bit."""
+    g = torch.Generator().manual_seed(seeded)
+    a, b = _layout("wgrad", 33, 18, 90, g)
+    (qa, ia, ba), (qb, ib, bb) = _cast(a, "fp32/16"), _cast(b, "e8m0/64")
+    got = kbm.block_scaled_matmul(qa, qb, ia, ib, block_a=ba, block_b=bb)
+    got16 = kbm.block_scaled_matmul(qa.to(torch.bfloat16), qb.to(torch.bfloat16).t().contiguous().t(), ia, ib,
+                                    block_a=ba, block_b=bb)
+    assert torch.equal(got16, got)
+
+
 def test_unscaled_operand_and_empty_shapes(seeded):
     g = torch.Generator().manual_seed(seeded)
     qa, ia, _ = _cast(_data(9, 40, g), "e8m0/16")
