@@ -41,11 +41,14 @@ operands, the three layouts, odd shapes, bias and bf16 output. The tile is a fix
 output shape (`pick_config`), so a shape always accumulates in the same order. Index math is int32, and
 int64 (a second specialisation) once an operand's offsets reach 2**31.
 
-Verified: under the Triton interpreter against float64 and the torch reference (tests/
-test_kernels_block_matmul.py); compiled for sm_90 and sm_80 with Triton's ptxas. Not yet run on a GPU.
+Verified: under the Triton interpreter (fp32 dot) against float64 and the torch reference
+(tests/test_kernels_block_matmul.py); every tile compiled for sm_90 and sm_80 with the ptxas of Triton
+3.9 and 3.6 (no spills, shared memory within the limit). Not yet run on a GPU (the bf16 tensor-core
+path and its speed are unmeasured).
 
-Self-contained but for `quantize.py` and `scaled_matmul.py` (paste the three side by side). `python kernels/block_scaled_matmul.py`
-checks itself against `block_scaled_matmul_ref` (CPU: TRITON_INTERPRET=1).
+Self-contained but for `quantize.py` and `scaled_matmul.py` (paste the three side by side).
+`python kernels/block_scaled_matmul.py` checks itself against `block_scaled_matmul_ref` (CPU:
+TRITON_INTERPRET=1).
 """
 
 from __future__ import annotations
