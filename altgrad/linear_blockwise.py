@@ -23,8 +23,9 @@ reference. On CUDA (backend "auto"; the layer's backend "auto" or "triton") the 
 kernels/block_scaled_matmul.py instead: the operands unfolded, each K step's partial product scaled
 by its blocks' inv_scales (exact for e8m0 scales, correct for fp32 ones), row and per-tensor
 scales in the epilogue; equal to the reference up to fp32 accumulation order. A high-precision
-operand (no inv_scale: not format-domain values), or a block size outside 16/32/64/128, keeps the
-torch product on every device.
+operand (no inv_scale: not format-domain values), a block size outside 16/32/64/128, or an
+e8m0-scaled operand of a format reaching 2**HEADROOM_LOG2 (E7M0: its unscaled products overflow the
+kernel's fp32 partial sums) keeps the torch product on every device.
 
 E7M0-range formats with fp32 scales are rounded in the same format with bias + k (values carried
 2**-k lower, k = ceil(log2 max) - 52) so fp32 sums of products stay finite, as the per-tensor path
@@ -280,10 +281,18 @@ def blockwise_matmul(a: Operand, b: Operand, pow2_a: bool = False, pow2_b: bool 
     return _epilogue(c, a, b)
 
 
-def _mm_backend(mod) -> str:
-    """The layer's product: the kernel where its backend allows (auto, triton) and the operands are
-    on CUDA; backends "torch" and "fast" keep the torch product, as their per-tensor matmuls do."""
-    return "auto" if mod.backend in ("auto", "triton") else "torch"
+def _mm_backend(mod, role_a: str, role_b: str) -> str:
+    """The product for one GEMM: the kernel where the layer's backend allows (auto, triton) and the
+    operands are on CUDA; backends "torch" and "fast" keep the torch product, as their per-tensor
+    matmuls do. So does a GEMM with an e8m0-scaled operand of a format reaching 2**HEADROOM_LOG2
+    (E7M0): the kernel multiplies unscaled format values, whose products (up to 2**124) summed over a
+    K step overflow fp32, while the torch product dequantizes e8m0 operands first."""
+    if mod.backend not in ("auto", "triton"):
+        return "torch"
+    for role in (role_a, role_b):
+        if _pow2(mod, role) and mod.role_configs[role].format.max >= 2.0**HEADROOM_LOG2:
+            return "torch"
+    return "auto"
 
 
 def _pow2(mod, role: str) -> bool:
@@ -299,7 +308,8 @@ class _BlockwiseLinearFn(torch.autograd.Function):
         w = weight.detach()
         a = _role_operand(mod, "input", "input", x2)
         b, b_dgrad = _weight_operands(mod, w)
-        y = blockwise_matmul(a, b, _pow2(mod, "input"), _pow2(mod, "weight"), _mm_backend(mod))
+        y = blockwise_matmul(a, b, _pow2(mod, "input"), _pow2(mod, "weight"),
+                             _mm_backend(mod, "input", "weight"))
         if mod.training and x.numel() > 0:
             mod.sr_state[1] += 1  # one training forward: the next draws differ
         if bias is not None:
@@ -327,12 +337,14 @@ class _BlockwiseLinearFn(torch.autograd.Function):
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
             b = ctx.reuse_weight or _operand(mod, "weight", "weight:dgrad", w.t())
-            dx = blockwise_matmul(g_dgrad, b, _pow2(mod, "grad_output"), _pow2(mod, "weight"), _mm_backend(mod))
+            dx = blockwise_matmul(g_dgrad, b, _pow2(mod, "grad_output"), _pow2(mod, "weight"),
+                                  _mm_backend(mod, "grad_output", "weight"))
             dx = dx.to(ctx.x_dtype).reshape(ctx.x_shape)
         if ctx.needs_input_grad[1]:
             a = g_dgrad.t() if go_tensor else _operand(mod, "grad_output", "grad_output:wgrad", dy2.t())
             b = ctx.reuse_input or _operand(mod, "input", "input:wgrad", x2.t())
-            dw = blockwise_matmul(a, b, _pow2(mod, "grad_output"), _pow2(mod, "input"), _mm_backend(mod))
+            dw = blockwise_matmul(a, b, _pow2(mod, "grad_output"), _pow2(mod, "input"),
+                                  _mm_backend(mod, "grad_output", "input"))
             dw = _quantize_weight_grad(mod, dw).to(w.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy2.float().sum(0).to(mod.bias.dtype)

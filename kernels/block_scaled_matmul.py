@@ -33,7 +33,10 @@ Numerics of the dot: every 8-bit format value is exact in bf16 and every product
 fp32, so tiles are converted to bf16 for `tl.dot` on the GPU (fp32 under the Triton interpreter, whose
 bf16 dot is broken); only fp32 accumulation differs from float64 (order fixed by the tile, and tensor
 cores' own alignment of partial sums). Operands must therefore hold format values: high-precision
-operands would be rounded to bf16 (`altgrad.linear_blockwise` sends those to torch).
+operands would be rounded to bf16 (`altgrad.linear_blockwise` sends those to torch). The partial sums
+are of unscaled values: |A|·|B|·BLOCK_K must stay below 3.4e38, which E7M0 values at the top of
+their range (2**62) exceed; carry them lower (a power-of-two shift moved into the inverse scale) or
+use the torch product, as `altgrad.linear_blockwise` does.
 
 Tiles (GPU): one short list per K step, BLOCK_SCALED_CONFIGS, every entry compiled for sm_90 and sm_80
 by `altgrad.compile_check` (shared memory within the opt-in limit, no register spills) for fp32 and bf16

@@ -228,6 +228,36 @@ def test_blockwise_matmul_backends(seeded):
     _check(hp, qa, torch.ones((), device=DEVICE), None, qb, ib, 16)
 
 
+@pytest.mark.parametrize("fmt,scale_format,backend,want", [
+    ("E4M3", "e8m0", "auto", "auto"), ("E4M3", "fp32", "triton", "auto"), ("E7M0", "fp32", "auto", "auto"),
+    ("E7M0", "e8m0", "auto", "torch"), ("E7M0_NONE", "e8m0", "triton", "torch"), ("E4M3", "e8m0", "fast", "torch"),
+    ("E4M3", "e8m0", "torch", "torch")])
+def test_layer_product_choice(fmt, scale_format, backend, want):
+    """The layer sends a GEMM to the kernel only where its backend allows; e8m0 operands of E7M0-range
+    formats keep the torch product: the kernel sums unscaled values, and their products overflow fp32
+    (shown below) where the torch product, which dequantizes e8m0 operands first, stays finite."""
+    from altgrad.config import QuantizationConfig
+    from altgrad.linear import QuantizedLinear
+    from altgrad.linear_blockwise import _mm_backend
+
+    cfg = QuantizationConfig(default_format=fmt, grad_output_format="E5M2", scaling="current", granularity="block",
+                             block_size=32, scale_format=scale_format).layer_config("fc")
+    m = QuantizedLinear(torch.nn.Linear(64, 8), cfg, backend=backend)
+    assert _mm_backend(m, "input", "weight") == want
+    assert _mm_backend(m, "grad_output", "input") == want
+
+
+def test_e7m0_e8m0_operands_overflow_the_kernel_but_not_the_torch_product():
+    """Why the layer keeps E7M0 e8m0 GEMMs in torch: values at the top of E7M0 (2**62), products 2**124,
+    32 of them sum past fp32's 2**128."""
+    q = torch.full((2, 64), 2.0**62, device=DEVICE)
+    inv = torch.full((2, 2), 2.0**-62, device=DEVICE)
+    got = kbm.block_scaled_matmul(q, q, inv, inv, block_a=32, block_b=32)
+    assert torch.isinf(got).all()
+    ref = blockwise_matmul(Operand(q, inv, 32), Operand(q, inv, 32), True, True, backend="torch")
+    assert torch.equal(ref, torch.full((2, 2), 64.0, device=DEVICE))
+
+
 @pytest.mark.cuda
 def test_layer_on_cuda_runs_the_kernel_and_matches_the_torch_product(seeded):
     """QuantizedLinear with block-scaled roles on the GPU (the kernel) against the same layer on
