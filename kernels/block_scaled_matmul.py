@@ -40,8 +40,9 @@ use the torch product, as `altgrad.linear_blockwise` does.
 
 Tiles (GPU): one short list per K step, BLOCK_SCALED_CONFIGS, every entry compiled for sm_90 and sm_80
 by `altgrad.compile_check` (shared memory within the opt-in limit, no register spills) for fp32 and bf16
-operands, the three layouts, odd shapes, bias and bf16 output. The tile is a fixed function of the
-output shape (`pick_config`), so a shape always accumulates in the same order. Index math is int32, and
+operands, the three layouts, bias and bf16 output; unaligned operands (odd shapes or strides) take the
+smallest tile. The tile is a fixed function of the output shape and the operands' alignment
+(`pick_config`), so a call always accumulates in the same order. Index math is int32, and
 int64 (a second specialisation) once an operand's offsets reach 2**31.
 
 Verified: under the Triton interpreter (fp32 dot) against float64 and the torch reference
@@ -64,13 +65,13 @@ import triton.language as tl
 
 try:  # installed as altgrad.kernels
     from .quantize import check_device, fp32_to_bf16_rne, run_self_check
-    from .scaled_matmul import MatmulConfig
+    from .scaled_matmul import MatmulConfig, is_aligned
 except ImportError:  # pasted next to quantize.py and scaled_matmul.py, or run as a script
     from quantize import check_device, fp32_to_bf16_rne, run_self_check
-    from scaled_matmul import MatmulConfig
+    from scaled_matmul import MatmulConfig, is_aligned
 
 __all__ = ["block_scaled_matmul", "block_scaled_matmul_ref", "BLOCK_SIZES", "BLOCK_SCALED_CONFIGS",
-           "pick_config", "k_step"]
+           "pick_config", "allowed_configs", "k_step"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -169,14 +170,17 @@ def _block_scaled_matmul_kernel(
 # Tile configurations per K step (`k_step`: 16 or 32), largest tile first. The operands are staged in
 # shared memory in their own dtype (fp32 q from the block casts), so the lists are sized for fp32 tiles;
 # a block-scaled step keeps a second (BLOCK_M, BLOCK_N) fp32 tile (the partial product) live beside the
-# accumulator. Every entry fits sm_90 (227 KB) and sm_80 (163 KB) without register spills for fp32 and
-# bf16 operands in the three layouts, aligned or not (odd K, strides): checked by `altgrad.compile_check`.
-# Tried and dropped (register spills on sm_90, Triton 3.9): K steps of 64 and 128 with fp32 operands
-# at 64 x 64 and larger tiles; 128 x 128 tiles with 8 warps (2-4 stages); 64 x 128 with 4 warps on
-# unaligned fp32 operands. (128 x 64 with 8 warps fits too, but gives the same tile count as 64 x 128.)
+# accumulator. Operands that are not 16-aligned (an odd K or feature count, odd strides: see
+# `scaled_matmul.is_aligned`) are loaded element by element, which costs registers: those calls take
+# the list's last (smallest) tile only (`pick_config`). Every entry fits sm_90 (227 KB) and sm_80
+# (163 KB) without register spills for fp32 and bf16 operands in the three layouts, the last entry
+# also for unaligned ones: checked by `altgrad.compile_check` (Triton 3.9 and 3.6: at most 253
+# registers aligned, 152 on the unaligned small tile). Tried and dropped (spills): K steps of 64 and
+# 128 with fp32 operands at 64 x 64 and larger tiles; 128 x 128 tiles with 8 warps (2-4 stages);
+# 64 x 128 with 4 warps or 64 x 128 at any warp count on unaligned fp32 (252-255 registers, no margin).
 BLOCK_SCALED_CONFIGS = {
-    16: [MatmulConfig(64, 128, 16, 3, 8), MatmulConfig(64, 64, 16, 4, 4)],
-    32: [MatmulConfig(64, 128, 32, 3, 8), MatmulConfig(64, 64, 32, 3, 4)],
+    16: [MatmulConfig(64, 128, 16, 3, 8), MatmulConfig(64, 64, 16, 4, 8)],
+    32: [MatmulConfig(64, 128, 32, 3, 8), MatmulConfig(64, 64, 32, 3, 8)],
 }
 _MAX_K_STEP = 32  # the longest K step (fp32 tiles staged in shared memory: register pressure)
 # at least this many output tiles for one full wave (an H100/H200 has 132 SMs), as scaled_matmul
@@ -193,11 +197,17 @@ def k_step(block_a: int | None, block_b: int | None) -> int:
     return min(blocks + [_MAX_K_STEP])
 
 
-def pick_config(step: int, M: int, N: int) -> MatmulConfig:
-    """The tile for an (M, N) output with K step `step`, a pure function of the shape (no timing):
-    the largest tile of BLOCK_SCALED_CONFIGS[step] giving >= 128 output tiles, else the smallest.
-    So a shape always accumulates in the same order, in every process."""
+def allowed_configs(step: int, aligned: bool = True) -> list[MatmulConfig]:
+    """The tiles a call may run: BLOCK_SCALED_CONFIGS[step], only its last for unaligned operands."""
     configs = BLOCK_SCALED_CONFIGS[step]
+    return configs if aligned else configs[-1:]
+
+
+def pick_config(step: int, M: int, N: int, aligned: bool = True) -> MatmulConfig:
+    """The tile for an (M, N) output with K step `step`, a pure function of the shape and operand
+    alignment (no timing): the largest of `allowed_configs` giving >= 128 output tiles, else the
+    smallest. So a shape always accumulates in the same order, in every process."""
+    configs = allowed_configs(step, aligned)
     for cfg in configs:
         if triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n) >= _WAVE_TILES:
             return cfg
@@ -254,7 +264,9 @@ def block_scaled_matmul(a: torch.Tensor, b: torch.Tensor, inv_scale_a: torch.Ten
     of block_a elements of K (block_a in 16, 32, 64, 128; None or >= K: one per row, nb_a = 1); or a
     0-dim / (1,) tensor (per tensor, block_a None); or None (unscaled). The same for b with (N, nb_b).
     bias: (N,) float32 / bfloat16 or None. out_dtype: torch.float32 or torch.bfloat16 (rounded to
-    nearest even). config: one of BLOCK_SCALED_CONFIGS[k_step(...)] instead of `pick_config`'s (GPU).
+    nearest even). config: one of `allowed_configs(k_step(...), aligned)` instead of `pick_config`'s
+    (GPU; unaligned operands, as `scaled_matmul.is_aligned` and M, N, K multiples of 16 decide, take
+    the smallest tile only).
     Under TRITON_INTERPRET one 32 x 32 tile is used.
 
     Returns: C (M, N) in out_dtype, in the units of the dequantized operands (A * inv_a expanded over
@@ -287,9 +299,12 @@ def block_scaled_matmul(a: torch.Tensor, b: torch.Tensor, inv_scale_a: torch.Ten
         raise ValueError(f"bias must be a float32 / bfloat16 tensor of shape ({N},) on {dev} (got "
                          f"{getattr(bias, 'shape', type(bias))} {getattr(bias, 'dtype', '')})")
     step = k_step(bs_a, bs_b)
-    if config is not None and (_INTERPRET or config not in BLOCK_SCALED_CONFIGS[step]):
-        raise ValueError(f"config must be one of BLOCK_SCALED_CONFIGS[{step}] = {BLOCK_SCALED_CONFIGS[step]} on the "
-                         f"GPU (got {config!r}{'; the interpreter uses one fixed tile' if _INTERPRET else ''})")
+    # the masks' bounds M, N, K decide vector loads as much as the strides (as in scaled_matmul)
+    aligned = is_aligned(a, b, *([bias] if bias is not None else [])) and M % 16 == N % 16 == K % 16 == 0
+    allowed = allowed_configs(step, aligned)
+    if config is not None and (_INTERPRET or config not in allowed):
+        raise ValueError(f"config must be one of {allowed} (K step {step}, {'' if aligned else 'un'}aligned operands) "
+                         f"on the GPU (got {config!r}{'; the interpreter uses one fixed tile' if _INTERPRET else ''})")
 
     c = torch.empty((M, N), dtype=out_dtype, device=dev)
     if M == 0 or N == 0:
@@ -302,7 +317,7 @@ def block_scaled_matmul(a: torch.Tensor, b: torch.Tensor, inv_scale_a: torch.Ten
     inv_b = inv_b if inv_b is not None else c
     bias_arg = bias.contiguous() if bias is not None else c
     idx64 = max(_max_offset(a), _max_offset(b), _max_offset(c), _max_offset(inv_a), _max_offset(inv_b)) >= INT32_LIMIT
-    cfg = MatmulConfig(32, 32, step, 1, 1) if _INTERPRET else (config or pick_config(step, M, N))
+    cfg = MatmulConfig(32, 32, step, 1, 1) if _INTERPRET else (config or pick_config(step, M, N, aligned))
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
     _block_scaled_matmul_kernel[grid](
         a, b, c, bias_arg, inv_a, inv_b, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),

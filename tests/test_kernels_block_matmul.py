@@ -163,10 +163,11 @@ def test_unscaled_operand_and_empty_shapes(seeded):
     assert kbm.block_scaled_matmul(qa[:0], qb, ia[:0], None, block_a=16).shape == (0, 7)
 
 
-def test_pick_config_is_a_function_of_the_shape():
+def test_pick_config_is_a_function_of_the_shape_and_alignment():
     for step in kbm.BLOCK_SCALED_CONFIGS:
         big, small = kbm.pick_config(step, 4096, 4096), kbm.pick_config(step, 64, 64)
         assert big == kbm.BLOCK_SCALED_CONFIGS[step][0] and small == kbm.BLOCK_SCALED_CONFIGS[step][-1]
+        assert kbm.pick_config(step, 4096, 4096, aligned=False) == small  # unaligned: the smallest tile only
     assert kbm.k_step(128, 16) == 16 and kbm.k_step(128, None) == 32 and kbm.k_step(None, None) == 32
 
 
