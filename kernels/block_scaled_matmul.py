@@ -18,10 +18,11 @@ every block and never straddles a block of either operand; a block of 64 or 128 
 steps, each scaled by the same inverse scales). Each step's partial dot product is computed on its own
 in fp32, multiplied by its row of inv_a and its column of inv_b, and added to the fp32 accumulator:
     acc += (dot(A_k, B_k^T) * inv_a[:, kb_a]) * inv_b[:, kb_b]
-This is correct for any fp32 scales (they do not factor out of a sum over blocks), and for E8M0
-(power-of-two) scales both multiplications are exact, so the result equals a float64 product of the
-dequantized operands up to the fp32 accumulation order. Row-wise and per-tensor scales factor out of the
-sum: they are applied once in the epilogue, and when neither operand is block-scaled the loop is a plain
+(ptxas may contract the last multiply and the add into one FMA.) This is correct for any fp32 scales
+(they do not factor out of a sum over blocks), and for E8M0 (power-of-two) scales both multiplications
+are exact, so the result equals a float64 product of the dequantized operands up to the fp32
+accumulation order. Row-wise and per-tensor scales factor out of the sum: they are applied once in the
+epilogue, and when neither operand is block-scaled the loop is a plain
 matmul with BLOCK_K = 32. `altgrad.linear_blockwise.blockwise_matmul` (torch) is the reference; it
 scales each partial product in the same order (its steps are whole blocks of the smaller size).
 Why steps of at most 32: the operands arrive as fp32 format-domain values (the block casts' output),
@@ -117,9 +118,13 @@ def _block_scaled_matmul_kernel(
         offs_m, offs_n, offs_k = offs_m.to(tl.int64), offs_n.to(tl.int64), offs_k.to(tl.int64)
         a_step = tl.cast(stride_ak, tl.int64) * BLOCK_K
         b_step = tl.cast(stride_bk, tl.int64) * BLOCK_K
+        ia_kb = tl.cast(stride_ia_kb, tl.int64)
+        ib_kb = tl.cast(stride_ib_kb, tl.int64)
     else:
         a_step = BLOCK_K * stride_ak
         b_step = BLOCK_K * stride_bk
+        ia_kb = stride_ia_kb
+        ib_kb = stride_ib_kb
     m_in, n_in = offs_m < M, offs_n < N
     a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak  # (BLOCK_M, BLOCK_K)
     b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn  # (BLOCK_K, BLOCK_N) = B^T tile
@@ -139,10 +144,10 @@ def _block_scaled_matmul_kernel(
                 p = tl.dot(a, b)
             if SCALE_A == SCALE_BLOCK:
                 kb_a = (k * BLOCK_K) // BLOCK_A
-                p = p * tl.load(ia_ptrs + kb_a * stride_ia_kb, mask=m_in, other=0.0)[:, None]
+                p = p * tl.load(ia_ptrs + kb_a * ia_kb, mask=m_in, other=0.0)[:, None]
             if SCALE_B == SCALE_BLOCK:
                 kb_b = (k * BLOCK_K) // BLOCK_B
-                p = p * tl.load(ib_ptrs + kb_b * stride_ib_kb, mask=n_in, other=0.0)[None, :]
+                p = p * tl.load(ib_ptrs + kb_b * ib_kb, mask=n_in, other=0.0)[None, :]
             acc += p
         elif DOT_DTYPE == tl.float32:
             acc = tl.dot(a, b, acc, input_precision="ieee")
