@@ -22,9 +22,9 @@ in fp32, multiplied by its row of inv_a and its column of inv_b, and added to th
 (they do not factor out of a sum over blocks), and for E8M0 (power-of-two) scales both multiplications
 are exact, so the result equals a float64 product of the dequantized operands up to the fp32
 accumulation order. Row-wise and per-tensor scales factor out of the sum: they are applied once in the
-epilogue, and when neither operand is block-scaled the loop is a plain
-matmul with BLOCK_K = 32. `altgrad.linear_blockwise.blockwise_matmul` (torch) is the reference; it
-scales each partial product in the same order (its steps are whole blocks of the smaller size).
+epilogue, and when neither operand is block-scaled the loop is a plain matmul with BLOCK_K = 32.
+`altgrad.linear_blockwise.blockwise_matmul` (torch) is the reference; it scales each partial product
+in the same order (its steps are whole blocks of the smaller size).
 Why steps of at most 32: the operands arrive as fp32 format-domain values (the block casts' output),
 staged in shared memory as fp32 and converted to bf16 in registers, and a block-scaled step keeps the
 partial product live beside the accumulator; longer steps spill registers (see BLOCK_SCALED_CONFIGS).
