@@ -179,8 +179,8 @@ def _block_scaled_matmul_kernel(
 # `scaled_matmul.is_aligned`) are loaded element by element, which costs registers: those calls take
 # the list's last (smallest) tile only (`pick_config`). Every entry fits sm_90 (227 KB) and sm_80
 # (163 KB) without register spills for fp32 and bf16 operands in the three layouts, the last entry
-# also for unaligned ones: checked by `altgrad.compile_check` (Triton 3.9 and 3.6: at most 253
-# registers aligned, 152 on the unaligned small tile). Tried and dropped (spills): K steps of 64 and
+# also for unaligned ones: checked by `altgrad.compile_check` (Triton 3.9 and 3.6: at most 183
+# registers per thread aligned, 152 unaligned; at most 56 KB shared memory). Tried and dropped (spills): K steps of 64 and
 # 128 with fp32 operands at 64 x 64 and larger tiles; 128 x 128 tiles with 8 warps (2-4 stages);
 # 64 x 128 with 4 warps or 64 x 128 at any warp count on unaligned fp32 (252-255 registers, no margin).
 BLOCK_SCALED_CONFIGS = {
