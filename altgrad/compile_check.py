@@ -4,9 +4,9 @@
     python -m altgrad.compile_check --target sm_90 --json out.json
 
 What it compiles: the specialisations that `QuantizedLinear`, the tests and the benchmarks can launch
-on CUDA, through the kernels' own public launchers (`quantize`, `block_quantize`, `scaled_matmul`)
-called with CPU tensors, so the arguments, constexprs and alignment/divisibility attributes are exactly those of a
-real launch:
+on CUDA, through the kernels' own public launchers (`quantize`, `block_quantize`, `scaled_matmul`
+and `block_scaled_matmul`) called with CPU tensors, so the arguments, constexprs and alignment/divisibility
+attributes are exactly those of a real launch:
 
 - quantize: every registered format (plus E7M0 carried 2**-10 lower, as `QuantizedLinear` does) x
   nearest/stochastic x stats on/off, bf16 input, q output (what `QuantizedLinear` runs); and for E4M3
@@ -18,6 +18,11 @@ real launch:
   and wgrad layouts, the epilogue variants (bias, bf16 output), fp32/bf16 inputs for the in-loop
   paths, the bf16/in-loop "/unaligned" lists on odd shapes (strides, M, N or K not multiples of 16, as the tests
   and a 65-character vocabulary give) and the 64-bit index variant.
+- block_scaled_matmul: every tile of `BLOCK_SCALED_CONFIGS` (K steps 16 and 32) for the three layouts with
+  fp32 operands and bf16 operands with bias and bf16 output; the unaligned tile (each list's last) also
+  with odd fp32 operands (37x53x300: K not a multiple of the block, unaligned strides); block sizes 16 / 32 / 64 / 128 in equal and different
+  pairs, a block-scaled operand beside a row-scaled one, row x row and row x per-tensor (the plain
+  loop), and the 64-bit index variant.
 
 Each distinct specialisation compiles once (Triton's own cache keys, the same as a launch). A case
 fails when its shared memory exceeds the target's opt-in maximum per block (232448 B = 227 KB on
@@ -186,9 +191,10 @@ def _compile_only(target_name: str):
         return kernel
 
     from altgrad.kernels import block_quantize as kbq
+    from altgrad.kernels import block_scaled_matmul as kbm
 
     patches = [(JITFunction, "run", run), (kq, "check_device", lambda x, name: None),
-               (kbq, "check_device", lambda x, name: None),
+               (kbq, "check_device", lambda x, name: None), (kbm, "check_device", lambda x, name: None),
                (ksm, "check_device", lambda x, name: None), (ksm, "_device_capability", lambda d: divmod(cc, 10))]
     saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
     driver.set_active(_CompileOnlyDriver(GPUTarget("cuda", cc, 32), target_name))
@@ -353,7 +359,53 @@ def _matmul_cases(rec: _Recorder, fp8: bool, paths=None) -> None:
         ksm.INT32_LIMIT = saved
 
 
-KERNELS = ("quantize", "block_quantize", "scaled_matmul")
+def _block_matmul_cases(rec: _Recorder) -> None:
+    import torch
+
+    from altgrad.kernels import block_scaled_matmul as kbm
+
+    f32, bf16 = torch.float32, torch.bfloat16
+
+    def call(label, layout, M, N, K, cfg, block_a, block_b, dtype=f32, bias=False, out=f32):
+        a, b = _layout(layout, M, N, K, dtype, dtype)
+        inv = {}
+        for name, rows, block in (("a", M, block_a), ("b", N, block_b)):
+            inv[name] = torch.ones(()) if block == "tensor" else torch.ones(rows, -(-K // (block or K)))
+        ba, bb = (None if x == "tensor" else x for x in (block_a, block_b))
+        rec.case = (f"{label} {layout} {M}x{N}x{K} {cfg.block_m}x{cfg.block_n}x{cfg.block_k}/"
+                    f"s{cfg.num_stages}w{cfg.num_warps}")
+        kbm.block_scaled_matmul(a, b, inv["a"], inv["b"], torch.zeros(N) if bias else None, block_a=ba,
+                                block_b=bb, out_dtype=out, config=cfg)
+
+    # block sizes per K step (a step is the smaller block, at most 32); None: one block per row
+    blocks = {16: ((16, 16), (16, 128), (16, None)), 32: ((32, 32), (128, 128), (64, None))}
+    for step, cfgs in kbm.BLOCK_SCALED_CONFIGS.items():
+        for cfg in cfgs:
+            for layout in ("fwd", "dgrad", "wgrad"):
+                call(f"block {step} fp32", layout, 256, 256, 512, cfg, step, step)
+                call(f"block {step} bf16 +bias ->bf16", layout, 256, 256, 512, cfg, step, step, dtype=bf16,
+                     bias=True, out=bf16)
+                # odd shapes (K not a multiple of the block, odd strides): unvectorised loads, smallest tile only
+                if cfg in kbm.allowed_configs(step, aligned=False):
+                    call(f"block {step} fp32 odd +bias", layout, 37, 53, 300, cfg, step, step, bias=True)
+            for ba, bb in blocks[step][1:]:
+                call(f"block {ba}x{bb or 'row'} fp32", "fwd", 256, 256, 512, cfg, ba, bb)
+    for cfg in kbm.BLOCK_SCALED_CONFIGS[kbm.k_step(None, None)]:  # no block-scaled operand: plain loop
+        for layout in ("fwd", "dgrad", "wgrad"):
+            call("row fp32 +bias", layout, 256, 256, 512, cfg, None, None, bias=True)
+            if cfg in kbm.allowed_configs(kbm.k_step(None, None), aligned=False):
+                call("row x tensor fp32 odd ->bf16", layout, 37, 53, 300, cfg, None, "tensor", out=bf16)
+    # 64-bit index math (chosen on the host past 2**31 element offsets): force it on small tensors
+    saved, kbm.INT32_LIMIT = kbm.INT32_LIMIT, 0
+    try:
+        for step, cfgs in kbm.BLOCK_SCALED_CONFIGS.items():
+            for cfg in (cfgs[0], cfgs[-1]):
+                call(f"int64-index block {step}", "fwd", 256, 256, 512, cfg, step, step, bias=True, out=bf16)
+    finally:
+        kbm.INT32_LIMIT = saved
+
+
+KERNELS = ("quantize", "block_quantize", "scaled_matmul", "block_scaled_matmul")
 
 
 def run_checks(target_name: str, kernels: tuple[str, ...] = KERNELS, paths=None) -> list[CaseResult]:
@@ -366,6 +418,8 @@ def run_checks(target_name: str, kernels: tuple[str, ...] = KERNELS, paths=None)
             _block_quantize_cases(rec)
         if "scaled_matmul" in kernels:
             _matmul_cases(rec, fp8=TARGETS[target_name][0] >= 89, paths=paths)
+        if "block_scaled_matmul" in kernels:
+            _block_matmul_cases(rec)
     return rec.results
 
 

@@ -18,8 +18,14 @@ those operands are dequantized first and multiplied as plain values. fp32 row sc
 of the sum (epilogue inv_a[m]·inv_b[n]); fp32 block scales do not, so the product is a sum of
 per-block partial products, each scaled by its two blocks' inv_scales (chunks of the smaller
 block size when the two differ). All in fp32 with fp32 accumulation: results equal a float64
-product of the same quantized operands up to accumulation order. This path runs in torch on
-every device (no Triton kernel yet): it is the reference a fused block-scaled kernel must equal.
+product of the same quantized operands up to accumulation order. That torch product is the
+reference. On CUDA (backend "auto"; the layer's backend "auto" or "triton") the products run in
+kernels/block_scaled_matmul.py instead: the operands unfolded, each K step's partial product scaled
+by its blocks' inv_scales (exact for e8m0 scales, correct for fp32 ones), row and per-tensor
+scales in the epilogue; equal to the reference up to fp32 accumulation order. A high-precision
+operand (no inv_scale: not format-domain values), a block size outside 16/32/64/128, or an
+e8m0-scaled operand of a format reaching 2**HEADROOM_LOG2 (E7M0: its unscaled products overflow the
+kernel's fp32 partial sums) keeps the torch product on every device.
 
 E7M0-range formats with fp32 scales are rounded in the same format with bias + k (values carried
 2**-k lower, k = ceil(log2 max) - 52) so fp32 sums of products stay finite, as the per-tensor path
@@ -45,7 +51,7 @@ from altgrad.config import RoleConfig
 from altgrad.formats import FormatSpec
 from altgrad.vocabulary import STAT_FIELDS
 
-__all__ = ["blockwise_linear", "blockwise_matmul", "needs_blockwise", "weight_block_scales"]
+__all__ = ["blockwise_linear", "blockwise_matmul", "needs_blockwise", "weight_block_scales", "MATMUL_BACKENDS"]
 
 HEADROOM_LOG2 = 52  # operands are carried below 2**52 so fp32 sums of their products stay finite
 
@@ -219,9 +225,46 @@ def _epilogue(c: torch.Tensor, a: Operand, b: Operand) -> torch.Tensor:
     return c
 
 
-def blockwise_matmul(a: Operand, b: Operand, pow2_a: bool = False, pow2_b: bool = False) -> torch.Tensor:
+MATMUL_BACKENDS = ("auto", "torch", "triton")
+
+
+def _kernel_operand(op: Operand):
+    """(inv_scale, block) as kernels/block_scaled_matmul.py takes them, or None when the kernel
+    cannot take the operand (high precision, or a block size it has no step for)."""
+    from altgrad.kernels.block_scaled_matmul import BLOCK_SIZES
+
+    if op.inv is None or op.q.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    if op.inv.dim() == 0:
+        return op.inv.float(), None
+    if not _is_block(op):
+        return op.inv.float(), None
+    return (op.inv.float(), op.block) if op.block in BLOCK_SIZES else None
+
+
+def blockwise_matmul(a: Operand, b: Operand, pow2_a: bool = False, pow2_b: bool = False,
+                     backend: str = "auto") -> torch.Tensor:
     """C (M, N) = A (M, K) · B (N, K)^T of two scaled operands, fp32 (see the module docstring).
-    pow2_x: x's row / block inv_scales are powers of two (e8m0), so x is dequantized first."""
+
+    pow2_x: x's row / block inv_scales are powers of two (e8m0), so the torch product dequantizes
+    x first. backend: "torch" (the reference), "triton" (kernels/block_scaled_matmul.py: CUDA, or
+    CPU under TRITON_INTERPRET=1) or "auto" (triton for CUDA operands it can take, else torch).
+
+    Raises:
+        ValueError: an unknown backend, or backend="triton" with an operand the kernel cannot take
+            (no inv_scale, or a block size outside 16 / 32 / 64 / 128).
+    """
+    if backend not in MATMUL_BACKENDS:
+        raise ValueError(f"backend must be one of {MATMUL_BACKENDS} (got {backend!r})")
+    if backend == "triton" or (backend == "auto" and a.q.is_cuda):
+        ka, kb = _kernel_operand(a), _kernel_operand(b)
+        if ka is not None and kb is not None:
+            from altgrad.kernels.block_scaled_matmul import block_scaled_matmul
+
+            return block_scaled_matmul(a.q, b.q, ka[0], kb[0], block_a=ka[1], block_b=kb[1])
+        if backend == "triton":
+            raise ValueError("backend='triton' multiplies format-domain operands with inverse scales (per tensor, "
+                             "row, or blocks of 16/32/64/128); use backend='torch' or 'auto' for the others")
     a, b = _fold(a, pow2_a), _fold(b, pow2_b)
     if not (_is_block(a) or _is_block(b)):
         return _epilogue(a.q @ b.q.t(), a, b)
@@ -238,6 +281,20 @@ def blockwise_matmul(a: Operand, b: Operand, pow2_a: bool = False, pow2_b: bool 
     return _epilogue(c, a, b)
 
 
+def _mm_backend(mod, role_a: str, role_b: str) -> str:
+    """The product for one GEMM: the kernel where the layer's backend allows (auto, triton) and the
+    operands are on CUDA; backends "torch" and "fast" keep the torch product, as their per-tensor
+    matmuls do. So does a GEMM with an e8m0-scaled operand of a format reaching 2**HEADROOM_LOG2
+    (E7M0): the kernel multiplies unscaled format values, whose products (up to 2**124) summed over a
+    K step overflow fp32, while the torch product dequantizes e8m0 operands first."""
+    if mod.backend not in ("auto", "triton"):
+        return "torch"
+    for role in (role_a, role_b):
+        if _pow2(mod, role) and mod.role_configs[role].format.max >= 2.0**HEADROOM_LOG2:
+            return "torch"
+    return "auto"
+
+
 def _pow2(mod, role: str) -> bool:
     rc = mod.role_configs.get(role)
     return rc is not None and rc.granularity != "tensor" and rc.scale_format == "e8m0"
@@ -251,7 +308,8 @@ class _BlockwiseLinearFn(torch.autograd.Function):
         w = weight.detach()
         a = _role_operand(mod, "input", "input", x2)
         b, b_dgrad = _weight_operands(mod, w)
-        y = blockwise_matmul(a, b, _pow2(mod, "input"), _pow2(mod, "weight"))
+        y = blockwise_matmul(a, b, _pow2(mod, "input"), _pow2(mod, "weight"),
+                             _mm_backend(mod, "input", "weight"))
         if mod.training and x.numel() > 0:
             mod.sr_state[1] += 1  # one training forward: the next draws differ
         if bias is not None:
@@ -279,12 +337,14 @@ class _BlockwiseLinearFn(torch.autograd.Function):
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
             b = ctx.reuse_weight or _operand(mod, "weight", "weight:dgrad", w.t())
-            dx = blockwise_matmul(g_dgrad, b, _pow2(mod, "grad_output"), _pow2(mod, "weight"))
+            dx = blockwise_matmul(g_dgrad, b, _pow2(mod, "grad_output"), _pow2(mod, "weight"),
+                                  _mm_backend(mod, "grad_output", "weight"))
             dx = dx.to(ctx.x_dtype).reshape(ctx.x_shape)
         if ctx.needs_input_grad[1]:
             a = g_dgrad.t() if go_tensor else _operand(mod, "grad_output", "grad_output:wgrad", dy2.t())
             b = ctx.reuse_input or _operand(mod, "input", "input:wgrad", x2.t())
-            dw = blockwise_matmul(a, b, _pow2(mod, "grad_output"), _pow2(mod, "input"))
+            dw = blockwise_matmul(a, b, _pow2(mod, "grad_output"), _pow2(mod, "input"),
+                                  _mm_backend(mod, "grad_output", "input"))
             dw = _quantize_weight_grad(mod, dw).to(w.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy2.float().sum(0).to(mod.bias.dtype)

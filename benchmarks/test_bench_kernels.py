@@ -6,7 +6,8 @@ matmul: for each GEMM of a Linear layer (forward, dgrad, wgrad layouts, as Quant
 them) at GPT-small shapes and 4096^3, the Triton kernel (its fixed tile, and autotuned over the same
 list) against cuBLAS bf16 (`torch.mm`, fp32 output) on the same format-domain operands — both are
 exact products with fp32 accumulation, so the faster one can serve the shape; plus in-loop
-quantization and real FP8 (Triton, and cuBLAS `torch._scaled_mm`) for the forward GEMM.
+quantization, real FP8 (Triton, and cuBLAS `torch._scaled_mm`) and block scaling (E8M0 per 32
+elements of K, `block_scaled_matmul.py`) for the forward GEMM.
 
 Same clock everywhere: `triton.testing.do_bench` (CUDA events, L2 flushed, median). extra_info (also
 printed as a RESULT line as soon as it is measured) holds the device time and its ratio to the cuBLAS
@@ -195,4 +196,23 @@ def test_matmul_fp8_cublas_scaled_mm(benchmark, linear):
     benchmark.group = f"matmul {linear} fwd"
     fn = lambda: torch._scaled_mm(a8, b8.t(), scale_a=ia, scale_b=ib, out_dtype=torch.float32)  # noqa: E731
     _ratio(benchmark, (linear, "fwd"), device_ms(fn))
+    wall(benchmark, fn)
+
+
+@pytest.mark.parametrize("linear", LINEARS)
+def test_matmul_block_scaled_triton(benchmark, linear):
+    """The forward GEMM with one E8M0 inverse scale per 32 elements of K on both operands
+    (kernels/block_scaled_matmul.py, MX-style), against cuBLAS bf16 without scales: the price of
+    scaling every K step's partial product."""
+    from altgrad.kernels import block_scaled_matmul as kbm
+
+    a, b, _, _ = _operands(linear, "fwd")
+    M, K, N = LINEARS[linear]
+    g = torch.Generator(device="cuda").manual_seed(1)
+    ia, ib = (torch.exp2(torch.randint(-4, 5, (rows, -(-K // 32)), device="cuda", generator=g).float())
+              for rows in (M, N))
+    benchmark.group = f"matmul {linear} fwd"
+    fn = lambda: kbm.block_scaled_matmul(a, b, ia, ib, block_a=32, block_b=32)  # noqa: E731
+    _ratio(benchmark, (linear, "fwd"), device_ms(fn))
+    benchmark.extra_info["fixed_tile"] = list(kbm.pick_config(32, M, N))
     wall(benchmark, fn)

@@ -45,8 +45,8 @@ declare -A WHAT=(
 # formats that stay in the CUDA test run; every other format's parametrisations are deselected
 GPU_TEST_FORMATS="E4M3 E5M2 E7M0 E0M7"
 GPU_TEST_DESELECT="E3M4 or E2M5 or E1M6 or E6M1 or FNUZ or E4M3_IEEE or E5M2_FN or P3109 or E2M1 or E2M3 or E3M2 or E7M0_NONE"
-GPU_TEST_FILES="tests/test_kernels_quantize.py tests/test_kernels_matmul.py tests/test_linear.py tests/test_quantize.py \
-tests/test_model.py tests/test_data.py tests/test_reproducibility.py"
+GPU_TEST_FILES="tests/test_kernels_quantize.py tests/test_kernels_matmul.py tests/test_kernels_block_matmul.py \
+tests/test_linear.py tests/test_quantize.py tests/test_model.py tests/test_data.py tests/test_reproducibility.py"
 # extra sweep arguments, e.g. SWEEP_ARGS="--train.max_steps=500" (the LR schedule follows)
 SWEEP_ARGS=${SWEEP_ARGS:-}
 PY=${PYTHON:-python3}

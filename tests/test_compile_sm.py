@@ -55,6 +55,7 @@ def test_every_specialisation_fits_sm90_and_sm80(tmp_path):
             line for line in outputs[t].splitlines() if "FAIL" in line or "Error" in line)
 
     from altgrad.formats import FORMAT_REGISTRY
+    from altgrad.kernels.block_scaled_matmul import BLOCK_SCALED_CONFIGS
     from altgrad.kernels.scaled_matmul import MATMUL_CONFIGS
 
     for t in ("sm_90", "sm_80"):
@@ -63,7 +64,8 @@ def test_every_specialisation_fits_sm90_and_sm80(tmp_path):
         limit = {"sm_90": 232448, "sm_80": 166912}[t]
         assert rows and all(r["stack"] == 0 and r["shared"] <= limit for r in rows if not r["known"])
         assert all(r["problems"] for r in rows if r["known"])  # a known problem that is fixed must be removed
-        assert {r["kernel"] for r in rows} >= {"_cast_kernel", "_block_quantize_kernel", "_scaled_matmul_kernel"}
+        assert {r["kernel"] for r in rows} >= {"_cast_kernel", "_block_quantize_kernel", "_scaled_matmul_kernel",
+                                               "_block_scaled_matmul_kernel"}
         # coverage: every registered format x rounding x stats of the cast kernel
         for name in FORMAT_REGISTRY:
             for rounding in ("nearest", "stochastic"):
@@ -80,6 +82,15 @@ def test_every_specialisation_fits_sm90_and_sm80(tmp_path):
                 for layout in ("fwd", "dgrad", "wgrad"):
                     assert any(case.endswith(tile) and f" {layout} " in case and ("unaligned" in case) == unaligned
                                for case in cases), (t, path, tile, layout)
+        # coverage: every tile of the block-scaled matmul, fp32 and bf16 operands, 3 layouts; odd: the last
+        block_cases = [r["case"] for r in rows if r["kernel"] == "_block_scaled_matmul_kernel"]
+        for step, cfgs in BLOCK_SCALED_CONFIGS.items():
+            for c in cfgs:
+                tile = f"{c.block_m}x{c.block_n}x{c.block_k}/s{c.num_stages}w{c.num_warps}"
+                for layout in ("fwd", "dgrad", "wgrad"):
+                    for kind in ("fp32", "bf16") + (("fp32 odd",) if c == cfgs[-1] else ()):
+                        assert any(case.startswith(f"block {step} {kind} ") and f" {layout} " in case
+                                   and case.endswith(tile) for case in block_cases), (t, step, kind, tile, layout)
         for layout in ("fwd", "dgrad", "wgrad"):
             assert any(f" {layout} " in c and c.startswith("bf16") for c in cases)
             assert any(f" {layout} " in c and c.startswith("in-loop") for c in cases)

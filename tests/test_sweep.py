@@ -216,8 +216,10 @@ def test_jobs_run_at_once_with_whole_prefixed_lines_and_logs(setup, capsys):
         assert (out / f"{name}.log").read_text() == f"line one of {name}\nline two of {name}\n"
         env = json.loads((out / name / "env.json").read_text())
         assert env["OMP_NUM_THREADS"] == str(max(1, (os.cpu_count() or 1) // 3))
-    assert all(line.startswith(("[", "compared", "run ", "---", "baseline:", "seed spread", "report:")) or not line.strip()
-               or line.split()[0] in names for line in printed.splitlines())
+    # the rest is the report: its run table and, with seeds, its table by config
+    assert all(line.startswith(("[", "compared", "run ", "---", "baseline:", "seed spread", "report:", "by config",
+                                "config ")) or not line.strip()
+               or line.split()[0] in names + ["bf16", "e5m2", "e7m0"] for line in printed.splitlines())
 
 
 # ---- Ctrl-C: forwarded once, the runs save, the sweep reports and exits 130 ----------------------------
