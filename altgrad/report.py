@@ -571,7 +571,7 @@ def _heatmap(run: Run, path):
     return path
 
 
-def make_plots(runs: list[Run], out_dir: Path) -> list[Path]:
+def make_plots(runs: list[Run], out_dir: Path, heatmaps: bool = True) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display needed
@@ -586,7 +586,8 @@ def make_plots(runs: list[Run], out_dir: Path) -> list[Path]:
                    out_dir / "bit_stall.png"),
         _quant_plot(runs, out_dir / "overflow_underflow.png"),
     ]
-    made += [_heatmap(run, out_dir / f"grad_cos_heatmap_{_safe(run.name)}.png") for run in runs]
+    if heatmaps:  # one per run: a large sweep may leave them out (--no-heatmaps)
+        made += [_heatmap(run, out_dir / f"grad_cos_heatmap_{_safe(run.name)}.png") for run in runs]
     return [p for p in made if p is not None]
 
 
@@ -631,14 +632,15 @@ def _safe(name: str) -> str:
 # ---- report ----------------------------------------------------------------------------------------
 
 
-def write_report(runs: list[Run], baseline: Run, out_dir: str | Path) -> tuple[str, Path, list[Path]]:
+def write_report(runs: list[Run], baseline: Run, out_dir: str | Path,
+                 heatmaps: bool = True) -> tuple[str, Path, list[Path]]:
     """Write report.md and the plots into out_dir; returns (terminal text, report path, plot paths)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cmp = comparison(runs, baseline)
     rows = summarize(runs, baseline, cmp)
     spread = _spread_lines(seed_spread(runs), baseline)
-    plots = make_plots(runs, out_dir)
+    plots = make_plots(runs, out_dir, heatmaps)
     note = f"baseline: {baseline.name}; ratio@S = loss / the seed-matched baseline's loss at step S; {cmp.rule}"
     text = "\n".join([cmp.header, "", format_table(rows), "", note] + spread)
     md = ["# altgrad report", "", cmp.header, "", format_table(rows, markdown=True), "", note, ""]
@@ -667,6 +669,7 @@ def _parse_args(argv):
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (out/<run_name>)")
     p.add_argument("--baseline", metavar="DIR", help="baseline run directory (default: the first RUN_DIR)")
     p.add_argument("--out", metavar="DIR", help="where report.md and the PNGs go (default: <first run>/../report)")
+    p.add_argument("--no-heatmaps", action="store_true", help="leave out the per-run layer x step gradient heatmaps")
     return p.parse_args(argv)
 
 
@@ -684,7 +687,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"report: {err}", file=sys.stderr)
         return 2
     out_dir = Path(args.out) if args.out else Path(args.runs[0]).parent / "report"
-    text, report, plots = write_report(runs, baseline, out_dir)
+    text, report, plots = write_report(runs, baseline, out_dir, heatmaps=not args.no_heatmaps)
     print(text)
     print(f"\nreport: {report}" + (f"; plots: {', '.join(str(p) for p in plots)}" if plots else ""))
     return 0

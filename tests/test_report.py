@@ -287,9 +287,12 @@ def test_a_sweep_with_seeds_gets_one_line_per_config(tmp_path, capsys):
     assert lines["e0m7"].rstrip().endswith("1/1") and "2.0100" in lines["e0m7"]
     assert "## By config, over its seeds" in (tmp_path / "rep" / "report.md").read_text()
     assert (tmp_path / "rep" / "by_config.png").stat().st_size > 0
-    # one seed per config: no such table
-    assert report.main([str(dirs[0]), str(dirs[-1]), "--out", str(tmp_path / "rep2")]) == 0
+    assert (tmp_path / "rep" / "grad_cos_heatmap_e2m5_block32_s42.png").is_file()
+    # one seed per config: no such table; --no-heatmaps leaves the per-run heatmaps out
+    assert report.main([str(dirs[0]), str(dirs[-1]), "--out", str(tmp_path / "rep2"), "--no-heatmaps"]) == 0
     assert "by config" not in capsys.readouterr().out
+    assert not list((tmp_path / "rep2").glob("grad_cos_heatmap_*")) and (tmp_path / "rep2" / "loss.png").is_file()
+    assert "heatmap" not in (tmp_path / "rep2" / "report.md").read_text()
 
 
 def test_missing_run_dir_is_a_one_line_error(tmp_path, capsys):
