@@ -191,7 +191,7 @@ def _cast_operand_impl(x, scale, inv_scale, history, count, filled, stats, sr_st
                                       dataclasses.replace(p, fused=False), update, advance, full_stats)
         return q.to(_q_dtype(p, x.device)), q_inv
     if p.scaling == "none":
-        s = scale.clone()
+        s = scale.to(torch.float32, copy=True)  # a module converted to bf16 keeps its scale buffer in bf16; the cast takes fp32
     else:
         n = 0 if p.scaling == "current" else int(filled)  # filled: a CPU mirror of count, no device sync
         if n == 0:  # current scaling, or a delayed history still empty: the tensor's own amax

@@ -722,8 +722,6 @@ def test_fused_cast_state_and_stats_equal_reference_call_by_call(case, dtype, mo
     inputs, and a module converted to bf16 (buffers included: the unfused bookkeeping serves it)."""
     opts = dict(_FUSED_CASES[case])
     fmts = opts.pop("fmts")
-    if module_dtype == torch.bfloat16 and opts["scaling"] == "none":
-        pytest.skip("scaling 'none' casts with the stored scale, which quantize_operand needs in fp32")
     torch.manual_seed(11)
     base = nn.Linear(33, 21)
     layers = []
