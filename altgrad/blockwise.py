@@ -178,18 +178,18 @@ def _cast(x, fmt, block_size, axis, scale_format, scale_rounding, rounding, satu
     else:
         q, overflow, nan, amax_x, counts = out
         # the zero padding counts only where a NaN scale made it NaN: take those back out
-        pad = _padding_per_block(x.shape[axis], block_size, block_2d and x.shape[1 - axis], blocks.shape)
+        pad = _padding_per_block(x.shape[axis], block_size, block_2d and x.shape[1 - axis], blocks.shape,
+                                 scale.device)
         if pad is not None:
-            counts = counts - torch.stack([torch.zeros_like(counts[0]), torch.zeros_like(counts[0]),
-                                           (torch.isnan(scale) * pad).sum().to(counts.dtype),
-                                           torch.zeros_like(counts[0])])
+            counts = counts.clone()
+            counts[2] -= (torch.isnan(scale) * pad).sum()
         stats = (amax_x, counts)
     squeeze = (lambda s: s[:, 0, :, 0].movedim(-1, axis)) if block_2d else (lambda s: s.squeeze(-1).movedim(-1, axis))
     return BlockCast(undo(q), squeeze(scale), squeeze(inv_scale), None if overflow is None else undo(overflow),
                      None if nan is None else undo(nan), stats)
 
 
-def _padding_per_block(k: int, block_size: int | None, rows, blocked_shape):
+def _padding_per_block(k: int, block_size: int | None, rows, blocked_shape, device):
     """Zero-padding elements in each block (the blocked layout's scale shape), or None if none:
     the last block of each slice is short by nb * bs - k (and 2-D tiles also by their rows)."""
     if block_size is None:
@@ -199,12 +199,12 @@ def _padding_per_block(k: int, block_size: int | None, rows, blocked_shape):
     row_pad = (blocked_shape[0] * bs - rows) if rows else 0
     if col_pad == 0 and row_pad == 0:
         return None
-    cols = torch.full((nb,), bs)
+    cols = torch.full((nb,), bs, device=device)
     cols[-1] -= col_pad
     if not rows:
         return (bs - cols).reshape(nb, 1)  # broadcasts over the leading dimensions of (..., nb, 1)
     nr = blocked_shape[0]
-    rws = torch.full((nr,), bs)
+    rws = torch.full((nr,), bs, device=device)
     rws[-1] -= row_pad
     return (bs * bs - rws[:, None] * cols[None, :]).reshape(nr, 1, nb, 1)
 

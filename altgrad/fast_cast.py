@@ -409,8 +409,8 @@ def _round_blocks(blocks, scale, ip, fp, sat, with_masks: bool):
     masks as uint8, or None) and the stats of blocks: (amax bits of the non-NaN |blocks|, counts
     [overflow, underflow, nan, nonzero])."""
     v = blocks * scale
-    q16, _, _, _ = _cast_nearest(blocks, scale, ip, fp, False)
-    q_bits = q16.float().view(torch.int32)
+    q, _, _, _ = _cast_nearest(blocks, scale, ip, fp, False, torch.float32)
+    q_bits = q.view(torch.int32)
     v_bits = v.view(torch.int32)
     nan = (v_bits & 0x7FFFFFFF) > 0x7F800000
     overflow = ~nan & ((q_bits & 0x7FFFFFFF) >= 0x7F800000)

@@ -476,8 +476,9 @@ class QuantizedLinear(nn.Module):
         # "input:wgrad", x cast along the tokens) has stats of its own (one cast serving two uses
         # is reported once)
         block_uses = getattr(self, "blockwise_stats", {})
+        first_uses = {id(st) for use, st in block_uses.items() if ":" not in use}
         for use, st in block_uses.items():
-            if ":" in use and all(st is not other for u, other in block_uses.items() if u != use and ":" not in u):
+            if ":" in use and id(st) not in first_uses:
                 out[use] = st
         return out
 

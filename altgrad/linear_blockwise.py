@@ -235,9 +235,7 @@ def _kernel_operand(op: Operand):
 
     if op.inv is None or op.q.dtype not in (torch.float32, torch.bfloat16):
         return None
-    if op.inv.dim() == 0:
-        return op.inv.float(), None
-    if not _is_block(op):
+    if not _is_block(op):  # per tensor or per row: applied in the epilogue
         return op.inv.float(), None
     return (op.inv.float(), op.block) if op.block in BLOCK_SIZES else None
 

@@ -454,8 +454,7 @@ def _spread_lines(spread: dict[str, tuple[float, float, int]], baseline: Run) ->
 
 
 def _group_mean(vals: list) -> float | None:
-    vals = [v for v in vals if _finite(v)]
-    return statistics.mean(vals) if vals else None
+    return _mean([v for v in vals if _finite(v)])
 
 
 def group_table(rows: list[Row], runs: list[Run], cmp: Comparison, markdown: bool = False) -> str | None:
