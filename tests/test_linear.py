@@ -485,6 +485,18 @@ def test_quantized_step_leaves_the_global_rng_untouched(backend):
 
 
 # -- the fast path equals the reference through the whole layer ---------------------------------
+def twin_layers(in_f: int, out_f: int, layer_config, seed: int, backends=("torch", "fast"), device="cpu") -> list:
+    """One QuantizedLinear per backend, each wrapping a copy of one fresh nn.Linear (same weights,
+    same stochastic-rounding seed)."""
+    base = nn.Linear(in_f, out_f).to(device)
+    layers = []
+    for backend in backends:
+        lin = nn.Linear(in_f, out_f).to(device)
+        lin.load_state_dict(base.state_dict())
+        layers.append(QuantizedLinear(lin, layer_config, backend=backend, seed=seed))
+    return layers
+
+
 @pytest.mark.parametrize("fmts,rounding,saturate", [
     (("E4M3", "E4M3", "E5M2"), "nearest", True),
     (("E3M4", "E7M0", "E2M5"), "nearest", False),
@@ -493,15 +505,11 @@ def test_quantized_step_leaves_the_global_rng_untouched(backend):
 ])
 def test_fast_path_equals_reference_bit_for_bit(fmts, rounding, saturate):
     torch.manual_seed(6)
-    base = nn.Linear(45, 19)
-    layers = []
-    for backend in ("torch", "fast"):
-        lin = nn.Linear(45, 19)
-        lin.load_state_dict(base.state_dict())
-        rcs = [RoleConfig(f, scaling="delayed", rounding=rounding, saturate=saturate) for f in fmts]
-        wg = RoleConfig("E5M2", scaling="current", rounding=rounding)
-        layers.append(QuantizedLinear(lin, LayerQuantConfig(*rcs, weight_grad=wg), backend=backend, seed=77))
-        layers[-1].full_stats = True
+    rcs = [RoleConfig(f, scaling="delayed", rounding=rounding, saturate=saturate) for f in fmts]
+    wg = RoleConfig("E5M2", scaling="current", rounding=rounding)
+    layers = twin_layers(45, 19, LayerQuantConfig(*rcs, weight_grad=wg), seed=77)
+    for layer in layers:
+        layer.full_stats = True
     for step in range(3):
         x = torch.randn(3, 7, 45) * 10.0 ** (step - 1)
         x[0, 0, :3] = torch.tensor([0.0, -0.0, 1e-30])
@@ -633,13 +641,8 @@ def test_stochastic_rounding_draws_agree_between_torch_and_triton(device):
     """The same sr_state gives the same Philox draws on the reference and the kernel path: equal
     stats and state after forward and backward (outputs differ only by accumulation order)."""
     torch.manual_seed(4)
-    base = nn.Linear(45, 19).to(device)
-    layers = []
-    for backend in ("torch", "triton"):
-        lin = nn.Linear(45, 19).to(device)
-        lin.load_state_dict(base.state_dict())
-        rcs = [RoleConfig(f, scaling="delayed", rounding="stochastic") for f in ("E4M3", "E3M4", "E5M2")]
-        layers.append(QuantizedLinear(lin, LayerQuantConfig(*rcs), backend=backend, seed=123))
+    rcs = [RoleConfig(f, scaling="delayed", rounding="stochastic") for f in ("E4M3", "E3M4", "E5M2")]
+    layers = twin_layers(45, 19, LayerQuantConfig(*rcs), seed=123, backends=("torch", "triton"), device=device)
     x = torch.randn(3, 7, 45, device=device)
     dy = torch.randn(3, 7, 19, device=device)
     outs = []
@@ -723,15 +726,9 @@ def test_fused_cast_state_and_stats_equal_reference_call_by_call(case, dtype, mo
     opts = dict(_FUSED_CASES[case])
     fmts = opts.pop("fmts")
     torch.manual_seed(11)
-    base = nn.Linear(33, 21)
-    layers = []
-    for backend in ("torch", "fast"):
-        lin = nn.Linear(33, 21)
-        lin.load_state_dict(base.state_dict())
-        rcs = [RoleConfig(f, **opts) for f in fmts]
-        wg = RoleConfig("E5M2", **{**opts, "scaling": "current" if opts["scaling"] == "delayed" else opts["scaling"]})
-        ql = QuantizedLinear(lin, LayerQuantConfig(*rcs, weight_grad=wg), backend=backend, seed=5).to(module_dtype)
-        layers.append(ql)
+    rcs = [RoleConfig(f, **opts) for f in fmts]
+    wg = RoleConfig("E5M2", **{**opts, "scaling": "current" if opts["scaling"] == "delayed" else opts["scaling"]})
+    layers = [ql.to(module_dtype) for ql in twin_layers(33, 21, LayerQuantConfig(*rcs, weight_grad=wg), seed=5)]
     g = torch.Generator().manual_seed(3)
 
     def state(ql):
