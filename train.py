@@ -17,6 +17,7 @@ consecutive non-finite steps), 130 stopped by Ctrl-C / SIGTERM.
 
 import atexit
 import dataclasses
+import gc
 import hashlib
 import math
 import os
@@ -456,5 +457,9 @@ if master:
                     if last_val is not None else "no evaluation yet")
         print(f"{status} at step {step} in {fmt_time(wall_time())}: {val_text} -> {run_dir}")
 if ddp:
+    # free the DDP wrapper (it sits in reference cycles) while its process group is alive: gloo DDP
+    # left to interpreter shutdown can abort the process (torch 2.13, CPU) after a clean run
+    del model
+    gc.collect()
     dist.destroy_process_group()
 sys.exit(exit_code)
