@@ -9,23 +9,32 @@ the same initial weights, with AdamW as train.py. Each round times one optimizer
 model in an order that rotates every round; a round's ratio is format / fp32 in that round, and the
 reported ratio is the median over rounds (min..max alongside). One intra-op thread: other
 processes share the cores, and OpenMP barriers stall when a thread is descheduled.
+
+With metrics (`test_cpu_quick_step_ratio_with_metrics`, `python benchmarks/test_bench_step.py
+--metrics`), every model runs train.py's diagnostics with log_interval 10, fp32 included (the
+dead-unit hooks every step; on every 10th step rel_err stats, gradient norms, the update tracker
+around the optimizer step, quant and dead-unit metrics), and a round times 10 steps per model.
 """
 
 import statistics
+import sys
 import time
 
 import pytest
 import torch
 
+from altgrad import metrics
+from altgrad.linear import set_full_stats
 from altgrad.model import GPT, GPTConfig
 from altgrad.surgery import quantize_model
 
 CFG = GPTConfig(block_size=64, vocab_size=65, n_layer=4, n_head=4, n_embd=128, dropout=0.0, bias=False)
 BATCH, ROUNDS, WARMUP = 16, 9, 2
+LOG_INTERVAL = 10
 FORMATS = ["E5M2", "E4M3", "E3M4", "E7M0"]
 
 
-def _run(fmt):
+def _run(fmt, with_metrics=False):
     torch.manual_seed(42)
     model = GPT(CFG)
     if fmt is not None:
@@ -35,23 +44,42 @@ def _run(fmt):
     batches = [(torch.randint(0, CFG.vocab_size, (BATCH, CFG.block_size), generator=g),
                 torch.randint(0, CFG.vocab_size, (BATCH, CFG.block_size), generator=g)) for _ in range(4)]
     state = {"i": 0}
+    tracker = metrics.UpdateTracker(model) if with_metrics else None
+    dead = metrics.DeadNeuronTracker(model, 1e-8, 100) if with_metrics else None
 
-    def step():
+    def one_step():
         x, y = batches[state["i"] % len(batches)]
+        log = with_metrics and state["i"] % LOG_INTERVAL == 0
         state["i"] += 1
+        set_full_stats(model, log)
         _, loss = model(x, y)
         loss.backward()
+        record = metrics.grad_norms(model) if log else {}
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if log:
+            tracker.before_step()
         opt.step()
+        if log:
+            record.update(tracker.after_step())
         opt.zero_grad(set_to_none=True)
+        if dead is not None:
+            dead.step()
+        if log:
+            record.update(metrics.quant_metrics(model))
+            record.update(dead.metrics())
+        return loss
+
+    def step():  # a plain step, or with metrics the 10 steps of one logging interval
+        for _ in range(LOG_INTERVAL if with_metrics else 1):
+            loss = one_step()
         return loss
 
     return step
 
 
-def interleaved_ratios(formats=FORMATS, rounds=ROUNDS, warmup=WARMUP) -> dict:
+def interleaved_ratios(formats=FORMATS, rounds=ROUNDS, warmup=WARMUP, with_metrics=False) -> dict:
     names = ["fp32", *formats]
-    steps = {n: _run(None if n == "fp32" else n) for n in names}
+    steps = {n: _run(None if n == "fp32" else n, with_metrics) for n in names}
     for _ in range(warmup):
         for n in names:
             steps[n]()
@@ -83,6 +111,20 @@ def test_cpu_quick_step_ratio(benchmark):
         print(f"{f}: {r['ms']:.1f} ms/step, {r['ratio']:.2f}x fp32 ({r['min']:.2f}..{r['max']:.2f})")
 
 
+def test_cpu_quick_step_ratio_with_metrics(benchmark):
+    benchmark.group = "cpu_quick 10 steps with metrics at log_interval 10, quantized / fp32 (1 thread)"
+    result = benchmark.pedantic(interleaved_ratios, kwargs={"rounds": 5, "warmup": 1, "with_metrics": True},
+                                rounds=1, iterations=1)
+    benchmark.extra_info.update(result)
+    print(f"\nfp32 {result['fp32_ms']:.1f} ms per 10 steps")
+    for f in FORMATS:
+        r = result[f]
+        print(f"{f}: {r['ms']:.1f} ms per 10 steps, {r['ratio']:.2f}x fp32 ({r['min']:.2f}..{r['max']:.2f})")
+
+
 if __name__ == "__main__":  # the same measurement without pytest (e.g. on an older checkout)
     torch.set_num_threads(1)
-    print(interleaved_ratios())
+    if "--metrics" in sys.argv:
+        print(interleaved_ratios(rounds=5, warmup=1, with_metrics=True))
+    else:
+        print(interleaved_ratios())
