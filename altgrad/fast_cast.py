@@ -99,8 +99,9 @@ def _finish(x, v, bits, nan, overflow, r, ip, fp, with_stats: bool, out_dtype=No
     return q, abs_bits.amax(), counts, n_nan_out
 
 
-def _cast_nearest(x, scale, ip, fp, with_stats: bool, out_dtype=None):
-    """x: 1-D, non-empty. Returns _finish's tuple."""
+def _cast_nearest(x, scale, ip, fp, with_stats: bool, out_dtype=None, m0: bool = True):
+    """x: 1-D, non-empty. Returns _finish's tuple. m0: the format has no mantissa bits (the tie
+    fix-up below is compiled only then; it is a no-op for other formats)."""
     m_, emin, bias, lim = ip[0], ip[1], ip[2], ip[3]
     v = x.float() * scale
     bits = v.view(torch.int32)
@@ -112,9 +113,9 @@ def _cast_nearest(x, scale, ip, fp, with_stats: bool, out_dtype=None):
     c = (((ec + (150 - m_)) << 23) | 0x400000).view(torch.float32)
     m = mb.view(torch.float32)
     r = (m + c) - c
-    # M = 0: ties go to the even exponent code, not always up
-    tie = (m_ == 0) & ((mb & 0x7FFFFF) == 0x400000) & (e >= emin) & (((e + bias) & 1) == 0)
-    r = torch.where(tie, (mb & 0x7F800000).view(torch.float32), r)
+    if m0:  # M = 0: ties go to the even exponent code, not always up
+        tie = (m_ == 0) & ((mb & 0x7FFFFF) == 0x400000) & (e >= emin) & (((e + bias) & 1) == 0)
+        r = torch.where(tie, (mb & 0x7F800000).view(torch.float32), r)
     overflow = (r > fp[0]) & ~nan
     return _finish(x, v, bits, nan, overflow, r, ip, fp, with_stats, out_dtype)
 
@@ -148,12 +149,12 @@ def _cast_stochastic(x, scale, k0, k1, ip, fp, with_stats: bool, out_dtype=None)
 
 # one top-level function per (rounding, stats) variant: dynamo keeps its compiled graphs per code
 # object, so each variant holds at most one graph per input dtype (no recompile limit in reach)
-def _nearest_stats(x, scale, ip, fp):
-    return _cast_nearest(x, scale, ip, fp, True)
+def _nearest_stats(x, scale, ip, fp, m0):
+    return _cast_nearest(x, scale, ip, fp, True, None, m0)
 
 
-def _nearest_plain(x, scale, ip, fp):
-    return _cast_nearest(x, scale, ip, fp, False)
+def _nearest_plain(x, scale, ip, fp, m0):
+    return _cast_nearest(x, scale, ip, fp, False, None, m0)
 
 
 def _stochastic_stats(x, scale, k0, k1, ip, fp):
@@ -310,7 +311,7 @@ def cast(x: torch.Tensor, fmt: FormatSpec, scale: torch.Tensor, *, rounding: str
         k1 = torch.tensor(seed >> 32, dtype=torch.int64, device=x.device)
         q, amax_bits, counts, n_nan = _run(_VARIANTS[rounding, stats], flat, scale, k0, k1, ip, fp)
     elif magic_supported(fmt):
-        q, amax_bits, counts, n_nan = _run(_VARIANTS[rounding, stats], flat, scale, ip, fp)
+        q, amax_bits, counts, n_nan = _run(_VARIANTS[rounding, stats], flat, scale, ip, fp, fmt.man_bits == 0)
     else:
         return None  # the caller falls back to the reference
     # NaN results become the canonical bf16 NaN; on the CPU reading the count is free, and NaNs are rare
@@ -344,20 +345,22 @@ def _static(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
 @functools.lru_cache(maxsize=None)
 def operand_params(fmt_key: tuple, domain_key: tuple, saturate: bool, margin: int, pow2: bool, algo_max: bool,
                    k: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """(ip, fp, sp, si) device tensors of one operand role: the domain format's rounding parameters
-    (as `cast`), sp fp32 [fmt.max, 2**margin, 2**-k, 2**k] and si int32 [pow2, amax algo is max].
+    """(ip, fp, sp, si, m0): device tensors of one operand role, the domain format's rounding parameters
+    (as `cast`), sp fp32 [fmt.max, 2**margin, 2**-k, 2**k] and si int32 [pow2, amax algo is max],
+    and whether the domain format has no mantissa bits.
     fmt_key / domain_key: FormatSpec.kernel_fields values of the role's format and of the format
     rounded to (fmt with bias + k)."""
     fmt = FormatSpec("scale", *fmt_key)
     ip, fp = (t.clone() for t in _params(domain_key, saturate, device))
     sp = torch.tensor([fmt.max, float(2**margin), 2.0**-k, 2.0**k], dtype=torch.float32, device=device)
     si = torch.tensor([int(pow2), int(algo_max)], dtype=torch.int32, device=device)
-    return _static(ip, fp, sp, si)
+    return (*_static(ip, fp, sp, si), FormatSpec("domain", *domain_key).man_bits == 0)
 
 
 @functools.lru_cache(maxsize=None)
-def _update_flag(update: bool, device: torch.device) -> torch.Tensor:
-    return _static(torch.tensor(update, device=device))[0]
+def _flag(value: bool, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A 0-dim per-call switch (the graph is the same for both values)."""
+    return _static(torch.tensor(value, dtype=dtype, device=device))[0]
 
 
 def _scale_of(amax, prev, sp, si):
@@ -372,8 +375,9 @@ def _scale_of(amax, prev, sp, si):
     return torch.where(ok, scale_bits.view(torch.float32), prev)
 
 
-def _fused(x, scale, inv_scale, history, count, ip, fp, sp, si, upd, key, source, rounding, out_dtype):
-    """One operand cast with its bookkeeping (see cast_operand): (q, inv_scale * 2**k, stats[:7])."""
+def _fused(x, scale, inv_scale, history, count, stats, sr_state, ip, fp, sp, si, upd, adv, key, source, rounding,
+           out_dtype, m0):
+    """One operand cast with its bookkeeping (see cast_operand): (q, inv_scale * 2**k)."""
     if source == "none":
         s = scale
     else:
@@ -391,54 +395,67 @@ def _fused(x, scale, inv_scale, history, count, ip, fp, sp, si, upd, key, source
         s = s.reshape(1).expand(16).amax()
     inv = torch.reciprocal(s)
     if rounding == "nearest":
-        q, amax_bits, counts, _ = _cast_nearest(x, s * sp[2], ip, fp, True, out_dtype)
+        q, amax_bits, counts, _ = _cast_nearest(x, s * sp[2], ip, fp, True, out_dtype, m0)
     else:
         q, amax_bits, counts, _ = _cast_stochastic(x, s * sp[2], key[0], key[1], ip, fp, True, out_dtype)
     amax_x = amax_bits.view(torch.float32)
-    # [amax, scale, overflow, underflow, nan, nonzero, numel] (rel_err, stats[7], is the caller's)
+    # stats[:7] = [amax, scale, overflow, underflow, nan, nonzero, numel] (rel_err, stats[7], is the caller's)
     numel = torch.full((1,), x.numel(), dtype=torch.float64, device=x.device)
-    stats = torch.cat([torch.stack([amax_x, s]).double(), counts[[0, 1, 3, 2]].double(), numel])
+    stats[:7].copy_(torch.cat([torch.stack([amax_x, s]).double(), counts[[0, 1, 3, 2]].double(), numel]))
+    sr_state[1:].add_(adv)
     scale.copy_(torch.where(upd, s, scale))
     inv_scale.copy_(torch.where(upd, inv, inv_scale))
     if history is not None:  # roll in and push, newest at index 0 (TransformerEngine's amax_history)
         pushed = torch.cat([amax_x.reshape(1), history[:-1]])
         history.copy_(torch.where(upd, pushed, history))
         count.copy_(torch.where(upd, (count + 1).clamp(max=history.numel()), count))
-    return q, inv * sp[3], stats
+    return q, inv * sp[3]
 
 
-# one top-level function per (amax source, rounding): dynamo keeps graphs per code object
-def _none_nearest(x, scale, inv_scale, ip, fp, sp, si, upd, key, out_dtype):
-    return _fused(x, scale, inv_scale, None, None, ip, fp, sp, si, upd, key, "none", "nearest", out_dtype)
+# one top-level function per (amax source, rounding): where torch.compile serves (not the CPU),
+# dynamo keeps its graphs per code object
+def _none_nearest(x, scale, inv_scale, stats, sr_state, ip, fp, sp, si, upd, adv, key, out_dtype, m0):
+    return _fused(x, scale, inv_scale, None, None, stats, sr_state, ip, fp, sp, si, upd, adv, key, "none", "nearest",
+                  out_dtype, m0)
 
 
-def _none_stochastic(x, scale, inv_scale, ip, fp, sp, si, upd, key, out_dtype):
-    return _fused(x, scale, inv_scale, None, None, ip, fp, sp, si, upd, key, "none", "stochastic", out_dtype)
+def _none_stochastic(x, scale, inv_scale, stats, sr_state, ip, fp, sp, si, upd, adv, key, out_dtype, m0):
+    return _fused(x, scale, inv_scale, None, None, stats, sr_state, ip, fp, sp, si, upd, adv, key, "none",
+                  "stochastic", out_dtype, m0)
 
 
-def _own_nearest(x, scale, inv_scale, ip, fp, sp, si, upd, key, out_dtype):
-    return _fused(x, scale, inv_scale, None, None, ip, fp, sp, si, upd, key, "own", "nearest", out_dtype)
+def _own_nearest(x, scale, inv_scale, stats, sr_state, ip, fp, sp, si, upd, adv, key, out_dtype, m0):
+    return _fused(x, scale, inv_scale, None, None, stats, sr_state, ip, fp, sp, si, upd, adv, key, "own", "nearest",
+                  out_dtype, m0)
 
 
-def _own_stochastic(x, scale, inv_scale, ip, fp, sp, si, upd, key, out_dtype):
-    return _fused(x, scale, inv_scale, None, None, ip, fp, sp, si, upd, key, "own", "stochastic", out_dtype)
+def _own_stochastic(x, scale, inv_scale, stats, sr_state, ip, fp, sp, si, upd, adv, key, out_dtype, m0):
+    return _fused(x, scale, inv_scale, None, None, stats, sr_state, ip, fp, sp, si, upd, adv, key, "own",
+                  "stochastic", out_dtype, m0)
 
 
-def _own_push_nearest(x, scale, inv_scale, history, count, ip, fp, sp, si, upd, key, out_dtype):
-    return _fused(x, scale, inv_scale, history, count, ip, fp, sp, si, upd, key, "own", "nearest", out_dtype)
+def _own_push_nearest(x, scale, inv_scale, history, count, stats, sr_state, ip, fp, sp, si, upd, adv, key,
+                      out_dtype, m0):
+    return _fused(x, scale, inv_scale, history, count, stats, sr_state, ip, fp, sp, si, upd, adv, key, "own",
+                  "nearest", out_dtype, m0)
 
 
-def _own_push_stochastic(x, scale, inv_scale, history, count, ip, fp, sp, si, upd, key, out_dtype):
-    return _fused(x, scale, inv_scale, history, count, ip, fp, sp, si, upd, key, "own", "stochastic", out_dtype)
+def _own_push_stochastic(x, scale, inv_scale, history, count, stats, sr_state, ip, fp, sp, si, upd, adv, key,
+                         out_dtype, m0):
+    return _fused(x, scale, inv_scale, history, count, stats, sr_state, ip, fp, sp, si, upd, adv, key, "own",
+                  "stochastic", out_dtype, m0)
 
 
-def _history_nearest(x, scale, inv_scale, history, count, ip, fp, sp, si, upd, key, out_dtype):
-    return _fused(x, scale, inv_scale, history, count, ip, fp, sp, si, upd, key, "history", "nearest", out_dtype)
+def _history_nearest(x, scale, inv_scale, history, count, stats, sr_state, ip, fp, sp, si, upd, adv, key,
+                     out_dtype, m0):
+    return _fused(x, scale, inv_scale, history, count, stats, sr_state, ip, fp, sp, si, upd, adv, key, "history",
+                  "nearest", out_dtype, m0)
 
 
-def _history_stochastic(x, scale, inv_scale, history, count, ip, fp, sp, si, upd, key, out_dtype):
-    return _fused(x, scale, inv_scale, history, count, ip, fp, sp, si, upd, key, "history", "stochastic",
-                  out_dtype)
+def _history_stochastic(x, scale, inv_scale, history, count, stats, sr_state, ip, fp, sp, si, upd, adv, key,
+                        out_dtype, m0):
+    return _fused(x, scale, inv_scale, history, count, stats, sr_state, ip, fp, sp, si, upd, adv, key, "history",
+                  "stochastic", out_dtype, m0)
 
 
 _FUSED = {("none", "nearest"): _none_nearest, ("none", "stochastic"): _none_stochastic,
@@ -473,29 +490,27 @@ def cast_operand(x: torch.Tensor, scale: torch.Tensor, inv_scale: torch.Tensor, 
     `fused_supported`.
     Bit for bit what altgrad.linear's unfused reference bookkeeping gives.
     """
-    ip, fp, sp, si = params
+    ip, fp, sp, si, m0 = params
     key = None
     if rounding == "stochastic":
         key = _static(torch.tensor([seed & 0xFFFFFFFF, seed >> 32], dtype=torch.int64, device=x.device))[0]
     state = (scale, inv_scale) if history is None else (scale, inv_scale, history, count)
     with torch.no_grad():
-        q, q_inv, st = _run(_FUSED[source, rounding], _flat(x.detach()), *state, ip, fp, sp, si,
-                            _update_flag(update, x.device), key, out_dtype)
-        stats[:7].copy_(st)
-        if advance:
-            sr_state[1] += 1
+        q, q_inv = _run(_FUSED[source, rounding], _flat(x.detach()), *state, stats, sr_state, ip, fp, sp, si,
+                        _flag(update, torch.bool, x.device), _flag(advance, torch.int64, x.device), key, out_dtype,
+                        m0 and rounding == "nearest")
     return q.view(x.shape), q_inv
 
 
 # -- blocks: each element rounded at its block's scale (row / block scaling) -------------------------
-def _round_blocks(blocks, scale, ip, fp, sat, with_masks: bool):
+def _round_blocks(blocks, scale, ip, fp, sat, with_masks: bool, m0: bool):
     """blocks, scale: flat fp32 (one scale per element); ip / fp: the format's params with
     saturate=False (so an overflow shows as inf / NaN), sat: 0-dim int32. Returns what the reference
     round_with_masks gives for blocks * scale (q fp32 with NaN lanes = v, and the overflow and nan
     masks as uint8, or None) and the stats of blocks: (amax bits of the non-NaN |blocks|, counts
     [overflow, underflow, nan, nonzero])."""
     v = blocks * scale
-    q, _, _, _ = _cast_nearest(blocks, scale, ip, fp, False, torch.float32)
+    q, _, _, _ = _cast_nearest(blocks, scale, ip, fp, False, torch.float32, m0)
     q_bits = q.view(torch.int32)
     v_bits = v.view(torch.int32)
     nan = (v_bits & 0x7FFFFFFF) > 0x7F800000
@@ -511,12 +526,12 @@ def _round_blocks(blocks, scale, ip, fp, sat, with_masks: bool):
     return out.view(torch.float32), *masks, abs_bits.amax(), counts
 
 
-def _round_blocks_masks(blocks, scale, ip, fp, sat):
-    return _round_blocks(blocks, scale, ip, fp, sat, True)
+def _round_blocks_masks(blocks, scale, ip, fp, sat, m0):
+    return _round_blocks(blocks, scale, ip, fp, sat, True, m0)
 
 
-def _round_blocks_stats(blocks, scale, ip, fp, sat):
-    return _round_blocks(blocks, scale, ip, fp, sat, False)
+def _round_blocks_stats(blocks, scale, ip, fp, sat, m0):
+    return _round_blocks(blocks, scale, ip, fp, sat, False, m0)
 
 
 def round_blocks(blocks: torch.Tensor, fmt: FormatSpec, scale: torch.Tensor, saturate: bool, masks: bool = True):
@@ -537,7 +552,7 @@ def round_blocks(blocks: torch.Tensor, fmt: FormatSpec, scale: torch.Tensor, sat
     shape = blocks.shape
     flat_scale = scale.expand(shape).reshape(-1)
     fn = _round_blocks_masks if masks else _round_blocks_stats
-    q, overflow, nan, amax_bits, counts = _run(fn, _flat(blocks), flat_scale, ip, fp, sat)
+    q, overflow, nan, amax_bits, counts = _run(fn, _flat(blocks), flat_scale, ip, fp, sat, fmt.man_bits == 0)
     if masks:
         overflow, nan = overflow.view(torch.bool).view(shape), nan.view(torch.bool).view(shape)
     return q.view(shape), overflow, nan, amax_bits.view(torch.float32), counts
