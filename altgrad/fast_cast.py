@@ -34,6 +34,7 @@ Philox draw), compiled.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import warnings
 
@@ -142,8 +143,12 @@ def _cast_stochastic(x, scale, k0, k1, ip, fp, with_stats: bool, out_dtype=None)
     code = ((wide + (rbits >> (32 - shift))) >> shift).to(torch.int32)
     overflow = ((code > max_code) | inf) & ~nan
     code = torch.minimum(code, max_code)
-    normal_bits = (((code >> m_) + (127 - bias)) << 23) | ((code & ((1 << m_) - 1)) << (23 - m_))
-    r = torch.where(code >= (1 << m_), normal_bits.view(torch.float32), code.to(torch.float32) * fp[2])
+    # shifts by the 0-dim m_ as torch.bitwise_*_shift: the `>>` / `<<` operators' meta functions fail
+    # to broadcast a 0-dim tensor over a symbolic length (make_fx tracing, see _compile_direct)
+    lsb_code = torch.bitwise_left_shift(torch.ones_like(m_), m_)
+    exp_field = (torch.bitwise_right_shift(code, m_) + (127 - bias)) << 23
+    normal_bits = exp_field | torch.bitwise_left_shift(code & (lsb_code - 1), 23 - m_)
+    r = torch.where(code >= lsb_code, normal_bits.view(torch.float32), code.to(torch.float32) * fp[2])
     return _finish(x, v, bits, nan, overflow, r, ip, fp, with_stats, out_dtype)
 
 
@@ -169,6 +174,8 @@ _VARIANTS = {("nearest", True): _nearest_stats, ("nearest", False): _nearest_pla
              ("stochastic", True): _stochastic_stats, ("stochastic", False): _stochastic_plain}
 _COMPILED: dict[tuple, object] = {}  # (variant, argument descriptions) -> compiled callable
 _DYNAMO: dict[object, object] = {}
+# variant -> positions of the arguments that have the first argument's (x's) shape in every call
+_SHARED_LENGTH: dict[object, tuple[int, ...]] = {}
 
 
 @functools.lru_cache(maxsize=None)
@@ -197,7 +204,10 @@ def _run(fn, x, *args):
     if not COMPILE or x.numel() < 2 or torch._C._len_torch_dispatch_stack():
         return fn(x, *args)
     args = (x, *args)
-    key = (fn, *(_describe(i, a) for i, a in enumerate(args)))
+    shared = _SHARED_LENGTH.get(fn, ())
+    if any(args[i].shape != x.shape for i in shared):
+        return fn(*args)  # not a layout the variant is compiled for (its callers never do this)
+    key = (fn, *(_describe(i, a, i in shared) for i, a in enumerate(args)))
     compiled = _COMPILED.get(key)
     if compiled is None:
         compiled = _COMPILED[key] = _compile(fn, args)
@@ -212,11 +222,12 @@ def _run(fn, x, *args):
         return fn(*args)
 
 
-def _describe(i: int, a) -> object:
+def _describe(i: int, a, shared: bool) -> object:
     """What a compiled graph is specialised on: the first argument's dtype, device and rank (its
-    length stays symbolic), the other tensors' dtype, device and shape, other values themselves."""
+    length stays symbolic) and those of the arguments of the same length (`shared`), the other
+    tensors' dtype, device and shape, other values themselves."""
     if isinstance(a, torch.Tensor):
-        return (a.dtype, a.device, a.dim() if i == 0 else tuple(a.shape))
+        return (a.dtype, a.device, a.dim() if i == 0 or shared else tuple(a.shape))
     return a
 
 
@@ -264,24 +275,30 @@ def _compile_direct(fn, args):
     from torch._guards import TracingContext, tracing
     from torch._inductor import config as inductor_config
     from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.decomposition import select_decomp_table
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
     from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")  # a failed trace logs an error
+    level = fake_log.level
+    fake_log.setLevel(logging.CRITICAL)
     try:
-        env = ShapeEnv(duck_shape=False)
-        mode = FakeTensorMode(shape_env=env)
-        tensors = [a for a in args if isinstance(a, torch.Tensor)]
-        length = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC])
-        fakes = [mode.from_tensor(tensors[0], symbolic_context=length)]
-        fakes += [mode.from_tensor(t, static_shapes=True) for t in tensors[1:]]
+        # duck shaping gives x and the arguments of its length one symbol; all others are static
+        mode = FakeTensorMode(shape_env=(env := ShapeEnv(duck_shape=True)))
+        length = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DUCK])
+        shared = {0, *_SHARED_LENGTH.get(fn, ())}
+        fakes = [mode.from_tensor(a, symbolic_context=length) if i in shared else
+                 mode.from_tensor(a, static_shapes=True) for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
         with torch.no_grad():
-            gm = make_fx(_tensor_fn(fn, args), tracing_mode="fake")(*fakes)
+            gm = make_fx(_tensor_fn(fn, args), select_decomp_table(), tracing_mode="fake")(*fakes)
             inputs = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
             with tracing(TracingContext(mode)), inductor_config.patch(_inductor_options()):
                 compiled = compile_fx(gm, inputs)
     except Exception:
         return None
+    finally:
+        fake_log.setLevel(level)
     if env.guards:
         return None
     return compiled
@@ -412,56 +429,21 @@ def _fused(x, scale, inv_scale, history, count, stats, sr_state, ip, fp, sp, si,
     return q, inv * sp[3]
 
 
-# one top-level function per (amax source, rounding): where torch.compile serves (not the CPU),
-# dynamo keeps its graphs per code object
-def _none_nearest(x, scale, inv_scale, stats, sr_state, ip, fp, sp, si, upd, adv, key, out_dtype, m0):
-    return _fused(x, scale, inv_scale, None, None, stats, sr_state, ip, fp, sp, si, upd, adv, key, "none", "nearest",
-                  out_dtype, m0)
+def _variant(source: str, rounding: str):
+    """_fused for one (amax source, rounding), as a function with a code object of its own: where
+    torch.compile serves (not the CPU), dynamo keeps its graphs per code object, so each variant
+    holds one graph per input dtype (no recompile limit in reach)."""
+
+    def fused(x, scale, inv_scale, history, count, stats, sr_state, ip, fp, sp, si, upd, adv, key, out_dtype, m0):
+        return _fused(x, scale, inv_scale, history, count, stats, sr_state, ip, fp, sp, si, upd, adv, key,
+                      "own" if source == "own_push" else source, rounding, out_dtype, m0)
+
+    fused.__name__ = fused.__qualname__ = f"_{source}_{rounding}"
+    fused.__code__ = fused.__code__.replace(co_name=fused.__name__)
+    return fused
 
 
-def _none_stochastic(x, scale, inv_scale, stats, sr_state, ip, fp, sp, si, upd, adv, key, out_dtype, m0):
-    return _fused(x, scale, inv_scale, None, None, stats, sr_state, ip, fp, sp, si, upd, adv, key, "none",
-                  "stochastic", out_dtype, m0)
-
-
-def _own_nearest(x, scale, inv_scale, stats, sr_state, ip, fp, sp, si, upd, adv, key, out_dtype, m0):
-    return _fused(x, scale, inv_scale, None, None, stats, sr_state, ip, fp, sp, si, upd, adv, key, "own", "nearest",
-                  out_dtype, m0)
-
-
-def _own_stochastic(x, scale, inv_scale, stats, sr_state, ip, fp, sp, si, upd, adv, key, out_dtype, m0):
-    return _fused(x, scale, inv_scale, None, None, stats, sr_state, ip, fp, sp, si, upd, adv, key, "own",
-                  "stochastic", out_dtype, m0)
-
-
-def _own_push_nearest(x, scale, inv_scale, history, count, stats, sr_state, ip, fp, sp, si, upd, adv, key,
-                      out_dtype, m0):
-    return _fused(x, scale, inv_scale, history, count, stats, sr_state, ip, fp, sp, si, upd, adv, key, "own",
-                  "nearest", out_dtype, m0)
-
-
-def _own_push_stochastic(x, scale, inv_scale, history, count, stats, sr_state, ip, fp, sp, si, upd, adv, key,
-                         out_dtype, m0):
-    return _fused(x, scale, inv_scale, history, count, stats, sr_state, ip, fp, sp, si, upd, adv, key, "own",
-                  "stochastic", out_dtype, m0)
-
-
-def _history_nearest(x, scale, inv_scale, history, count, stats, sr_state, ip, fp, sp, si, upd, adv, key,
-                     out_dtype, m0):
-    return _fused(x, scale, inv_scale, history, count, stats, sr_state, ip, fp, sp, si, upd, adv, key, "history",
-                  "nearest", out_dtype, m0)
-
-
-def _history_stochastic(x, scale, inv_scale, history, count, stats, sr_state, ip, fp, sp, si, upd, adv, key,
-                        out_dtype, m0):
-    return _fused(x, scale, inv_scale, history, count, stats, sr_state, ip, fp, sp, si, upd, adv, key, "history",
-                  "stochastic", out_dtype, m0)
-
-
-_FUSED = {("none", "nearest"): _none_nearest, ("none", "stochastic"): _none_stochastic,
-          ("own", "nearest"): _own_nearest, ("own", "stochastic"): _own_stochastic,
-          ("own_push", "nearest"): _own_push_nearest, ("own_push", "stochastic"): _own_push_stochastic,
-          ("history", "nearest"): _history_nearest, ("history", "stochastic"): _history_stochastic}
+_FUSED = {(src, rnd): _variant(src, rnd) for src in AMAX_SOURCES for rnd in ("nearest", "stochastic")}
 
 
 def fused_supported(domain: FormatSpec, rounding: str) -> bool:
@@ -494,11 +476,10 @@ def cast_operand(x: torch.Tensor, scale: torch.Tensor, inv_scale: torch.Tensor, 
     key = None
     if rounding == "stochastic":
         key = _static(torch.tensor([seed & 0xFFFFFFFF, seed >> 32], dtype=torch.int64, device=x.device))[0]
-    state = (scale, inv_scale) if history is None else (scale, inv_scale, history, count)
     with torch.no_grad():
-        q, q_inv = _run(_FUSED[source, rounding], _flat(x.detach()), *state, stats, sr_state, ip, fp, sp, si,
-                        _flag(update, torch.bool, x.device), _flag(advance, torch.int64, x.device), key, out_dtype,
-                        m0 and rounding == "nearest")
+        upd, adv = _flag(update, torch.bool, x.device), _flag(advance, torch.int64, x.device)
+        q, q_inv = _run(_FUSED[source, rounding], _flat(x.detach()), scale, inv_scale, history, count, stats,
+                        sr_state, ip, fp, sp, si, upd, adv, key, out_dtype, m0 and rounding == "nearest")
     return q.view(x.shape), q_inv
 
 
@@ -532,6 +513,9 @@ def _round_blocks_masks(blocks, scale, ip, fp, sat, m0):
 
 def _round_blocks_stats(blocks, scale, ip, fp, sat, m0):
     return _round_blocks(blocks, scale, ip, fp, sat, False, m0)
+
+
+_SHARED_LENGTH[_round_blocks_masks] = _SHARED_LENGTH[_round_blocks_stats] = (1,)  # the per-element scale
 
 
 def round_blocks(blocks: torch.Tensor, fmt: FormatSpec, scale: torch.Tensor, saturate: bool, masks: bool = True):

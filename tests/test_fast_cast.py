@@ -131,6 +131,34 @@ def test_eager_fallback_gives_the_same_bits(monkeypatch):
                          v, rounding)
 
 
+def test_every_cpu_variant_is_called_without_dynamo(monkeypatch):
+    """On the CPU each compiled variant (nearest / stochastic, with and without stats, the block
+    rounding with and without masks, the fused operand casts of QuantizedLinear) is inductor's code
+    from a make_fx trace, called directly: none fell back to torch.compile or to eager code."""
+    from torch import nn
+
+    from altgrad.blockwise import quantize_blockwise, quantize_blockwise_cast
+    from altgrad.config import LayerQuantConfig, RoleConfig
+    from altgrad.linear import QuantizedLinear
+
+    monkeypatch.setattr(fast_cast, "_COMPILED", {})
+    x = torch.randn(5, 77) * 10
+    for rounding in ("nearest", "stochastic"):
+        for stats in (True, False):
+            quantize_operand(x, "E7M0" if stats else "E3M4", torch.tensor(0.5), rounding=rounding, seed=3,
+                             stats=stats, backend="fast")
+        for scaling in ("delayed", "current", "none"):
+            rc = RoleConfig("E4M3", scaling=scaling, rounding=rounding, history_len=3)
+            ql = QuantizedLinear(nn.Linear(77, 9), LayerQuantConfig(rc, rc, rc), backend="fast")
+            for _ in range(2):
+                ql(x.requires_grad_()).sum().backward()
+    quantize_blockwise(x, "E2M5", None, backend="fast")
+    quantize_blockwise_cast(x, "E2M5", 32, backend="fast", masks=False)
+    variants = sorted(key[0].__name__ for key in fast_cast._COMPILED)
+    assert len(set(variants)) == 4 + 2 + 2 * 4, variants  # cast, round_blocks, fused (own, own_push, history, none)
+    assert all(isinstance(c, fast_cast._Direct) for c in fast_cast._COMPILED.values()), fast_cast._COMPILED
+
+
 def test_format_outside_the_magic_range_falls_back_exactly():
     """A custom bias whose top binade is 2**127: the magic constant would overflow fp32."""
     fmt = FormatSpec("E4M3_B-112", 4, 3, -112, "fn")

@@ -504,7 +504,15 @@ def twin_layers(in_f: int, out_f: int, layer_config, seed: int, backends=("torch
     (("E0M7", "E6M1", "E1M6"), "stochastic", True),
     (("E5M2", "E5M2", "E5M2"), "stochastic", False),
 ])
-def test_fast_path_equals_reference_bit_for_bit(fmts, rounding, saturate):
+@pytest.mark.parametrize("route", ["direct", "dynamo"])
+def test_fast_path_equals_reference_bit_for_bit(fmts, rounding, saturate, route, monkeypatch):
+    """Both compile routes of the fast cast: on the CPU inductor's code called directly, and
+    torch.compile (what other devices, or a trace that fails, get)."""
+    from altgrad import fast_cast
+
+    monkeypatch.setattr(fast_cast, "_COMPILED", {})
+    if route == "dynamo":
+        monkeypatch.setattr(fast_cast, "_compile_direct", lambda fn, args: None)
     torch.manual_seed(6)
     rcs = [RoleConfig(f, scaling="delayed", rounding=rounding, saturate=saturate) for f in fmts]
     wg = RoleConfig("E5M2", scaling="current", rounding=rounding)
@@ -530,6 +538,10 @@ def test_fast_path_equals_reference_bit_for_bit(fmts, rounding, saturate):
                 assert torch.equal(v, w) or (v.isnan() and w.isnan()), (step, role, k)
     s0, s1 = layers[0].state_dict(), layers[1].state_dict()
     assert all(torch.equal(v, s1[k]) for k, v in s0.items())
+    compiled = list(fast_cast._COMPILED.values())  # every variant compiled by the route under test
+    dynamo = list(fast_cast._DYNAMO.values())
+    assert compiled and all(isinstance(c, fast_cast._Direct) if route == "direct" else any(c is d for d in dynamo)
+                            for c in compiled)
 
 
 # -- torch.compile -------------------------------------------------------------------------------
@@ -801,7 +813,7 @@ def test_fast_cast_does_not_recompile_across_steps_shapes_views_and_broadcast_gr
             y.sum().backward() if broadcast else y.backward(torch.randn(y.shape))
     assert fast_cast._COMPILED == compiled
     # own_push (first step) and history variants, one per history length (3 layers x 3 roles)
-    assert {key[0] for key in compiled} == {fast_cast._own_push_nearest, fast_cast._history_nearest}
+    assert {key[0] for key in compiled} == {fast_cast._FUSED['own_push', 'nearest'], fast_cast._FUSED['history', 'nearest']}
     assert all(isinstance(c, fast_cast._Direct) for c in compiled.values())
 
 
