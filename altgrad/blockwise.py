@@ -61,13 +61,16 @@ E8M0_MIN_EXP, E8M0_MAX_EXP = -127, 127  # OCP E8M0: 2**-127 .. 2**127, 0xFF is N
 class BlockCast(NamedTuple):
     """One blockwise cast, for kernels and the layer.
 
-    q: format-domain values (x * scale rounded), fp32, x's shape.
+    q: format-domain values (x * scale rounded), fp32, x's shape; every NaN (a NaN element, every
+    element of a block with a NaN scale, an overflow without saturation in a format without inf)
+    is the positive quiet NaN 0x7FC00000 on every backend.
     scale, inv_scale: fp32 per block, x's shape with the `axis` dimension replaced by the number
     of blocks along it (1 for row-wise); with block_2d also the other matrix dimension by its
     number of tiles. x ~ q * inv_scale expanded over each block.
     overflow, nan: bool masks of x's shape (overflow: non-NaN elements whose rounded magnitude
     exceeds fmt.max, inf included).
-    stats: from the "fast" backend (else None): (amax fp32 0-dim of the non-NaN |x|, int64[4]
+    stats: from the "fast" backend (else None): (amax fp32 0-dim of |x| over the non-NaN elements
+    of blocks whose scale is not NaN, as the reference's stats count them, int64[4]
     counts of overflow, underflow (nonzero x rounded to 0), NaN and nonzero elements), counted in
     the rounding pass.
     """
@@ -117,9 +120,11 @@ def block_scales(amax: torch.Tensor, fmt: FormatSpec | str, scale_format: str = 
         x = x + (2 * mant.double() > top_mant).double()
     x = torch.where(amax == 0, float(E8M0_MIN_EXP), x)
     x = torch.where(torch.isinf(amax), float(E8M0_MAX_EXP), x).clamp(E8M0_MIN_EXP, E8M0_MAX_EXP)
-    x = torch.where(torch.isnan(amax), torch.nan, x)
-    # powers of two in float64 are exact, and 2**-127 .. 2**127 are all fp32 numbers
-    return torch.exp2(-x).float(), torch.exp2(x).float()
+    nan = torch.isnan(amax)
+    # powers of two in float64 are exact, and 2**-127 .. 2**127 are all fp32 numbers; a NaN block's
+    # scales are the positive quiet NaN 0x7FC00000, as the kernels write them
+    scale, inv_scale = torch.exp2(-x).float(), torch.exp2(x).float()
+    return torch.where(nan, torch.nan, scale), torch.where(nan, torch.nan, inv_scale)
 
 
 # -- layout: (..., K) <-> blocks -----------------------------------------------------------------

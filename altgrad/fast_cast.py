@@ -46,6 +46,7 @@ from altgrad.scaling import MIN_SCALE
 __all__ = ["cast", "cast_operand", "fused_supported", "magic_supported", "operand_params"]
 
 CANONICAL_NAN_BF16 = 0x7FC0  # the bf16 NaN every backend writes for a NaN result
+CANONICAL_NAN_FP32 = 0x7FC00000  # its fp32 form (the format-domain values of row / block casts)
 _INT32_SIGN = -(2**31)
 
 
@@ -487,7 +488,7 @@ def cast_operand(x: torch.Tensor, scale: torch.Tensor, inv_scale: torch.Tensor, 
 def _round_blocks(blocks, scale, ip, fp, sat, with_masks: bool, m0: bool):
     """blocks, scale: flat fp32 (one scale per element); ip / fp: the format's params with
     saturate=False (so an overflow shows as inf / NaN), sat: 0-dim int32. Returns what the reference
-    round_with_masks gives for blocks * scale (q fp32 with NaN lanes = v, and the overflow and nan
+    round_with_masks gives for blocks * scale (q fp32 with NaN lanes 0x7FC00000, and the overflow and nan
     masks as uint8, or None) and the stats of blocks: (amax bits of the non-NaN |blocks|, counts
     [overflow, underflow, nan, nonzero])."""
     v = blocks * scale
@@ -497,7 +498,8 @@ def _round_blocks(blocks, scale, ip, fp, sat, with_masks: bool, m0: bool):
     nan = (v_bits & 0x7FFFFFFF) > 0x7F800000
     overflow = ~nan & ((q_bits & 0x7FFFFFFF) >= 0x7F800000)
     special = torch.where(sat != 0, fp[0], fp[1]).view(torch.int32)  # max, or inf / NaN
-    out = torch.where(nan, v_bits, torch.where(overflow, special | (v_bits & _INT32_SIGN), q_bits))
+    signed = torch.where((special & 0x7FFFFFFF) > 0x7F800000, special, special | (v_bits & _INT32_SIGN))
+    out = torch.where(nan, CANONICAL_NAN_FP32, torch.where(overflow, signed, q_bits))
     nonzero = (blocks != 0) & ~nan
     underflow = nonzero & ((out & 0x7FFFFFFF) == 0)
     abs_bits = torch.where(nan, 0, blocks.view(torch.int32) & 0x7FFFFFFF)

@@ -151,7 +151,8 @@ def round_with_masks(v: torch.Tensor, fmt: FormatSpec, rounding: str, saturate: 
            generator: torch.Generator | None = None, seed: int | None = None):
     """round_fmt(v) for fp32 v, unchecked (callers validate): the reference rounding every cast shares.
 
-    Returns (q fp32 of v's shape, overflow bool mask, nan bool mask). Stochastic rounding uses
+    Returns (q fp32 of v's shape, every NaN the positive quiet NaN 0x7FC00000; overflow bool mask;
+    nan bool mask of v). Stochastic rounding uses
     `seed`, or one drawn from `generator` (the global CPU RNG by default) when seed is None."""
     if rounding == "stochastic" and seed is None:
         seed = kernel_seed(rounding, generator)
@@ -160,9 +161,11 @@ def round_with_masks(v: torch.Tensor, fmt: FormatSpec, rounding: str, saturate: 
     mag = _code_values(code.clamp(max=fmt.max_code), fmt)
     if not saturate:
         mag = torch.where(overflow, torch.inf if fmt.has_inf else torch.nan, mag)
-    # -0 exists only where the format has it; NaN stays NaN in every format
-    q = torch.where(negative & ((mag != 0) | fmt.has_neg_zero), -mag, mag)
-    return torch.where(nan, v, q), overflow & ~nan, nan
+    # -0 exists only where the format has it; every NaN result is the positive quiet NaN 0x7FC00000
+    # (as the kernels write it: a NaN's sign and payload would otherwise depend on which operand
+    # of an earlier multiplication the hardware kept)
+    q = torch.where(negative & ((mag != 0) | fmt.has_neg_zero) & ~mag.isnan(), -mag, mag)
+    return torch.where(nan, torch.nan, q), overflow & ~nan, nan
 
 
 def round_to_codes(v: torch.Tensor, fmt: FormatSpec | str, *, saturate: bool = True) -> torch.Tensor:

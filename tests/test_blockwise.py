@@ -17,10 +17,14 @@ from altgrad.scaling import compute_scale
 from oracles import gfloat_info, gfloat_round
 
 
-def assert_bits_equal(got: torch.Tensor, ref: torch.Tensor, inputs: torch.Tensor):
-    """Bit-for-bit equality (so -0 != +0), any NaN equal to any NaN; the message shows failures."""
+def assert_bits_equal(got: torch.Tensor, ref: torch.Tensor, inputs: torch.Tensor, nan_bits: bool = False):
+    """Bit-for-bit equality (so -0 != +0), any NaN equal to any NaN unless nan_bits (altgrad's
+    backends against each other: the same NaN bits too; an outside oracle may encode NaN otherwise);
+    the message shows failures."""
     got, ref = got.float().contiguous(), ref.float().contiguous()
-    same = (got.view(torch.int32) == ref.view(torch.int32)) | (torch.isnan(got) & torch.isnan(ref))
+    same = got.view(torch.int32) == ref.view(torch.int32)
+    if not nan_bits:
+        same |= torch.isnan(got) & torch.isnan(ref)
     bad = (~same).nonzero()[:5]
     assert bool(same.all()), f"{int((~same).sum())} mismatches at {bad.tolist()}: " \
                              f"x={[inputs[tuple(i)].item() for i in bad]} " \
@@ -278,7 +282,8 @@ def test_fast_backend_equals_reference_bit_for_bit(fmt_name, scale_format, scale
         ref = quantize_blockwise_cast(inp, fmt, bs, backend="torch", **kw)
         got = quantize_blockwise_cast(inp, fmt, bs, backend="fast", **kw)
         for name in ("q", "scale", "inv_scale"):
-            assert_bits_equal(getattr(got, name), getattr(ref, name), inp if name == "q" else getattr(ref, name))
+            assert_bits_equal(getattr(got, name), getattr(ref, name), inp if name == "q" else getattr(ref, name),
+                              nan_bits=True)
         assert torch.equal(got.overflow, ref.overflow) and torch.equal(got.nan, ref.nan)
         assert ref.stats is None
         amax, counts = got.stats
@@ -287,7 +292,29 @@ def test_fast_backend_equals_reference_bit_for_bit(fmt_name, scale_format, scale
         assert counts.tolist() == want
         assert amax.item() == torch.where(ref.nan, 0.0, inp.abs()).max().item()
         assert_bits_equal(quantize_blockwise(inp, fmt, bs, backend="fast", **kw),
-                          quantize_blockwise(inp, fmt, bs, backend="torch", **kw), inp)
+                          quantize_blockwise(inp, fmt, bs, backend="torch", **kw), inp, nan_bits=True)
         lean = quantize_blockwise_cast(inp, fmt, bs, backend="fast", masks=False, **kw)
         assert lean.overflow is None and lean.nan is None and torch.equal(lean.stats[1], counts)
-        assert_bits_equal(lean.q, ref.q, inp)
+        assert_bits_equal(lean.q, ref.q, inp, nan_bits=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scale_format", ["e8m0", "fp32"])
+def test_nan_results_are_the_canonical_nan_on_every_backend(dtype, scale_format):
+    """A NaN element makes its e8m0 block all NaN (its fp32 block keeps scale 1); overflow without
+    saturation in a format without inf is NaN too. Every such q is 0x7FC00000, whatever sign or
+    payload the NaN came with, on the reference and the fast backend alike (so q * inv_scale has
+    the same bits on both)."""
+    x = torch.tensor([[math.nan, 1.0, 2.0, 3.0, -5.0, 0.5, 7.0, 1e-3],
+                      [-math.nan, -1.0, 4.0, 1e4, -1e4, 0.0, 3.0, 2.0],
+                      [1.0, -600.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]]).to(dtype)
+    x[1, 0] = -x[1, 0].abs()  # a negative NaN
+    for fmt in ("E4M3", "E2M5", "E7M0"):  # E4M3: NaN on overflow (no inf); E7M0: no mantissa
+        for saturate in (True, False):
+            kw = dict(scale_format=scale_format, saturate=saturate)
+            ref = quantize_blockwise_cast(x, fmt, 4, backend="torch", **kw)
+            assert ref.q.isnan().any()
+            assert (ref.q[ref.q.isnan()].view(torch.int32) == 0x7FC00000).all()
+            assert_bits_equal(quantize_blockwise_cast(x, fmt, 4, backend="fast", **kw).q, ref.q, x, nan_bits=True)
+            assert_bits_equal(quantize_blockwise(x, fmt, 4, backend="fast", **kw),
+                              quantize_blockwise(x, fmt, 4, backend="torch", **kw), x, nan_bits=True)

@@ -159,6 +159,22 @@ def test_every_cpu_variant_is_called_without_dynamo(monkeypatch):
     assert all(isinstance(c, fast_cast._Direct) for c in fast_cast._COMPILED.values()), fast_cast._COMPILED
 
 
+def test_block_cast_is_compiled_once_for_every_length(monkeypatch):
+    """The block rounding's per-element scale shares the blocks' symbolic length: one compiled
+    entry serves every operand length (a static scale length would leave a guard on the length,
+    so each new length would pay a wasted compile and fall back to torch.compile)."""
+    from altgrad.blockwise import quantize_blockwise_cast
+
+    monkeypatch.setattr(fast_cast, "_COMPILED", {})
+    for rows in (3, 4, 6):
+        x = torch.randn(rows, 40)
+        ref = quantize_blockwise_cast(x, "E4M3", 16, backend="torch")
+        got = quantize_blockwise_cast(x, "E4M3", 16, backend="fast")
+        assert torch.equal(got.q.view(torch.int32), ref.q.view(torch.int32))
+    entries = [c for key, c in fast_cast._COMPILED.items() if key[0] is fast_cast._round_blocks_masks]
+    assert len(entries) == 1 and isinstance(entries[0], fast_cast._Direct)
+
+
 def test_format_outside_the_magic_range_falls_back_exactly():
     """A custom bias whose top binade is 2**127: the magic constant would overflow fp32."""
     fmt = FormatSpec("E4M3_B-112", 4, 3, -112, "fn")

@@ -544,6 +544,67 @@ def test_fast_path_equals_reference_bit_for_bit(fmts, rounding, saturate, route,
                             for c in compiled)
 
 
+def _raw_bits(t: torch.Tensor) -> torch.Tensor:
+    """t's bits as integers (floats), so that NaNs compare by their bits too."""
+    t = t.contiguous().reshape(-1)
+    return t.view(torch.int16 if t.element_size() == 2 else torch.int32) if t.is_floating_point() else t
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_fast_layer_first_call_in_inference_then_training_on_odd_views(rounding):
+    """Fast vs torch layer, bit for bit: first call under inference_mode, then training on 1-row
+    and 1000-element batches, transposed 3-D views, broadcast gradients, bf16 autocast, NaN input;
+    outputs, gradients, every buffer, stats and sr_state after each optimizer step."""
+    torch.manual_seed(2)
+    rcs = [RoleConfig(f, scaling="delayed", history_len=2, rounding=rounding, saturate=False, margin=1)
+           for f in ("E7M0", "E3M4", "E5M2")]
+    cfg = LayerQuantConfig(*rcs, weight_grad=RoleConfig("E6M1", scaling="current", rounding=rounding))
+    base = nn.Linear(17, 3)
+    layers = []
+    for backend in ("torch", "fast"):
+        lin = nn.Linear(17, 3)
+        lin.load_state_dict(base.state_dict())
+        layers.append(QuantizedLinear(lin, cfg, backend=backend, seed=41))
+    opts = [torch.optim.SGD(ql.parameters(), lr=0.1) for ql in layers]
+
+    def state(ql):
+        out = dict(ql.state_dict())
+        out.update({f"stats.{r}": getattr(ql, f"_stats_{r}") for r in ql.role_configs})
+        return {k: v.clone() for k, v in out.items()}
+
+    x0 = torch.randn(2, 17)
+    with torch.inference_mode():
+        y = [ql.eval()(x0) for ql in layers]
+    assert torch.equal(_raw_bits(y[0]), _raw_bits(y[1]))
+    for ql in layers:
+        ql.train()
+    g = torch.Generator().manual_seed(5)
+    for step, (shape, transpose, broadcast, autocast) in enumerate([
+            ((1, 17), False, False, False), ((2, 5, 17), True, True, False), ((1000 // 17, 17), False, False, True),
+            ((3, 1, 17), True, False, False)]):
+        x = torch.randn(*shape[:-2], shape[-1], shape[-2], generator=g).transpose(-1, -2) if transpose else \
+            torch.randn(shape, generator=g)
+        x = x * 10.0 ** (step - 2)
+        if step == 3:
+            x[0, 0, 5] = math.nan
+        dy = torch.randn(*shape[:-1], 3, generator=g)
+        results = []
+        for ql, opt in zip(layers, opts):
+            xi = x.detach().clone().requires_grad_()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                out = ql(xi)
+            (out.float().sum() if broadcast else (out.float() * dy).sum()).backward()
+            grads = (xi.grad, ql.weight.grad.clone(), ql.bias.grad.clone())
+            opt.step()
+            opt.zero_grad()
+            results.append((out.detach(), *grads, state(ql)))
+        (*ref, ref_state), (*fast, fast_state) = results
+        for i, (a, b) in enumerate(zip(ref, fast)):
+            assert torch.equal(_raw_bits(a), _raw_bits(b)), (step, i)
+        for k, v in ref_state.items():
+            assert torch.equal(_raw_bits(v), _raw_bits(fast_state[k])), (step, k)
+
+
 # -- torch.compile -------------------------------------------------------------------------------
 def test_compiled_quantized_gpt_trains_like_eager_bit_for_bit():
     """torch.compile(fullgraph=True) traces a quantized GPT (custom ops, in-place scaling state,
