@@ -479,7 +479,7 @@ def cast_operand(x: torch.Tensor, scale: torch.Tensor, inv_scale: torch.Tensor, 
         key = _static(torch.tensor([seed & 0xFFFFFFFF, seed >> 32], dtype=torch.int64, device=x.device))[0]
     with torch.no_grad():
         upd, adv = _flag(update, torch.bool, x.device), _flag(advance, torch.int64, x.device)
-        q, q_inv = _run(_FUSED[source, rounding], _flat(x.detach()), scale, inv_scale, history, count, stats,
+        q, q_inv = _run(_FUSED[source, rounding], _flat(x), scale, inv_scale, history, count, stats,
                         sr_state, ip, fp, sp, si, upd, adv, key, out_dtype, m0 and rounding == "nearest")
     return q.view(x.shape), q_inv
 

@@ -20,10 +20,10 @@ import pytest
 import torch
 
 from altgrad import metrics
-from altgrad.linear import set_full_stats
 from altgrad.model import GPT, GPTConfig
 from altgrad.shadow import FP32ShadowModel
 from altgrad.surgery import quantize_model
+from train_step import train_step  # benchmarks/train_step.py
 
 CFG = GPTConfig(block_size=64, vocab_size=65, n_layer=4, n_head=4, n_embd=128, dropout=0.0, bias=False)
 BATCH, INTERVAL = 8, 10
@@ -35,7 +35,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # benchmarks/conftest.py
 
 
 class Step:
-    """train.py's optimizer step, reduced to what the diagnostics touch."""
+    """One variant's model, optimizer, batch and diagnostics; calling it runs `train_step`."""
 
     def __init__(self, variant: str):
         torch.manual_seed(0)
@@ -50,28 +50,8 @@ class Step:
         self.shadow = FP32ShadowModel(self.model) if variant == "shadow" else None
 
     def __call__(self) -> dict:
-        record, log = {}, self.tracker is not None
-        set_full_stats(self.model, log)
-        _, loss = self.model(self.x, self.y)
-        loss.backward()
-        if self.shadow is not None:
-            record.update(self.shadow.compare(self.model, [(self.x, self.y)], 1))
-        if log:
-            record.update(metrics.grad_norms(self.model))
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-        if log:
-            self.tracker.before_step()
-        self.opt.step()
-        if log:
-            record.update(self.tracker.after_step())
-        self.opt.zero_grad(set_to_none=True)
-        if self.dead is not None:
-            self.dead.step()
-        if log:
-            record.update(metrics.quant_metrics(self.model))
-            record.update(self.dead.metrics())
-            metrics.alerts(record, 0.01, 0.5)
-        return record
+        return train_step(self.model, self.opt, self.x, self.y, tracker=self.tracker, dead=self.dead,
+                          shadow=self.shadow)[1]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -24,9 +24,9 @@ import pytest
 import torch
 
 from altgrad import metrics
-from altgrad.linear import set_full_stats
 from altgrad.model import GPT, GPTConfig
 from altgrad.surgery import quantize_model
+from train_step import train_step  # benchmarks/train_step.py
 
 CFG = GPTConfig(block_size=64, vocab_size=65, n_layer=4, n_head=4, n_embd=128, dropout=0.0, bias=False)
 BATCH, ROUNDS, WARMUP = 16, 9, 2
@@ -51,23 +51,7 @@ def _run(fmt, with_metrics=False):
         x, y = batches[state["i"] % len(batches)]
         log = with_metrics and state["i"] % LOG_INTERVAL == 0
         state["i"] += 1
-        set_full_stats(model, log)
-        _, loss = model(x, y)
-        loss.backward()
-        record = metrics.grad_norms(model) if log else {}
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        if log:
-            tracker.before_step()
-        opt.step()
-        if log:
-            record.update(tracker.after_step())
-        opt.zero_grad(set_to_none=True)
-        if dead is not None:
-            dead.step()
-        if log:
-            record.update(metrics.quant_metrics(model))
-            record.update(dead.metrics())
-        return loss
+        return train_step(model, opt, x, y, tracker=tracker if log else None, dead=dead)[0]
 
     def step():  # a plain step, or with metrics the 10 steps of one logging interval
         for _ in range(LOG_INTERVAL if with_metrics else 1):
@@ -101,14 +85,18 @@ def interleaved_ratios(formats=FORMATS, rounds=ROUNDS, warmup=WARMUP, with_metri
 pytestmark = pytest.mark.usefixtures("one_thread")  # benchmarks/conftest.py
 
 
+def _print(result: dict, unit: str) -> None:
+    print(f"\nfp32 {result['fp32_ms']:.1f} ms {unit}")
+    for f in FORMATS:
+        r = result[f]
+        print(f"{f}: {r['ms']:.1f} ms {unit}, {r['ratio']:.2f}x fp32 ({r['min']:.2f}..{r['max']:.2f})")
+
+
 def test_cpu_quick_step_ratio(benchmark):
     benchmark.group = "cpu_quick step, quantized / fp32 (1 thread)"
     result = benchmark.pedantic(interleaved_ratios, rounds=1, iterations=1)
     benchmark.extra_info.update(result)
-    print(f"\nfp32 {result['fp32_ms']:.1f} ms/step")
-    for f in FORMATS:
-        r = result[f]
-        print(f"{f}: {r['ms']:.1f} ms/step, {r['ratio']:.2f}x fp32 ({r['min']:.2f}..{r['max']:.2f})")
+    _print(result, "per step")
 
 
 def test_cpu_quick_step_ratio_with_metrics(benchmark):
@@ -116,10 +104,7 @@ def test_cpu_quick_step_ratio_with_metrics(benchmark):
     result = benchmark.pedantic(interleaved_ratios, kwargs={"rounds": 5, "warmup": 1, "with_metrics": True},
                                 rounds=1, iterations=1)
     benchmark.extra_info.update(result)
-    print(f"\nfp32 {result['fp32_ms']:.1f} ms per 10 steps")
-    for f in FORMATS:
-        r = result[f]
-        print(f"{f}: {r['ms']:.1f} ms per 10 steps, {r['ratio']:.2f}x fp32 ({r['min']:.2f}..{r['max']:.2f})")
+    _print(result, "per 10 steps")
 
 
 if __name__ == "__main__":  # the same measurement without pytest (e.g. on an older checkout)
