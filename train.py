@@ -17,7 +17,6 @@ consecutive non-finite steps), 130 stopped by Ctrl-C / SIGTERM.
 
 import atexit
 import dataclasses
-import gc
 import hashlib
 import math
 import os
@@ -45,9 +44,23 @@ from altgrad.tracking import RunLogger, git_commit, git_diff, run_versions, writ
 EXIT_FAILED, EXIT_USAGE, EXIT_DIVERGED, EXIT_STOPPED = 1, 2, 3, 130
 
 
+def end_process(code):
+    """Exit with `code`. A data-parallel process leaves without interpreter shutdown: DDP keeps the
+    gloo process group (and its C++ worker threads) alive past destroy_process_group (torch 2.13),
+    and its teardown during interpreter shutdown can abort (SIGABRT) a process whose run ended
+    cleanly. The atexit handlers (the run lock, W&B) still run; every file is closed by then."""
+    if not (dist.is_available() and dist.is_initialized()):
+        sys.exit(code)
+    dist.destroy_process_group()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def fail(message, code=EXIT_USAGE):
     print(f"error: {message}", file=sys.stderr)  # a user mistake: one line, no traceback
-    sys.exit(code)
+    end_process(code)
 
 
 # ---------------------------------------------------------------------------------------
@@ -208,7 +221,10 @@ def write_summary(status, diverged_step=None, **extra):
 def on_crash(exc_type, exc, tb):
     """Any exception that ends the run: the traceback, then summary.json `failed` with the reason."""
     if issubclass(exc_type, KeyboardInterrupt):
-        return sys.__excepthook__(exc_type, exc, tb)
+        sys.__excepthook__(exc_type, exc, tb)
+        if ddp:
+            end_process(EXIT_STOPPED)
+        return
     traceback.print_exception(exc_type, exc, tb)
     text = str(exc).strip()
     reason = f"{exc_type.__name__}: {text.splitlines()[0]}" if text else exc_type.__name__
@@ -220,10 +236,13 @@ def on_crash(exc_type, exc, tb):
         except Exception as e:  # e.g. the disk is still full
             print(f"could not record the failure in {run_dir / 'summary.json'}: {e}", file=sys.stderr)
         print(f"failed at step {run['step']}: {reason} -> {run_dir}", file=sys.stderr)
+    if ddp:
+        end_process(EXIT_FAILED)
 
 
-if master:
+if master or ddp:
     sys.excepthook = on_crash  # from here on a crash is recorded (exit code 1, Python's own)
+if master:
     save_config(cfg, run_dir / "config.yaml")
     if diff:
         write_text_atomic(run_dir / "git_diff.patch", diff)
@@ -456,10 +475,4 @@ if master:
                     f"{run['best_val_step']})"
                     if last_val is not None else "no evaluation yet")
         print(f"{status} at step {step} in {fmt_time(wall_time())}: {val_text} -> {run_dir}")
-if ddp:
-    # free the DDP wrapper (it sits in reference cycles) while its process group is alive: gloo DDP
-    # left to interpreter shutdown can abort the process (torch 2.13, CPU) after a clean run
-    del model
-    gc.collect()
-    dist.destroy_process_group()
-sys.exit(exit_code)
+end_process(exit_code)

@@ -3,8 +3,9 @@ changes, empty batches, stats, state, stochastic-rounding stream, torch.compile,
 errors; torch, fast and Triton (interpreter) paths agree."""
 
 import copy
-import gc
 import math
+import os
+import sys
 
 import pytest
 import torch
@@ -683,11 +684,13 @@ def _ddp_worker(rank, world, port, out_path):
     if rank == 0:
         torch.save({"hist": gathered}, out_path)
     torch.save({"scales": scales}, f"{out_path}.{rank}")
-    # free the DDP wrapper (it sits in reference cycles) while its process group is alive: torch
-    # 2.13's gloo DDP left to interpreter shutdown aborts the process in about one run in four
-    del model
-    gc.collect()
+    # leave without interpreter shutdown, as train.py's end_process: DDP keeps the gloo process group
+    # alive past destroy_process_group (torch 2.13), and its teardown at shutdown aborted the process
+    # in about one run in four (the files above are closed)
     dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def test_data_parallel_ranks_share_the_max_amax(tmp_path):

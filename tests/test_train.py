@@ -227,6 +227,17 @@ def test_torchrun_two_ranks_on_gloo_agree_on_weights(tmp_path, data_dir):
     assert summary["tokens_per_step"] == 8 * 32 * 2
     assert proc.stdout.count("completed at step 6") == 1  # rank 0 alone reports
     assert sorted(losses(tmp_path / "ddp")) == list(range(1, 7))
+    assert not (tmp_path / ".ddp.lock").exists()  # the atexit handlers ran (train.py's end_process)
+
+
+def test_torchrun_user_error_exits_2_on_every_rank(tmp_path, data_dir):
+    """An error found after the process group is up: one line per rank, exit code 2 (not an abort
+    of the interpreter's shutdown), nothing written."""
+    proc = train(tmp_path, data_dir, "--train.grad_accum=3", "--log.run_name=ddp_bad", torchrun=2)
+    assert proc.returncode != 0
+    assert proc.stderr.count("error: train.grad_accum=3 must be a multiple of the 2 DDP processes") == 2
+    assert "exitcode  : 2" in proc.stderr and "SIGABRT" not in proc.stderr
+    assert not (tmp_path / "ddp_bad").exists()
 
 
 # ---- user errors -----------------------------------------------------------------------------------
