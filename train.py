@@ -116,7 +116,7 @@ train_data = TokenBatches(cfg.data_dir, "train", cfg.model.block_size, tc.batch_
 model = GPT(GPTConfig(**dataclasses.asdict(cfg.model)))
 quant_config = cfg.quant  # a QuantizationConfig, validated when the config was read; None: baseline
 if quant_config is not None:
-    from altgrad.linear import round_master_weights, set_full_stats, set_weight_cache, sync_amax_history, weight_updated
+    from altgrad.linear import round_master_weights, set_stats_level, set_weight_cache, sync_amax_history, weight_updated
     from altgrad.surgery import describe_quantization, quantize_model, quantized_layers
 
     linear_names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
@@ -354,8 +354,8 @@ try:
         log_now = (step + 1) % tc.log_interval == 0 or step + 1 == tc.max_steps
         shadow_now = shadow is not None and (step + 1) % tc.shadow_interval == 0
         batches, loss_sum = [], torch.zeros((), device=device)
-        if quant_config is not None:  # rel_err costs an extra pass per operand: logging steps only
-            set_full_stats(raw_model, log_now and tracker is not None)
+        if quant_config is not None:  # counts and rel_err are read on logging steps only
+            set_stats_level(raw_model, "full" if log_now and tracker is not None else "scale")
         for micro in range(accum):
             x, y = train_data.next_batch()
             if shadow_now:

@@ -16,7 +16,7 @@ _EXPORTS = {
                        "create_mixed_precision_config"),
     "altgrad.data": ("DataNotFoundError", "TokenBatches", "load_meta"),
     "altgrad.formats": ("FORMAT_REGISTRY", "FormatSpec", "get_format"),
-    "altgrad.linear": ("QuantizedLinear", "round_master_weights", "set_full_stats"),
+    "altgrad.linear": ("QuantizedLinear", "round_master_weights", "set_stats_level"),
     "altgrad.model": ("GPT", "GPTConfig"),
     "altgrad.quantize": ("QuantStats", "quantize", "quantize_operand", "quantize_ste", "quantize_with_stats",
                          "round_to_format"),
@@ -51,7 +51,7 @@ __all__ = [
     # scaling
     "AmaxHistory", "TensorScaler", "compute_scale",
     # layers and models
-    "QuantizedLinear", "round_master_weights", "set_full_stats",
+    "QuantizedLinear", "round_master_weights", "set_stats_level",
     "quantize_model", "dequantize_model", "describe_quantization", "quantized_layers",
     # model, data, reproducibility
     "GPT", "GPTConfig", "TokenBatches", "load_meta", "DataNotFoundError",

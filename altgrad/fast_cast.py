@@ -68,10 +68,11 @@ def _params(fmt_key: tuple, saturate: bool, device: torch.device) -> tuple[torch
     return ip, fp
 
 
-def _finish(x, v, bits, nan, overflow, r, ip, fp, with_stats: bool, out_dtype=None):
+def _finish(x, v, bits, nan, overflow, r, ip, fp, with_stats: bool, out_dtype=None, counts: bool = True):
     """Shared tail: saturate or mark overflow, sign, bf16, stats. Returns (q bf16, amax bits,
     counts, NaN-output count); NaN lanes of q are fixed up by the caller (see cast). With an
-    out_dtype (cast_operand), q is fp32 or bf16 taken from the bits, NaN lanes already canonical."""
+    out_dtype (cast_operand), q is fp32 or bf16 taken from the bits, NaN lanes already canonical.
+    counts=False (with stats): the amax alone, counts None."""
     negzero, sat = ip[4], ip[5]
     fmax, ovf = fp[0], fp[1]
     mag = torch.where(overflow, torch.where(sat != 0, fmax, ovf), r)
@@ -91,17 +92,19 @@ def _finish(x, v, bits, nan, overflow, r, ip, fp, with_stats: bool, out_dtype=No
     n_nan_out = nan_out.sum()
     if not with_stats:
         return q, None, None, n_nan_out
+    abs_bits = torch.where(nan, 0, x.float().view(torch.int32) & 0x7FFFFFFF)
+    if not counts:
+        return q, abs_bits.amax(), None, n_nan_out
     nonzero = (v != 0) & ~nan
     underflow = nonzero & (r == 0)
     # cast_operand (out_dtype given) counts in int32, exact below 2**31 elements (its callers check):
     # int64 accumulators cost ~30 % of the whole pass on AVX-512
     cdt = torch.int64 if out_dtype is None else torch.int32
-    counts = torch.stack([overflow.sum(dtype=cdt), underflow.sum(dtype=cdt), nonzero.sum(dtype=cdt), nan.sum(dtype=cdt)])
-    abs_bits = torch.where(nan, 0, x.float().view(torch.int32) & 0x7FFFFFFF)
-    return q, abs_bits.amax(), counts, n_nan_out
+    sums = torch.stack([overflow.sum(dtype=cdt), underflow.sum(dtype=cdt), nonzero.sum(dtype=cdt), nan.sum(dtype=cdt)])
+    return q, abs_bits.amax(), sums, n_nan_out
 
 
-def _cast_nearest(x, scale, ip, fp, with_stats: bool, out_dtype=None, m0: bool = True):
+def _cast_nearest(x, scale, ip, fp, with_stats: bool, out_dtype=None, m0: bool = True, counts: bool = True):
     """x: 1-D, non-empty. Returns _finish's tuple. m0: the format has no mantissa bits (the tie
     fix-up below is compiled only then; it is a no-op for other formats)."""
     m_, emin, bias, lim = ip[0], ip[1], ip[2], ip[3]
@@ -119,10 +122,10 @@ def _cast_nearest(x, scale, ip, fp, with_stats: bool, out_dtype=None, m0: bool =
         tie = (m_ == 0) & ((mb & 0x7FFFFF) == 0x400000) & (e >= emin) & (((e + bias) & 1) == 0)
         r = torch.where(tie, (mb & 0x7F800000).view(torch.float32), r)
     overflow = (r > fp[0]) & ~nan
-    return _finish(x, v, bits, nan, overflow, r, ip, fp, with_stats, out_dtype)
+    return _finish(x, v, bits, nan, overflow, r, ip, fp, with_stats, out_dtype, counts)
 
 
-def _cast_stochastic(x, scale, k0, k1, ip, fp, with_stats: bool, out_dtype=None):
+def _cast_stochastic(x, scale, k0, k1, ip, fp, with_stats: bool, out_dtype=None, counts: bool = True):
     """As _cast_nearest, rounding stochastically with the Philox key (k0, k1) (0-dim int64)."""
     from altgrad.quantize import philox_from_key
 
@@ -150,7 +153,7 @@ def _cast_stochastic(x, scale, k0, k1, ip, fp, with_stats: bool, out_dtype=None)
     exp_field = (torch.bitwise_right_shift(code, m_) + (127 - bias)) << 23
     normal_bits = exp_field | torch.bitwise_left_shift(code & (lsb_code - 1), 23 - m_)
     r = torch.where(code >= lsb_code, normal_bits.view(torch.float32), code.to(torch.float32) * fp[2])
-    return _finish(x, v, bits, nan, overflow, r, ip, fp, with_stats, out_dtype)
+    return _finish(x, v, bits, nan, overflow, r, ip, fp, with_stats, out_dtype, counts)
 
 
 # one top-level function per (rounding, stats) variant: dynamo keeps its compiled graphs per code
@@ -394,7 +397,7 @@ def _scale_of(amax, prev, sp, si):
 
 
 def _fused(x, scale, inv_scale, history, count, stats, sr_state, ip, fp, sp, si, upd, adv, key, source, rounding,
-           out_dtype, m0):
+           counts, out_dtype, m0):
     """One operand cast with its bookkeeping (see cast_operand): (q, inv_scale * 2**k)."""
     if source == "none":
         s = scale
@@ -413,13 +416,15 @@ def _fused(x, scale, inv_scale, history, count, stats, sr_state, ip, fp, sp, si,
         s = s.reshape(1).expand(16).amax()
     inv = torch.reciprocal(s)
     if rounding == "nearest":
-        q, amax_bits, counts, _ = _cast_nearest(x, s * sp[2], ip, fp, True, out_dtype, m0)
+        q, amax_bits, sums, _ = _cast_nearest(x, s * sp[2], ip, fp, True, out_dtype, m0, counts)
     else:
-        q, amax_bits, counts, _ = _cast_stochastic(x, s * sp[2], key[0], key[1], ip, fp, True, out_dtype)
+        q, amax_bits, sums, _ = _cast_stochastic(x, s * sp[2], key[0], key[1], ip, fp, True, out_dtype, counts)
     amax_x = amax_bits.view(torch.float32)
-    # stats[:7] = [amax, scale, overflow, underflow, nan, nonzero, numel] (rel_err, stats[7], is the caller's)
+    # stats[:7] = [amax, scale, overflow, underflow, nan, nonzero, numel] (rel_err, stats[7], is the caller's);
+    # the counts NaN when not counted
     numel = torch.full((1,), x.numel(), dtype=torch.float64, device=x.device)
-    stats[:7].copy_(torch.cat([torch.stack([amax_x, s]).double(), counts[[0, 1, 3, 2]].double(), numel]))
+    sums = sums[[0, 1, 3, 2]].double() if counts else torch.full((4,), math.nan, dtype=torch.float64, device=x.device)
+    stats[:7].copy_(torch.cat([torch.stack([amax_x, s]).double(), sums, numel]))
     sr_state[1:].add_(adv)
     scale.copy_(torch.where(upd, s, scale))
     inv_scale.copy_(torch.where(upd, inv, inv_scale))
@@ -430,21 +435,22 @@ def _fused(x, scale, inv_scale, history, count, stats, sr_state, ip, fp, sp, si,
     return q, inv * sp[3]
 
 
-def _variant(source: str, rounding: str):
-    """_fused for one (amax source, rounding), as a function with a code object of its own: where
-    torch.compile serves (not the CPU), dynamo keeps its graphs per code object, so each variant
-    holds one graph per input dtype (no recompile limit in reach)."""
+def _variant(source: str, rounding: str, counts: bool):
+    """_fused for one (amax source, rounding, counts), as a function with a code object of its own:
+    where torch.compile serves (not the CPU), dynamo keeps its graphs per code object, so each
+    variant holds one graph per input dtype and m0 (no recompile limit in reach)."""
 
     def fused(x, scale, inv_scale, history, count, stats, sr_state, ip, fp, sp, si, upd, adv, key, out_dtype, m0):
         return _fused(x, scale, inv_scale, history, count, stats, sr_state, ip, fp, sp, si, upd, adv, key,
-                      "own" if source == "own_push" else source, rounding, out_dtype, m0)
+                      "own" if source == "own_push" else source, rounding, counts, out_dtype, m0)
 
-    fused.__name__ = fused.__qualname__ = f"_{source}_{rounding}"
+    fused.__name__ = fused.__qualname__ = f"_{source}_{rounding}" + ("" if counts else "_amax")
     fused.__code__ = fused.__code__.replace(co_name=fused.__name__)
     return fused
 
 
-_FUSED = {(src, rnd): _variant(src, rnd) for src in AMAX_SOURCES for rnd in ("nearest", "stochastic")}
+_FUSED = {(src, rnd, counts): _variant(src, rnd, counts)
+          for src in AMAX_SOURCES for rnd in ("nearest", "stochastic") for counts in (True, False)}
 
 
 def fused_supported(domain: FormatSpec, rounding: str) -> bool:
@@ -455,7 +461,7 @@ def fused_supported(domain: FormatSpec, rounding: str) -> bool:
 def cast_operand(x: torch.Tensor, scale: torch.Tensor, inv_scale: torch.Tensor, history: torch.Tensor | None,
                  count: torch.Tensor | None, stats: torch.Tensor, sr_state: torch.Tensor,
                  params: tuple[torch.Tensor, ...], *, source: str, rounding: str, seed: int, update: bool,
-                 advance: bool, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+                 advance: bool, out_dtype: torch.dtype, counts: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """One matmul operand cast with its scaling bookkeeping, fused: (q, inv_scale * 2**k).
 
     q = round_domain(x * scale_new * 2**-k) in out_dtype (fp32 or bf16, x's shape; NaN results are
@@ -463,7 +469,8 @@ def cast_operand(x: torch.Tensor, scale: torch.Tensor, inv_scale: torch.Tensor, 
     prev_scale=scale) where amax comes from `source`: "none" keeps `scale`; "own" / "own_push" use
     x's amax (NaN included); "history" reduces `history[:count]` (max, or the newest with the
     "most recent" algo). Writes stats[:7] = [amax of x without NaN, scale_new, overflow, underflow,
-    nan, nonzero, numel] (float64). With update: scale / inv_scale (fp32) take the new values and,
+    nan, nonzero, numel] (float64; with counts=False the four counts are NaN and not counted, which
+    saves about a quarter of the pass). With update: scale / inv_scale (fp32) take the new values and,
     with "own_push" / "history", x's amax is pushed at index 0 of the fp32 history and count
     advanced (capped at its length). advance adds 1 to sr_state[1]. Stochastic rounding draws
     philox_bits(seed, i) for element i (row-major).
@@ -479,7 +486,7 @@ def cast_operand(x: torch.Tensor, scale: torch.Tensor, inv_scale: torch.Tensor, 
         key = _static(torch.tensor([seed & 0xFFFFFFFF, seed >> 32], dtype=torch.int64, device=x.device))[0]
     with torch.no_grad():
         upd, adv = _flag(update, torch.bool, x.device), _flag(advance, torch.int64, x.device)
-        q, q_inv = _run(_FUSED[source, rounding], _flat(x), scale, inv_scale, history, count, stats,
+        q, q_inv = _run(_FUSED[source, rounding, counts], _flat(x), scale, inv_scale, history, count, stats,
                         sr_state, ip, fp, sp, si, upd, adv, key, out_dtype, m0 and rounding == "nearest")
     return q.view(x.shape), q_inv
 

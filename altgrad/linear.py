@@ -48,8 +48,10 @@ high precision (passed through in fp32). Decisions written down here:
   gives exactly q·2**-k, and inv_scale·2**k undoes it in the epilogue. Rounding, stats and results
   are unchanged; products stay inside fp32 (2**-146 .. 2**104 for E7M0 x E7M0, K < 2**23).
 - Stats per role, kept on device (no host sync) in one float64 vector per role: amax, scale,
-  overflow, underflow, nan, nonzero, numel and, when `full_stats` is on, rel_err =
-  ||Q(x)·inv_s - x|| / ||x|| (off by default: an extra pass per operand).
+  overflow, underflow, nan, nonzero, numel and rel_err = ||Q(x)·inv_s - x|| / ||x||. What a cast
+  records is the layer's `stats_level` (vocabulary.StatsLevel): "counts" by default (all but rel_err,
+  an extra pass per operand), "full" with rel_err, "scale" only amax, scale and numel (the four counts
+  cost about a quarter of a fast cast's pass; train.py counts on logging steps only).
 - torch.compile: every cast and matmul is a `torch.library` op (`altgrad::cast_operand`,
   `altgrad::scaled_mm`, schemas marking the mutated buffers) with a fake implementation; the casts
   mutate the scaling buffers in place, the autograd function holds no module, and per-role options
@@ -76,9 +78,9 @@ from altgrad.formats import FormatSpec
 from altgrad.linear_blockwise import accumulation_domain, blockwise_linear, needs_blockwise, weight_block_scales
 from altgrad.quantize import BACKENDS, quantize_operand, round_with_masks
 from altgrad.scaling import TensorScaler, compute_scale
-from altgrad.vocabulary import OPERAND_ROLES, STAT_FIELDS, Role
+from altgrad.vocabulary import OPERAND_ROLES, STAT_FIELDS, Role, StatsLevel, stat_fields
 
-__all__ = ["QuantizedLinear", "round_master_weights", "set_full_stats", "set_weight_cache", "weight_updated",
+__all__ = ["QuantizedLinear", "round_master_weights", "set_stats_level", "set_weight_cache", "weight_updated",
            "sync_amax_history"]
 
 _ROLES = (*OPERAND_ROLES, Role.WEIGHT_GRAD)  # the state tuples' order
@@ -144,7 +146,7 @@ def sr_seed(sr_state: torch.Tensor, role: str) -> int:
 _LIB = torch.library.Library("altgrad", "FRAGMENT")
 _LIB.define("cast_operand(Tensor x, Tensor(a1!) scale, Tensor(a2!) inv_scale, Tensor(a3!)? history, "
             "Tensor(a4!)? count, Tensor(a5!)? filled, Tensor(a6!) stats, Tensor(a7!) sr_state, str plan, "
-            "bool update, bool advance, Tensor full_stats) -> (Tensor, Tensor)")
+            "bool update, bool advance, Tensor stats_level) -> (Tensor, Tensor)")
 _LIB.define("scaled_mm(Tensor a, Tensor b, Tensor? inv_a, Tensor? inv_b, Tensor? bias, ScalarType out_dtype, "
             "str backend) -> Tensor")
 
@@ -161,21 +163,31 @@ _NULL = contextlib.nullcontext()
 def _cast_operand(x: torch.Tensor, scale: torch.Tensor, inv_scale: torch.Tensor, history: Optional[torch.Tensor],
                   count: Optional[torch.Tensor], filled: Optional[torch.Tensor], stats: torch.Tensor,
                   sr_state: torch.Tensor, plan: str, update: bool, advance: bool,
-                  full_stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                  stats_level: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """altgrad::cast_operand: (q with x's shape, inv_scale·2**k 0-dim fp32) for one operand, q the
     format-domain values (fp32 from the fused cast on the CPU, else bf16); in training (`update`)
     also stores the scale used and pushes x's amax into the delayed history; `advance` counts one
-    training forward in sr_state after this cast's draws. full_stats: a 0-dim CPU bool tensor (so
-    turning rel_err on for a logging step changes no compiled graph)."""
+    training forward in sr_state after this cast's draws. stats_level: a 0-dim CPU int8 tensor, the
+    index of the layer's StatsLevel (so changing it for a logging step changes no compiled graph)."""
     with _no_autocast(x.device.type):
         return _cast_operand_impl(x, scale, inv_scale, history, count, filled, stats, sr_state, _plan(plan), update,
-                                  advance, full_stats)
+                                  advance, int(stats_level))
 
 
 _LIB.impl("cast_operand", _cast_operand, "CompositeExplicitAutograd")
 
 
-def _cast_operand_impl(x, scale, inv_scale, history, count, filled, stats, sr_state, p, update, advance, full_stats):
+_LEVELS = tuple(StatsLevel)  # a stats level travels as its index: 0 scale, 1 counts, 2 full
+_COUNTS, _FULL = _LEVELS.index(StatsLevel.COUNTS), _LEVELS.index(StatsLevel.FULL)
+
+
+def _level_index(level) -> int:
+    if not isinstance(level, str) or level not in _LEVELS:
+        raise ValueError(f"stats_level must be one of {', '.join(_LEVELS)} (got {level!r})")
+    return _LEVELS.index(StatsLevel(level))
+
+
+def _cast_operand_impl(x, scale, inv_scale, history, count, filled, stats, sr_state, p, update, advance, level):
     if x.numel() == 0:  # nothing to scale, round or observe: state unchanged, stats of nothing
         stats.zero_()
         stats[1] = scale
@@ -185,10 +197,10 @@ def _cast_operand_impl(x, scale, inv_scale, history, count, filled, stats, sr_st
         if scale.dtype == torch.float32 and (history is None or history.dtype == torch.float32) and \
                 x.numel() < 2**31:
             return _cast_fused(x, scale, inv_scale, history, count, filled, stats, sr_state, p, update, advance,
-                               full_stats)
+                               level)
         # buffers converted by module.to(dtype) (the unfused bookkeeping converts as it goes), or huge x
         q, q_inv = _cast_operand_impl(x, scale, inv_scale, history, count, filled, stats, sr_state,
-                                      dataclasses.replace(p, fused=False), update, advance, full_stats)
+                                      dataclasses.replace(p, fused=False), update, advance, level)
         return q.to(_q_dtype(p, x.device)), q_inv
     if p.scaling == "none":
         s = scale.to(torch.float32, copy=True)  # a module converted to bf16 keeps its scale buffer in bf16; the cast takes fp32
@@ -215,11 +227,15 @@ def _cast_operand_impl(x, scale, inv_scale, history, count, filled, stats, sr_st
             filled.add_(1).clamp_(max=history.numel())
     if advance:
         sr_state[1] += 1
-    # stats: [amax, scale | overflow, underflow, nan, nonzero | numel, rel_err] (copy_ converts dtypes)
+    # stats: [amax, scale | overflow, underflow, nan, nonzero | numel, rel_err] (copy_ converts dtypes);
+    # counts the level does not record are NaN, as the fused cast writes them
     stats[:2].copy_(torch.stack([st.amax, s]))
-    stats[2:6].copy_(torch.stack([st.overflow, st.underflow, st.nan, st.nonzero]))
+    if level >= _COUNTS:
+        stats[2:6].copy_(torch.stack([st.overflow, st.underflow, st.nan, st.nonzero]))
+    else:
+        stats[2:6] = math.nan
     stats[6] = x.numel()
-    if bool(full_stats):
+    if level >= _FULL:
         _rel_err(x, q, q_inv, stats)
     return q, q_inv
 
@@ -231,7 +247,7 @@ def _rel_err(x, q, q_inv, stats):
     stats[7] = err / torch.linalg.vector_norm(x32).clamp(min=torch.finfo(torch.float32).tiny)
 
 
-def _cast_fused(x, scale, inv_scale, history, count, filled, stats, sr_state, p, update, advance, full_stats):
+def _cast_fused(x, scale, inv_scale, history, count, filled, stats, sr_state, p, update, advance, level):
     """_cast_operand_impl's work in one compiled call (altgrad.fast_cast.cast_operand), same bits.
     Whether the delayed history is empty is read from its CPU mirror `filled` (no device sync)."""
     if p.scaling == "delayed":
@@ -244,16 +260,16 @@ def _cast_fused(x, scale, inv_scale, history, count, filled, stats, sr_state, p,
                                       p.k, x.device)
     q, q_inv = fast_cast.cast_operand(x, scale, inv_scale, history, count, stats, sr_state, params, source=source,
                                       rounding=p.rounding, seed=seed, update=update, advance=advance,
-                                      out_dtype=_q_dtype(p, x.device))
+                                      out_dtype=_q_dtype(p, x.device), counts=level >= _COUNTS)
     if update and history is not None:
         filled.fill_(min(n + 1, history.numel()))
-    if bool(full_stats):
+    if level >= _FULL:
         _rel_err(x, q, q_inv, stats)
     return q, q_inv
 
 
 @torch.library.register_fake("altgrad::cast_operand")
-def _(x, scale, inv_scale, history, count, filled, stats, sr_state, plan, update, advance, full_stats):
+def _(x, scale, inv_scale, history, count, filled, stats, sr_state, plan, update, advance, stats_level):
     return (torch.empty(x.shape, dtype=_q_dtype(_plan(plan), x.device), device=x.device),
             torch.empty((), dtype=torch.float32, device=x.device))
 
@@ -299,16 +315,17 @@ def _(a, b, inv_a, inv_b, bias, out_dtype, backend):
 
 
 # -- the autograd function ---------------------------------------------------------------------
-def cast_role(x, state, plan, update, advance, full_stats):
+def cast_role(x, state, plan, update, advance, stats_level):
     """One operand through the altgrad::cast_operand op: (bf16 format-domain values, inv_scale).
 
     state: QuantizedLinear._state(role) (scale, inv_scale, history, stats buffer, sr_state); plan:
     the role's plan string (None = high precision: x itself, inv_scale None); update: refresh the
-    scale and stats; advance: push amax into the history; full_stats: a CPU bool tensor (rel_err).
+    scale and stats; advance: push amax into the history; stats_level: the layer's CPU int8 tensor
+    (what the stats record, QuantizedLinear.stats_level)
     Shared with altgrad.linear_blockwise, whose tensor-scaled roles go through the same op."""
     if plan is None:
         return x, None
-    return torch.ops.altgrad.cast_operand(x, *state, plan, update, advance, full_stats)
+    return torch.ops.altgrad.cast_operand(x, *state, plan, update, advance, stats_level)
 
 
 class _QuantizedLinearFn(torch.autograd.Function):
@@ -318,19 +335,19 @@ class _QuantizedLinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, cached_w, states, plans, mm_backend, flags):
-        update, full_stats = flags
+        update, stats_level = flags
         i_plan, w_plan, g_plan, wg_plan = plans
         i_state, w_state, g_state, wg_state = states
         # the last cast of a training forward counts it in sr_state (after its own draws)
         adv_w, adv_i = update and i_plan is None, update and i_plan is not None
-        q_w, inv_w = cached_w if cached_w is not None else cast_role(weight, w_state, w_plan, update, adv_w, full_stats)
-        q_i, inv_i = cast_role(x, i_state, i_plan, update, adv_i, full_stats)
+        q_w, inv_w = cached_w if cached_w is not None else cast_role(weight, w_state, w_plan, update, adv_w, stats_level)
+        q_i, inv_i = cast_role(x, i_state, i_plan, update, adv_i, stats_level)
         q_i = q_i.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # not -1: in_features may be 0
         y = torch.ops.altgrad.scaled_mm(q_i, q_w, inv_i, inv_w, bias, _output_dtype(x), mm_backend)
         ctx.save_for_backward(q_i, q_w, inv_i, inv_w)
         ctx.g_state, ctx.wg_state, ctx.plans, ctx.mm_backend = g_state, wg_state, (g_plan, wg_plan), mm_backend
         # no cast in this forward (only gradient roles quantized): the grad_output cast counts it
-        ctx.flags = (update, full_stats, update and i_plan is None and (w_plan is None or cached_w is not None))
+        ctx.flags = (update, stats_level, update and i_plan is None and (w_plan is None or cached_w is not None))
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         ctx.w_dtype, ctx.b_dtype = weight.dtype, None if bias is None else bias.dtype
         return y.reshape(*x.shape[:-1], y.shape[-1])
@@ -340,9 +357,9 @@ class _QuantizedLinearFn(torch.autograd.Function):
     def backward(ctx, dy):
         q_i, q_w, inv_i, inv_w = ctx.saved_tensors
         g_plan, wg_plan = ctx.plans
-        update, full_stats, advance = ctx.flags
+        update, stats_level, advance = ctx.flags
         dy2 = dy.reshape(math.prod(dy.shape[:-1]), dy.shape[-1])
-        q_g, inv_g = cast_role(dy2, ctx.g_state, g_plan, update, advance, full_stats)
+        q_g, inv_g = cast_role(dy2, ctx.g_state, g_plan, update, advance, stats_level)
         mm = functools.partial(torch.ops.altgrad.scaled_mm, backend=ctx.mm_backend)
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
@@ -352,7 +369,7 @@ class _QuantizedLinearFn(torch.autograd.Function):
             # dW (out, in) = Q_g^T (out, M) @ Q_i (M, in): A = Q_g^T, B = Q_i^T as views
             dw = mm(q_g.t(), q_i.t(), inv_g, inv_i, None, torch.float32)
             if wg_plan is not None and dy2.shape[0] > 0:  # an empty batch has no gradient to observe
-                q, inv = cast_role(dw, ctx.wg_state, wg_plan, update, False, full_stats)
+                q, inv = cast_role(dw, ctx.wg_state, wg_plan, update, False, stats_level)
                 dw = q.float() * inv
             dw = dw.to(ctx.w_dtype)
         if ctx.b_dtype is not None and ctx.needs_input_grad[2]:
@@ -434,7 +451,8 @@ class QuantizedLinear(nn.Module):
         # plan strings per cast backend (torch / fast / triton) and role
         self._plans = {b: tuple(_plan_key(self.role_configs[r], r, b) if r in self.role_configs else None
                                 for r in _ROLES) for b in ("torch", "fast", "triton")}
-        self._full_stats = torch.zeros((), dtype=torch.bool)  # CPU flag read inside the cast op
+        # the StatsLevel's index, a CPU tensor read inside the cast op (no graph changes with it)
+        self._stats_level = torch.tensor(_COUNTS, dtype=torch.int8)
         self.weight_cache = False
         self._weight_cast = None
         self._warned_fallback = False
@@ -448,13 +466,15 @@ class QuantizedLinear(nn.Module):
         return lin
 
     @property
-    def full_stats(self) -> bool:
-        """Whether casts also compute rel_err (an extra pass per operand; off by default)."""
-        return bool(self._full_stats)
+    def stats_level(self) -> StatsLevel:
+        """What each cast records in `stats` (vocabulary.StatsLevel): "scale" (amax, scale, numel),
+        "counts" (and overflow / underflow / nan / nonzero; the default) or "full" (and rel_err, an
+        extra pass per operand). Setting it raises ValueError for another value."""
+        return _LEVELS[int(self._stats_level)]
 
-    @full_stats.setter
-    def full_stats(self, enabled: bool) -> None:
-        self._full_stats.fill_(bool(enabled))
+    @stats_level.setter
+    def stats_level(self, level: StatsLevel | str) -> None:
+        self._stats_level.fill_(_level_index(level))
 
     @property
     def formats(self) -> dict[str, FormatSpec | None]:
@@ -465,13 +485,13 @@ class QuantizedLinear(nn.Module):
     def stats(self) -> dict[str, dict[str, torch.Tensor]]:
         """The layer's declared stats interface (altgrad.metrics reads only this and
         `weight_format_and_scale`): {role: {field: value}} of the last cast of each quantized role,
-        fields as vocabulary.STAT_FIELDS (rel_err only with full_stats), values 0-dim float64 views
-        of device buffers (read them on logging steps: reading syncs)."""
-        fields = STAT_FIELDS if self.full_stats else STAT_FIELDS[:-1]
+        the fields of the layer's `stats_level` (vocabulary.stat_fields) in STAT_FIELDS order, values
+        0-dim float64 views of device buffers (read them on logging steps: reading syncs)."""
+        fields = stat_fields(self.stats_level)
         out = {}
         for r in self.role_configs:
             buf = getattr(self, f"_stats_{r}")
-            out[r] = {f: buf[i] for i, f in enumerate(fields)}
+            out[r] = {f: buf[STAT_FIELDS.index(f)] for f in fields}
         # row / block roles: each GEMM casts along its own K, so an operand's second use (e.g.
         # "input:wgrad", x cast along the tokens) has stats of its own (one cast serving two uses
         # is reported once)
@@ -533,7 +553,7 @@ class QuantizedLinear(nn.Module):
         backend = self.backend if self.backend in ("torch", "fast") else ("triton" if mat.is_cuda else "fast")
         plan = self._plans[backend][_ROLES.index(role)]
         update = self.training and mat.numel() > 0
-        return cast_role(mat, self._state(role), plan, update, False, self._full_stats)
+        return cast_role(mat, self._state(role), plan, update, False, self._stats_level)
 
     def _cached_weight(self, cast_backend: str, plan: str | None, update: bool):
         """The opt-in cross-micro-batch weight cast (eager only), or None to cast in the forward."""
@@ -542,7 +562,7 @@ class QuantizedLinear(nn.Module):
         key = (cast_backend, update, self.weight.device)
         if self._weight_cast is None or self._weight_cast[0] != key:
             with torch.no_grad():
-                q = cast_role(self.weight, self._state("weight"), plan, update, False, self._full_stats)
+                q = cast_role(self.weight, self._state("weight"), plan, update, False, self._stats_level)
             self._weight_cast = (key, q)
         return self._weight_cast[1]
 
@@ -567,7 +587,7 @@ class QuantizedLinear(nn.Module):
         i_state, w_state, g_state, wg_state = states
         return _QuantizedLinearFn.apply(x, self.weight, self.bias, self._cached_weight(cast_backend, plans[1], update),
                                         (i_state, w_state, g_state, wg_state), plans, mm_backend,
-                                        (update, self._full_stats))
+                                        (update, self._stats_level))
 
     @torch.no_grad()
     def round_master_weights(self) -> None:
@@ -598,10 +618,13 @@ def round_master_weights(model: nn.Module) -> None:
         m.round_master_weights()
 
 
-def set_full_stats(model: nn.Module, enabled: bool) -> None:
-    """Turn rel_err (an extra pass per operand) on for logging steps, off otherwise (the default)."""
+def set_stats_level(model: nn.Module, level: StatsLevel | str) -> None:
+    """Set every QuantizedLinear's `stats_level`: train.py records "full" stats on logging steps and
+    "scale" between them (the counts and rel_err are read on logging steps only). Raises ValueError
+    for a level that is not a StatsLevel."""
+    index = _level_index(level)
     for m in _layers(model):
-        m.full_stats = enabled
+        m._stats_level.fill_(index)
 
 
 def set_weight_cache(model: nn.Module, enabled: bool) -> None:

@@ -49,7 +49,7 @@ import torch
 from altgrad.blockwise import expand_scales, quantize_blockwise_cast
 from altgrad.config import RoleConfig
 from altgrad.formats import FormatSpec
-from altgrad.vocabulary import STAT_FIELDS
+from altgrad.vocabulary import STAT_FIELDS, StatsLevel, stat_fields
 
 __all__ = ["blockwise_linear", "blockwise_matmul", "needs_blockwise", "weight_block_scales", "MATMUL_BACKENDS"]
 
@@ -128,15 +128,19 @@ def _record(mod, use, mat, c, inv_full) -> None:
     when it gives them (`c.stats`), else from its masks."""
     x = mat.detach().float()
     dev = x.device
+    level = mod.stats_level
     if c.stats is not None:
         amax, counts = c.stats
         overflow, underflow, nan, nonzero = counts.unbind(0)
     else:
-        nz = (x != 0) & ~c.nan
         amax = torch.where(c.nan, 0.0, x.abs()).amax() if x.numel() else torch.zeros((), device=dev)
-        overflow, underflow, nan, nonzero = c.overflow.sum(), (nz & (c.q == 0)).sum(), c.nan.sum(), nz.sum()
+        if level != StatsLevel.SCALE:
+            nz = (x != 0) & ~c.nan
+            overflow, underflow, nan, nonzero = c.overflow.sum(), (nz & (c.q == 0)).sum(), c.nan.sum(), nz.sum()
+    if level == StatsLevel.SCALE:  # not recorded at this level: NaN, as in the per-tensor casts
+        overflow = underflow = nan = nonzero = torch.full((), math.nan, device=dev)
     rel_err = torch.full((), math.nan, device=dev)
-    if mod.full_stats:
+    if level == StatsLevel.FULL:
         err = torch.linalg.vector_norm(c.q * inv_full() - x)
         rel_err = err / torch.linalg.vector_norm(x).clamp(min=torch.finfo(torch.float32).tiny)
     values = (amax, c.scale.flatten().nanmedian() if c.scale.numel() else torch.ones((), device=dev),
@@ -144,10 +148,9 @@ def _record(mod, use, mat, c, inv_full) -> None:
     vec = torch.stack([v.to(torch.float64) for v in values])
     if ":" not in use:
         getattr(mod, f"_stats_{use}").copy_(vec)
-    fields = STAT_FIELDS if mod.full_stats else STAT_FIELDS[:-1]
     if not hasattr(mod, "blockwise_stats"):
         mod.blockwise_stats = {}
-    mod.blockwise_stats[use] = {f: vec[i] for i, f in enumerate(fields)}
+    mod.blockwise_stats[use] = {f: vec[STAT_FIELDS.index(f)] for f in stat_fields(level)}
 
 
 def _operand(mod, role: str, use: str, mat: torch.Tensor) -> Operand:

@@ -15,7 +15,8 @@ import enum
 
 __all__ = [
     "Role", "OPERAND_ROLES", "ROLE_ABBREV", "ScalingType", "AmaxAlgo", "Rounding", "Backend",
-    "Granularity", "ScaleFormat", "ScaleRounding", "BLOCK_SIZES", "HIGH_PRECISION_NAMES", "STAT_FIELDS", "choices",
+    "Granularity", "ScaleFormat", "ScaleRounding", "BLOCK_SIZES", "HIGH_PRECISION_NAMES", "STAT_FIELDS", "COUNT_FIELDS",
+    "StatsLevel", "stat_fields", "choices",
 ]
 
 
@@ -90,8 +91,25 @@ BLOCK_SIZES = (16, 32, 64, 128)
 
 # the per-role statistics of one cast, in the order QuantizedLinear's stats buffers hold them:
 # amax and scale (fp32 values), overflow / underflow / nan / nonzero / numel (element counts), and
-# rel_err (relative error of the cast, computed only with full_stats; always last)
+# rel_err (relative error of the cast, only at StatsLevel.FULL; always last)
 STAT_FIELDS = ("amax", "scale", "overflow", "underflow", "nan", "nonzero", "numel", "rel_err")
+COUNT_FIELDS = ("overflow", "underflow", "nan", "nonzero")
+
+
+class StatsLevel(_Word):
+    """What each cast of a QuantizedLinear records (`stats_level`), cheapest first. A field a level
+    does not record is absent from the layer's `stats` (its buffer slot holds NaN or an old value)."""
+
+    SCALE = "scale"  # amax, scale, numel: what the scaling needs (train.py between logging steps)
+    COUNTS = "counts"  # and overflow / underflow / nan / nonzero, counted in the cast's pass (default)
+    FULL = "full"  # and rel_err: an extra pass per operand (train.py's logging steps)
+
+
+def stat_fields(level: StatsLevel | str) -> tuple[str, ...]:
+    """The STAT_FIELDS a StatsLevel records, in buffer order."""
+    level = StatsLevel(level)
+    return tuple(f for f in STAT_FIELDS if (f not in COUNT_FIELDS or level != StatsLevel.SCALE)
+                 and (f != "rel_err" or level == StatsLevel.FULL))
 
 # format names that mean "not quantized: keep the model's own compute precision"
 HIGH_PRECISION_NAMES = ("bf16", "fp32", "none")

@@ -75,7 +75,7 @@ def test_linear_fwd_bwd(benchmark, shape):
     lin, x, dy = _problem(shape)
     cfg = LayerQuantConfig(RoleConfig("E4M3"), RoleConfig("E4M3"), RoleConfig("E5M2"))
     ql = QuantizedLinear(lin, cfg, name=shape, backend="triton")
-    ql.full_stats = False  # what train.py does between logging steps
+    ql.stats_level = "scale"  # what train.py does between logging steps
     sides = {"bf16": _fwd_bwd(lin, x, dy), "simulated": _fwd_bwd(ql, x, dy)}
     w, xd = lin.weight.detach(), x.detach()
     sides["fake_quant_compiled"] = lambda: _fake_quant_fwd_bwd(xd, w, dy)

@@ -4,17 +4,17 @@ time (test_bench_step.py, test_bench_diagnostics.py)."""
 import torch
 
 from altgrad import metrics
-from altgrad.linear import set_full_stats
+from altgrad.linear import set_stats_level
 
 
 def train_step(model, opt, x, y, *, tracker=None, dead=None, shadow=None) -> tuple[torch.Tensor, dict]:
     """One optimizer step of `model` on the batch (x, y), as train.py runs it: forward, backward,
     the FP32 shadow's comparison (with `shadow`), gradient clipping at norm 1, `opt.step()`, the
-    dead-unit hooks (with `dead`). With an update `tracker` it is a logging step: rel_err stats,
+    dead-unit hooks (with `dead`). With an update `tracker` it is a logging step: "full" stats,
     gradient norms, the tracker around `opt.step()`, quant and dead-unit metrics and alerts
     (`dead` is then required). Returns (loss, the step's metrics record)."""
     record, log = {}, tracker is not None
-    set_full_stats(model, log)
+    set_stats_level(model, "full" if log else "scale")
     _, loss = model(x, y)
     loss.backward()
     if shadow is not None:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from altgrad import GPT, GPTConfig, QuantizationConfig, TokenBatches, load_meta, quantize_model, set_full_stats
+from altgrad import GPT, GPTConfig, QuantizationConfig, TokenBatches, load_meta, quantize_model, set_stats_level
 
 FORMATS = ("E4M3", "E3M4", "E2M5", "E1M6", "E0M7")
 GRANULARITIES = {
@@ -61,7 +61,7 @@ def probe(model: GPT, x, y, fmt: str, gran: dict) -> dict:
     m = copy.deepcopy(model)
     scaling = dict(scaling="current")
     quantize_model(m, config=QuantizationConfig(fmt, **scaling, **gran))
-    set_full_stats(m, True)
+    set_stats_level(m, "full")
     g, loss = grads(m, x, y)
     under = []
     for mod in m.modules():

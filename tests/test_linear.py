@@ -217,12 +217,67 @@ def test_stats_count_events_on_device():
 def test_rel_err_matches_definition():
     _, ql = make()
     assert "rel_err" not in ql.stats["input"]  # an extra pass per operand: only when asked
-    ql.full_stats = True
+    ql.stats_level = "full"
     x = torch.randn(10, 37)
     ql(x)
     qi, ii = fq(x, "E4M3")
     want = torch.linalg.vector_norm(qi * ii - x) / torch.linalg.vector_norm(x)
     torch.testing.assert_close(ql.stats["input"]["rel_err"].float(), want)
+
+
+@pytest.mark.parametrize("backend", ["torch", "fast"])
+@pytest.mark.parametrize("scaling", ["delayed", "current"])
+def test_stats_level_changes_what_is_recorded_and_nothing_else(backend, scaling):
+    """Three layers at the three StatsLevels train bit-identically (outputs, gradients, scales,
+    histories); each exposes its level's fields, the counts it does not record are NaN in the
+    buffer, and what it does record equals the "full" layer's values."""
+    from altgrad.vocabulary import COUNT_FIELDS, STAT_FIELDS, stat_fields
+
+    layers = []
+    for level in ("scale", "counts", "full"):
+        _, ql = make(seed=4, backend=backend, scaling=scaling)
+        ql.stats_level = level
+        layers.append(ql)
+    g = torch.Generator().manual_seed(9)
+    for step in range(4):
+        x = torch.randn(6, 37, generator=g) * 10.0 ** (step - 2)
+        x[0, :2] = torch.tensor([float("nan") if step == 3 else 0.0, 1e-30])
+        dy = torch.randn(6, 29, generator=g)
+        outs = []
+        for ql in layers:
+            xi = x.clone().requires_grad_()
+            y = ql(xi)
+            y.backward(dy)
+            outs.append([y, xi.grad, ql.weight.grad] + [b.clone() for b in ql.buffers()])
+            ql.zero_grad()
+        for other in outs[:2]:
+            for a, b in zip(other, outs[2]):
+                same = torch.equal(a.reshape(-1).view(torch.uint8) if a.is_floating_point() else a,
+                                   b.reshape(-1).view(torch.uint8) if b.is_floating_point() else b)
+                # the stats buffers differ only in the slots the level does not record
+                assert same or a.dtype == torch.float64, step
+        for ql, level in zip(layers, ("scale", "counts", "full")):
+            assert ql.stats_level == level
+            for role, st in ql.stats.items():
+                assert tuple(st) == stat_fields(level)
+                full = layers[2].stats[role]
+                assert all(torch.equal(st[f], full[f]) for f in st if f != "rel_err"), (level, role)
+                buf = getattr(ql, f"_stats_{role}")
+                if level == "scale":
+                    assert all(buf[STAT_FIELDS.index(f)].isnan() for f in COUNT_FIELDS)
+    assert layers[2].stats["input"]["nan"] == 1  # the last step counted its NaN
+
+
+def test_stats_level_rejects_other_values():
+    from altgrad.linear import set_stats_level
+
+    _, ql = make()
+    for bad in ("all", True, 2, None):
+        with pytest.raises(ValueError, match=r"stats_level must be one of scale, counts, full \(got "):
+            ql.stats_level = bad
+        with pytest.raises(ValueError, match="stats_level must be one of"):
+            set_stats_level(nn.Sequential(ql), bad)
+    assert ql.stats_level == "counts"  # the default, untouched
 
 
 def test_weight_grad_quantized_before_optimizer():
@@ -519,7 +574,7 @@ def test_fast_path_equals_reference_bit_for_bit(fmts, rounding, saturate, route,
     wg = RoleConfig("E5M2", scaling="current", rounding=rounding)
     layers = twin_layers(45, 19, LayerQuantConfig(*rcs, weight_grad=wg), seed=77)
     for layer in layers:
-        layer.full_stats = True
+        layer.stats_level = "full"
     for step in range(3):
         x = torch.randn(3, 7, 45) * 10.0 ** (step - 1)
         x[0, 0, :3] = torch.tensor([0.0, -0.0, 1e-30])
@@ -613,7 +668,7 @@ def test_compiled_quantized_gpt_trains_like_eager_bit_for_bit():
     rel_err toggles or evaluation calls. The aot_eager backend runs the traced graph with eager
     kernels; inductor additionally fuses the non-quantized ops (LayerNorm, softmax, GELU, loss),
     whose fp32 results then differ from eager in the last bits."""
-    from altgrad.linear import set_full_stats
+    from altgrad.linear import set_stats_level
     from altgrad.model import GPT, GPTConfig
     from altgrad.surgery import quantize_model
 
@@ -635,7 +690,7 @@ def test_compiled_quantized_gpt_trains_like_eager_bit_for_bit():
         losses = []
         torch._dynamo.utils.counters.clear()
         for step, (x, y) in enumerate(data):
-            set_full_stats(model, step == 2)  # a logging step: rel_err too
+            set_stats_level(model, "full" if step == 2 else "scale")  # a logging step: counts and rel_err
             _, loss = fwd(x, y)
             loss.backward()
             opt.step(), opt.zero_grad()
@@ -831,7 +886,7 @@ def test_fused_cast_state_and_stats_equal_reference_call_by_call(case, dtype, mo
         results = []
         for ql in layers:
             ql.train(training)
-            ql.full_stats = step == 6
+            ql.stats_level = "full" if step == 6 else ("scale" if step % 2 else "counts")
             xi = x.clone().requires_grad_(training)
             with torch.set_grad_enabled(training):
                 y = ql(xi)
@@ -877,7 +932,7 @@ def test_fast_cast_does_not_recompile_across_steps_shapes_views_and_broadcast_gr
             y.sum().backward() if broadcast else y.backward(torch.randn(y.shape))
     assert fast_cast._COMPILED == compiled
     # own_push (first step) and history variants, one per history length (3 layers x 3 roles)
-    assert {key[0] for key in compiled} == {fast_cast._FUSED['own_push', 'nearest'], fast_cast._FUSED['history', 'nearest']}
+    assert {key[0] for key in compiled} == {fast_cast._FUSED['own_push', 'nearest', True], fast_cast._FUSED['history', 'nearest', True]}
     assert all(isinstance(c, fast_cast._Direct) for c in compiled.values())
 
 

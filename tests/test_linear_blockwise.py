@@ -18,7 +18,7 @@ def layer(in_f, out_f, bias=True, **cfg):
     base = dict(default_format="E2M5", grad_output_format="E5M2", scaling="current")
     lin = torch.nn.Linear(in_f, out_f, bias=bias)
     m = QuantizedLinear(lin, QuantizationConfig(**(base | cfg)).layer_config("fc"), backend="torch")
-    m.full_stats = True
+    m.stats_level = "full"
     return m, lin
 
 
@@ -259,3 +259,24 @@ def test_bit_stall_reads_the_weights_own_block_scales(cfg, seeded):
     out = tracker.after_step()
     assert out["update/bit_stall"] == 0.0 and out["update/flip"] == 1.0
 
+
+
+@pytest.mark.parametrize("case", ["block-e8m0", "block16-fp32"])
+def test_stats_level_scale_records_amax_and_scale_only(case):
+    """At StatsLevel "scale" every use's stats hold amax, scale and numel (equal to a "full" twin's),
+    the counts are NaN in the role's buffer, and training is unchanged."""
+    torch.manual_seed(2)
+    m_scale, _ = layer(40, 24, **CASES[case])
+    m_full = QuantizedLinear(torch.nn.Linear(40, 24), m_scale.layer_config, backend="torch")
+    m_full.load_state_dict(m_scale.state_dict())
+    m_full.stats_level, m_scale.stats_level = "full", "scale"
+    x = torch.randn(6, 40)
+    x[0, 0] = 3e4  # an outlier: some elements of its block underflow
+    for m in (m_scale, m_full):
+        m(x.clone().requires_grad_()).backward(torch.randn(6, 24, generator=torch.Generator().manual_seed(1)))
+    assert torch.equal(m_scale.weight.grad, m_full.weight.grad)
+    for use, st in m_scale.blockwise_stats.items():
+        assert tuple(st) == ("amax", "scale", "numel"), use
+        assert all(torch.equal(v, m_full.blockwise_stats[use][f]) for f, v in st.items()), use
+    assert m_full.stats["input"]["underflow"] > 0
+    assert m_scale._stats_input[2:6].isnan().all()

@@ -177,7 +177,7 @@ def quantized(linear, input=None, weight=None, grad_output=None):
         return None if spec is None else RoleConfig(spec[0], scaling=spec[1])
 
     layer = QuantizedLinear(linear, LayerQuantConfig(rc(input), rc(weight), rc(grad_output)))
-    layer.full_stats = True  # rel_err too (off by default)
+    layer.stats_level = "full"  # rel_err too (off by default)
     return layer
 
 
