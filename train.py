@@ -373,7 +373,11 @@ try:
             flags = torch.stack([loss_sum, torch.tensor(float(stop["signal"] is not None), device=device)])
             dist.all_reduce(flags)
             loss_sum = flags[0] / world_size
-            if flags[1].item() > 0 and stop["signal"] is None:
+            # stop after this step only if the ranks agreed here: a signal that arrives later reaches
+            # a rank still in this step's Python code at once, but one already blocked in the next
+            # step's gradient all-reduce only after it, so each rank's own flag can differ by a step
+            stop_agreed = flags[1].item() > 0
+            if stop_agreed and stop["signal"] is None:
                 stop["signal"] = signal.SIGTERM
         record = {}
         if shadow_now:  # before clipping: clipping rescales the gradient and would shift the SNR
@@ -443,7 +447,7 @@ try:
         if run["nonfinite_streak"] >= tc.nan_patience:  # diverged_step: the first of the non-finite steps
             status, diverged_step, exit_code = "diverged", step - run["nonfinite_streak"] + 1, EXIT_DIVERGED
             break
-        if stop["signal"] is not None:
+        if (stop_agreed if ddp else stop["signal"] is not None):
             status, exit_code = "stopped", EXIT_STOPPED
             break
 except KeyboardInterrupt:  # a second Ctrl-C: stopped mid-step, so the state is not saved

@@ -230,6 +230,37 @@ def test_torchrun_two_ranks_on_gloo_agree_on_weights(tmp_path, data_dir):
     assert not (tmp_path / ".ddp.lock").exists()  # the atexit handlers ran (train.py's end_process)
 
 
+def test_torchrun_ranks_stop_together_when_a_signal_reaches_one_rank_late_in_a_step(tmp_path, data_dir):
+    """A stop signal that reaches rank 0 after the step's stop vote (here: while it clips, the other
+    rank already waiting in the next step's gradient all-reduce, where it cannot see a signal) must
+    stop both ranks after the same step: the run is saved and reported `stopped`, nothing hangs."""
+    script = tmp_path / "signal_rank0.py"
+    script.write_text(
+        "import os, runpy, signal, sys, torch\n"
+        "if os.environ['RANK'] == '0':\n"
+        "    clip, calls = torch.nn.utils.clip_grad_norm_, []\n"
+        "    def clip_then_signal(*args, **kwargs):\n"
+        "        calls.append(1)\n"
+        "        if len(calls) == 3:\n"
+        "            os.kill(os.getpid(), signal.SIGTERM)\n"
+        "        return clip(*args, **kwargs)\n"
+        "    torch.nn.utils.clip_grad_norm_ = clip_then_signal\n"
+        f"sys.argv[0] = {str(TRAIN)!r}\n"
+        "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           "configs/baseline.yaml", *TINY, f"--data.dir={data_dir}", f"--log.out_dir={tmp_path}",
+           "--log.run_name=ddp_stop", "--train.max_steps=50", "--train.grad_accum=2",
+           "--quant.default_format=E5M2", "--train.shadow_interval=0"]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert "exitcode  : 130" in proc.stderr and "SIGTERM: stopping after this step" in proc.stderr, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "ddp_stop" / "summary.json").read_text())
+    # the signal came after step 3's vote: step 4's vote stops both ranks
+    assert summary["status"] == "stopped" and summary["steps"] == 4 and summary["ddp_ranks_agree"] is True
+    assert load_checkpoint(tmp_path / "ddp_stop" / CKPT_LAST)["step"] == 4
+    assert not (tmp_path / ".ddp_stop.lock").exists()
+
+
 def test_torchrun_user_error_exits_2_on_every_rank(tmp_path, data_dir):
     """An error found after the process group is up: one line per rank, exit code 2 (not an abort
     of the interpreter's shutdown), nothing written."""
