@@ -138,10 +138,12 @@ def _layer_values(s: dict[str, float]) -> dict[str, float | None]:
 
 
 def _aggregate(items: list[dict[str, float]]) -> dict[str, float]:
-    """Per-role aggregate over layers: counts summed, rel_err element-weighted, amax max,
-    scale element-weighted geometric mean (scales span many binades)."""
+    """Per-role aggregate over layers: counts summed over the layers whose stats level records them,
+    rel_err element-weighted, amax max, scale element-weighted geometric mean (scales span many binades)."""
+    counted = [s for s in items if "overflow" in s]  # layers whose stats level records the counts
+
     def total(field):
-        vals = [s[field] for s in items if field in s]
+        vals = [s[field] for s in counted if field in s]
         return sum(vals) if vals else None
 
     agg = {

@@ -240,6 +240,24 @@ def test_quant_metrics_hand_counted(seeded):
     assert out["quant/grad_output/overflow"] == out["quant/b/grad_output/overflow"]
 
 
+def test_quant_metrics_role_counts_only_over_layers_that_count_them(seeded):
+    """A layer at stats level "scale" records no counts: the per-role fractions are over the layers
+    that do (its elements are not counted as neither overflowing nor NaN)."""
+    a = quantized(nn.Linear(4, 4), input=("E4M3", "none"))
+    b = quantized(nn.Linear(4, 4), input=("E4M3", "none"))
+    a.stats_level, b.stats_level = "counts", "scale"
+    x = torch.randn(5, 4)
+    x[0, :3] = torch.tensor([1e4, float("nan"), 1e-6])  # overflow, NaN, underflow at scale 1
+    a(x)
+    b(torch.randn(300, 4))
+    out = metrics.quant_metrics(nn.ModuleDict({"a": a, "b": b}))
+    assert "quant/b/input/overflow" not in out and out["quant/b/input/amax"] > 0
+    nonzero = (x != 0).sum().item() - 1  # the NaN is not counted as non-zero
+    assert out["quant/a/input/overflow"] == out["quant/input/overflow"] == 1 / 20
+    assert out["quant/a/input/nan"] == out["quant/input/nan"] == 1 / 20
+    assert out["quant/a/input/underflow"] == out["quant/input/underflow"] == 1 / nonzero
+
+
 def test_quant_metrics_of_an_unquantized_model_is_empty():
     assert metrics.quant_metrics(GPT(CFG)) == {}
 
