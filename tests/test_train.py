@@ -231,11 +231,12 @@ def test_torchrun_two_ranks_on_gloo_agree_on_weights(tmp_path, data_dir):
 
 
 def test_torchrun_user_error_exits_2_on_every_rank(tmp_path, data_dir):
-    """An error found after the process group is up: one line per rank, exit code 2 (not an abort
-    of the interpreter's shutdown), nothing written."""
+    """An error found after the process group is up: a one-line error, exit code 2 (not an abort of
+    the interpreter's shutdown), nothing written."""
     proc = train(tmp_path, data_dir, "--train.grad_accum=3", "--log.run_name=ddp_bad", torchrun=2)
     assert proc.returncode != 0
-    assert proc.stderr.count("error: train.grad_accum=3 must be a multiple of the 2 DDP processes") == 2
+    # one line per rank (a rank the launcher stops first, once the other has failed, prints none)
+    assert 1 <= proc.stderr.count("error: train.grad_accum=3 must be a multiple of the 2 DDP processes") <= 2
     assert "exitcode  : 2" in proc.stderr and "SIGABRT" not in proc.stderr
     assert not (tmp_path / "ddp_bad").exists()
 
