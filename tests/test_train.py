@@ -230,7 +230,7 @@ def test_torchrun_two_ranks_on_gloo_agree_on_weights(tmp_path, data_dir):
     assert not (tmp_path / ".ddp.lock").exists()  # the atexit handlers ran (train.py's end_process)
 
 
-def test_torchrun_user_error_exits_2_on_every_rank(tmp_path, data_dir):
+def test_torchrun_user_error_exits_2_with_one_line(tmp_path, data_dir):
     """An error found after the process group is up: a one-line error, exit code 2 (not an abort of
     the interpreter's shutdown), nothing written."""
     proc = train(tmp_path, data_dir, "--train.grad_accum=3", "--log.run_name=ddp_bad", torchrun=2)
