@@ -261,12 +261,13 @@ def test_torchrun_ranks_stop_together_when_a_signal_reaches_one_rank_late_in_a_s
     assert not (tmp_path / ".ddp_stop.lock").exists()
 
 
-def test_torchrun_user_error_exits_2_on_every_rank(tmp_path, data_dir):
-    """An error found after the process group is up: one line per rank, exit code 2 (not an abort
-    of the interpreter's shutdown), nothing written."""
+def test_torchrun_user_error_exits_2_with_one_line(tmp_path, data_dir):
+    """An error found after the process group is up: a one-line error, exit code 2 (not an abort of
+    the interpreter's shutdown), nothing written."""
     proc = train(tmp_path, data_dir, "--train.grad_accum=3", "--log.run_name=ddp_bad", torchrun=2)
     assert proc.returncode != 0
-    assert proc.stderr.count("error: train.grad_accum=3 must be a multiple of the 2 DDP processes") == 2
+    # one line per rank (a rank the launcher stops first, once the other has failed, prints none)
+    assert 1 <= proc.stderr.count("error: train.grad_accum=3 must be a multiple of the 2 DDP processes") <= 2
     assert "exitcode  : 2" in proc.stderr and "SIGABRT" not in proc.stderr
     assert not (tmp_path / "ddp_bad").exists()
 
