@@ -394,7 +394,6 @@ try:
             optimizer.step()
             if quant_config is not None:  # master_weights: store the weights in their format
                 round_master_weights(raw_model)
-                weight_updated(raw_model)  # the next forward casts the new weights
             if log_now and tracker is not None:
                 record.update(tracker.after_step())
             run["nonfinite_streak"] = 0
@@ -405,6 +404,8 @@ try:
                 print(f"step {step + 1}: non-finite loss {train_loss} / grad norm {grad_norm}; "
                       f"skipped ({run['nonfinite_streak']}/{tc.nan_patience})")
         optimizer.zero_grad(set_to_none=True)
+        if quant_config is not None:  # every step casts its weights once, skipped steps too (as a resume would)
+            weight_updated(raw_model)
         if dead is not None:
             dead.step()
         step = run["step"] = step + 1

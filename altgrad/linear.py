@@ -26,8 +26,9 @@ high precision (passed through in fp32). Decisions written down here:
 - The weight is cast at every forward by default, so any change of its values (optimizer step,
   `.data` writes, `copy_`, `load_state_dict`, `nn.init`, EMA code) is seen at the next forward.
   `weight_cache = True` (see `set_weight_cache`) is an explicit opt-in for gradient accumulation:
-  the cast is reused until `weight_updated(model)` is called (train.py calls it after each
-  optimizer step); eager only, a compiled forward always casts.
+  the cast is reused until `weight_updated(model)` is called (train.py calls it at the end of
+  every step, skipped ones included) or the layer's mode, backend, device or stats level changes;
+  eager only, a compiled forward always casts.
 - Scaling state (delayed histories, last scales, the stochastic-rounding counter) is updated by
   training-mode calls only, so evaluation frequency does not change the training trajectory.
 - Stochastic rounding never touches the global RNG: each cast draws Philox bits keyed by a seed
@@ -243,8 +244,9 @@ def _cast_operand_impl(x, scale, inv_scale, history, count, filled, stats, sr_st
 def _rel_err(x, q, q_inv, stats):
     """stats[7] = ||q·inv_scale - x|| / ||x||: an extra pass, on logging steps only."""
     x32 = x.detach().float()
-    err = torch.linalg.vector_norm(q.float() * q_inv - x32)
-    stats[7] = err / torch.linalg.vector_norm(x32).clamp(min=torch.finfo(torch.float32).tiny)
+    # the norms accumulate in float64: squares of fp32 values past ~1e19 overflow fp32
+    err = torch.linalg.vector_norm(q.float() * q_inv - x32, dtype=torch.float64)
+    stats[7] = err / torch.linalg.vector_norm(x32, dtype=torch.float64).clamp(min=torch.finfo(torch.float32).tiny)
 
 
 def _cast_fused(x, scale, inv_scale, history, count, filled, stats, sr_state, p, update, advance, level):
@@ -559,7 +561,8 @@ class QuantizedLinear(nn.Module):
         """The opt-in cross-micro-batch weight cast (eager only), or None to cast in the forward."""
         if not self.weight_cache or plan is None or torch.compiler.is_compiling():
             return None
-        key = (cast_backend, update, self.weight.device)
+        # a new level must record its own fields (a cast at "scale" has no counts for a logging step)
+        key = (cast_backend, update, self.weight.device, int(self._stats_level))
         if self._weight_cast is None or self._weight_cast[0] != key:
             with torch.no_grad():
                 q = cast_role(self.weight, self._state("weight"), plan, update, False, self._stats_level)
@@ -631,8 +634,9 @@ def set_weight_cache(model: nn.Module, enabled: bool) -> None:
     """Opt in (or out) of casting each weight once per optimizer step instead of once per forward.
 
     With it on, the weight cast is reused by every forward until `weight_updated(model)` is
-    called (or the layer's mode, backend or state_dict changes): call that after every
-    `optimizer.step()` and after any other change of the weights' values. Eager only: a forward
+    called (or the layer's mode, backend, device, stats level or state_dict changes): call that
+    after every `optimizer.step()` (train.py: at the end of every step, skipped ones included, so
+    each step casts its weights once) and after any other change of the weights' values. Eager only: a forward
     under torch.compile always casts. Off (the default), every forward sees the current weights."""
     for m in _layers(model):
         m.weight_cache = bool(enabled)

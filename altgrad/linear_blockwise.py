@@ -141,8 +141,8 @@ def _record(mod, use, mat, c, inv_full) -> None:
         overflow = underflow = nan = nonzero = torch.full((), math.nan, device=dev)
     rel_err = torch.full((), math.nan, device=dev)
     if level == StatsLevel.FULL:
-        err = torch.linalg.vector_norm(c.q * inv_full() - x)
-        rel_err = err / torch.linalg.vector_norm(x).clamp(min=torch.finfo(torch.float32).tiny)
+        err = torch.linalg.vector_norm(c.q * inv_full() - x, dtype=torch.float64)  # as the per-tensor casts
+        rel_err = err / torch.linalg.vector_norm(x, dtype=torch.float64).clamp(min=torch.finfo(torch.float32).tiny)
     values = (amax, c.scale.flatten().nanmedian() if c.scale.numel() else torch.ones((), device=dev),
               overflow, underflow, nan, nonzero, torch.tensor(x.numel(), device=dev), rel_err)
     vec = torch.stack([v.to(torch.float64) for v in values])

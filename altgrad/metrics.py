@@ -121,7 +121,8 @@ def _read_stats(model: nn.Module) -> list[tuple[str, str, dict[str, float]]]:
 
 
 def _ratio(num: float | None, den: float | None) -> float | None:
-    if num is None or den is None:
+    """num / den (0 for an empty den); None where either was not recorded (None or NaN)."""
+    if num is None or den is None or math.isnan(num) or math.isnan(den):
         return None
     return num / den if den > 0 else 0.0
 
@@ -327,7 +328,7 @@ def grad_norms(model: nn.Module) -> dict[str, float]:
             continue
         g = torch.cat(grads)
         names.append(name)
-        tensors += [torch.linalg.vector_norm(g), g.abs().max()]
+        tensors += [torch.linalg.vector_norm(g, dtype=torch.float64), g.abs().max()]  # float64: no overflow of the squares
     host = to_host(tensors)
     out = {}
     for i, name in enumerate(names):

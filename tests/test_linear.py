@@ -155,6 +155,31 @@ def test_weight_cache_is_an_opt_in_per_optimizer_step():
     assert hist.count.item() == 4 and y.shape == (8, 29)
 
 
+def test_weight_cache_recasts_when_the_stats_level_changes():
+    """A weight cast cached at stats level "scale" has no counts: a forward at "full" casts again
+    (and records them, rel_err too), while forwards at an unchanged level reuse the cache."""
+    from altgrad.linear import set_weight_cache
+    from altgrad.vocabulary import stat_fields
+
+    _, ql = make(scaling="delayed", w="E3M4")
+    set_weight_cache(ql, True)
+    ql.stats_level = "scale"
+    hist = ql.scalers["weight"].amax_history
+    x = torch.randn(8, 37)
+    ql(x).sum().backward()
+    ql(x).sum().backward()
+    assert hist.count.item() == 1 and ql._stats_weight[2:6].isnan().all()
+    ql.stats_level = "full"
+    ql(x).sum().backward()
+    ql(x).sum().backward()
+    assert hist.count.item() == 2  # one more cast, at the new level, then reused
+    st = ql.stats["weight"]
+    assert tuple(st) == stat_fields("full") and not any(v.isnan() for v in st.values())
+    q, inv = fq(ql.weight.detach(), "E3M4")
+    want = torch.linalg.vector_norm(q * inv - ql.weight.detach()) / torch.linalg.vector_norm(ql.weight.detach())
+    torch.testing.assert_close(st["rel_err"].float(), want)
+
+
 def test_dequantize_returns_the_parameters_the_model_trains():
     """load_state_dict(assign=True) swaps the Parameter objects: .linear follows them."""
     from altgrad.surgery import dequantize_model, quantize_model
@@ -278,6 +303,19 @@ def test_stats_level_rejects_other_values():
         with pytest.raises(ValueError, match="stats_level must be one of"):
             set_stats_level(nn.Sequential(ql), bad)
     assert ql.stats_level == "counts"  # the default, untouched
+
+
+@pytest.mark.parametrize("magnitude", [1e-30, 1.0, 1e25])
+def test_rel_err_holds_for_every_magnitude(magnitude):
+    """rel_err is scale-free: huge inputs (squares past fp32's range) and tiny ones give the
+    relative error of the cast itself, not inf / NaN (the norms accumulate in float64)."""
+    _, ql = make()
+    ql.stats_level = "full"
+    x = torch.randn(10, 37, generator=torch.Generator().manual_seed(5)) * magnitude
+    ql(x)
+    qi, ii = fq(x, "E4M3")
+    want = torch.linalg.vector_norm((qi * ii - x).double()) / torch.linalg.vector_norm(x.double())
+    torch.testing.assert_close(ql.stats["input"]["rel_err"], want, rtol=1e-6, atol=0)
 
 
 def test_weight_grad_quantized_before_optimizer():

@@ -124,6 +124,12 @@ def test_grad_norms_per_layer(seeded):
     assert out["grad/transformer.h.1.mlp.c_proj/linf"] == 7.5
     # the tied embedding / lm_head weight is one layer, reported once under the matmul layer
     assert "grad/lm_head/l2" in out and not any(k.startswith("grad/transformer.wte") for k in out)
+    # huge gradients (a diverging run): the l2 norm fits fp32 although the squares do not
+    with torch.no_grad():
+        layer.weight.grad.mul_(1e25)
+    g = torch.cat([layer.weight.grad.reshape(-1), layer.bias.grad.reshape(-1)]).double()
+    out = metrics.grad_norms(model)
+    assert out["grad/transformer.h.1.mlp.c_proj/l2"] == pytest.approx(math.sqrt((g * g).sum().item()), rel=1e-6)
     model.zero_grad(set_to_none=True)
     assert metrics.grad_norms(model) == {}
 

@@ -190,6 +190,23 @@ def test_divergence_skips_non_finite_steps_then_stops_with_exit_code_3(tmp_path,
     assert all(torch.isfinite(t).all() for k, t in state["model"].items() if t.is_floating_point())
 
 
+def test_a_logging_step_after_skipped_steps_records_its_own_weight_stats(tmp_path, data_dir):
+    """Gradient accumulation caches each step's weight cast; a skipped step must not hand its cast
+    (recorded at the "scale" stats level, without counts) to the next step: every logged step has
+    the weight's overflow / nan / rel_err, skipped steps before it or not."""
+    proc = train(tmp_path, data_dir, "--quant.default_format=E5M2", "--train.grad_accum=2", "--train.max_steps=9",
+                 "--train.lr=1e30", "--train.min_lr=0", "--train.warmup=0", "--train.nan_patience=10",
+                 "--train.log_interval=3", "--train.eval_interval=100", "--train.shadow_interval=0",
+                 "--log.run_name=skip")
+    ok(proc)
+    summary = json.loads((tmp_path / "skip" / "summary.json").read_text())
+    assert summary["skipped_steps"] >= 3  # so some logging step follows skipped ones
+    logged = [r for r in read_metrics(tmp_path / "skip" / "metrics.jsonl") if "quant/weight/overflow" in r]
+    assert [r["step"] for r in logged] == [3, 6, 9]
+    for r in logged:
+        assert all(r[f"quant/weight/{k}"] is not None for k in ("overflow", "nan", "underflow", "rel_err")), r
+
+
 # ---- stop ------------------------------------------------------------------------------------------
 
 
