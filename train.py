@@ -283,6 +283,8 @@ def evaluate():
     """Mean val loss over eval_iters batches: the same batches at every eval (fixed seed), so
     curves and formats compare without sampling noise, and the training RNG is untouched
     (altgrad.inference.loss_sum, which sample.py --eval runs too)."""
+    if quant_config is not None:  # evaluation casts record no counts or rel_err (no metrics read them)
+        set_stats_level(raw_model, "scale")
     total = inference.loss_sum(raw_model, cfg, "val", device, rank=rank, world_size=world_size)
     if ddp:
         dist.all_reduce(total)
@@ -414,6 +416,8 @@ try:
         train_time, timed_steps = train_time + time.time() - t0, timed_steps + 1
 
         # ---- eval, logging, checkpoint: one metrics record per step, then the state after it
+        if master and log_now and tracker is not None:  # the step's casts, before evaluation casts again
+            record.update(diag.quant_metrics(raw_model))
         eval_now = step % tc.eval_interval == 0 or step == tc.max_steps
         if eval_now:
             eval_and_record(record)
@@ -426,7 +430,6 @@ try:
             if mfu is not None:
                 record["perf/mfu"] = mfu
             if log_now and tracker is not None:
-                record.update(diag.quant_metrics(raw_model))
                 record.update(dead.metrics())
             logger.log(step, record)
             for alert in diag.alerts(record, cfg.log.overflow_threshold, cfg.log.bit_stall_threshold):

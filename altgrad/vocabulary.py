@@ -98,7 +98,8 @@ COUNT_FIELDS = ("overflow", "underflow", "nan", "nonzero")
 
 class StatsLevel(_Word):
     """What each cast of a QuantizedLinear records (`stats_level`), cheapest first. A field a level
-    does not record is absent from the layer's `stats` (its buffer slot holds NaN or an old value)."""
+    does not record is absent from the layer's `stats` (its buffer slot holds NaN, 0 after an empty
+    batch, or an old rel_err)."""
 
     SCALE = "scale"  # amax, scale, numel: what the scaling needs (train.py between logging steps)
     COUNTS = "counts"  # and overflow / underflow / nan / nonzero, counted in the cast's pass (default)
@@ -106,7 +107,9 @@ class StatsLevel(_Word):
 
 
 def stat_fields(level: StatsLevel | str) -> tuple[str, ...]:
-    """The STAT_FIELDS a StatsLevel records, in buffer order."""
+    """The STAT_FIELDS a StatsLevel records, in buffer order. Raises ValueError for another value."""
+    if level not in tuple(StatsLevel):
+        raise ValueError(f"stats level must be one of {', '.join(StatsLevel)} (got {level!r})")
     level = StatsLevel(level)
     return tuple(f for f in STAT_FIELDS if (f not in COUNT_FIELDS or level != StatsLevel.SCALE)
                  and (f != "rel_err" or level == StatsLevel.FULL))

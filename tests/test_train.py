@@ -207,6 +207,23 @@ def test_a_logging_step_after_skipped_steps_records_its_own_weight_stats(tmp_pat
         assert all(r[f"quant/weight/{k}"] is not None for k in ("overflow", "nan", "underflow", "rel_err")), r
 
 
+def test_evaluation_does_not_change_the_logged_quant_metrics(tmp_path, data_dir):
+    """The quant metrics of a logging step describe that step's casts: a run that also evaluates at
+    every logging step logs the same quant/* values (and trains the same) as one that never does."""
+    runs = {}
+    for name, interval in (("eval3", 3), ("eval100", 100)):
+        ok(train(tmp_path, data_dir, "--quant.default_format=E4M3", "--train.max_steps=6", "--train.log_interval=3",
+                 f"--train.eval_interval={interval}", "--train.shadow_interval=0", f"--log.run_name={name}"))
+        runs[name] = {r["step"]: r for r in read_metrics(tmp_path / name / "metrics.jsonl") if "train/loss" in r}
+    assert "val/loss" in runs["eval3"][3] and "val/loss" not in runs["eval100"][3]
+    for step in (3, 6):
+        a, b = runs["eval3"][step], runs["eval100"][step]
+        quant = sorted(k for k in a if k.startswith("quant/"))
+        assert quant and quant == sorted(k for k in b if k.startswith("quant/"))
+        assert [a[k] for k in quant] == [b[k] for k in quant], step
+        assert a["train/loss"] == b["train/loss"]
+
+
 # ---- stop ------------------------------------------------------------------------------------------
 
 
