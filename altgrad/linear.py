@@ -78,7 +78,7 @@ from altgrad.config import LayerQuantConfig, RoleConfig
 from altgrad.formats import FormatSpec
 from altgrad.linear_blockwise import accumulation_domain, blockwise_linear, needs_blockwise, weight_block_scales
 from altgrad.quantize import BACKENDS, quantize_operand, round_with_masks
-from altgrad.scaling import TensorScaler, compute_scale
+from altgrad.scaling import TensorScaler, compute_scale, norm_scale
 from altgrad.vocabulary import OPERAND_ROLES, STAT_FIELDS, Role, StatsLevel, stat_fields
 
 __all__ = ["QuantizedLinear", "round_master_weights", "set_stats_level", "set_weight_cache", "weight_updated",
@@ -242,11 +242,13 @@ def _cast_operand_impl(x, scale, inv_scale, history, count, filled, stats, sr_st
 
 
 def _rel_err(x, q, q_inv, stats):
-    """stats[7] = ||q·inv_scale - x|| / ||x||: an extra pass, on logging steps only."""
-    x32 = x.detach().float()
-    # the norms accumulate in float64: squares of fp32 values past ~1e19 overflow fp32
-    err = torch.linalg.vector_norm(q.float() * q_inv - x32, dtype=torch.float64)
-    stats[7] = err / torch.linalg.vector_norm(x32, dtype=torch.float64).clamp(min=torch.finfo(torch.float32).tiny)
+    """stats[7] = ||q·inv_scale - x|| / ||x|| (stats[0], x's amax, already written): an extra
+    pass, at stats level "full" only."""
+    # both norms at x·2**-e with 2**e near x's amax (stats[0]): their squares stay in fp32's range
+    s = norm_scale(stats[0])
+    neg_xs = x.detach().float() * -s
+    err = torch.linalg.vector_norm(torch.addcmul(neg_xs, q.float(), q_inv * s))  # q·inv·2**-e - x·2**-e
+    stats[7] = err / torch.linalg.vector_norm(neg_xs).clamp(min=torch.finfo(torch.float32).tiny)
 
 
 def _cast_fused(x, scale, inv_scale, history, count, filled, stats, sr_state, p, update, advance, level):

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from altgrad.linear import QuantizedLinear
+from altgrad.scaling import l2_norm
 from altgrad.vocabulary import STAT_FIELDS
 
 __all__ = [
@@ -328,7 +329,8 @@ def grad_norms(model: nn.Module) -> dict[str, float]:
             continue
         g = torch.cat(grads)
         names.append(name)
-        tensors += [torch.linalg.vector_norm(g, dtype=torch.float64), g.abs().max()]  # float64: no overflow of the squares
+        linf = g.abs().max()
+        tensors += [l2_norm(g, linf), linf]  # scaled: the squares of huge or tiny gradients stay in range
     host = to_host(tensors)
     out = {}
     for i, name in enumerate(names):

@@ -25,11 +25,34 @@ from torch import nn
 from altgrad.formats import FormatSpec, get_format
 from altgrad.vocabulary import AmaxAlgo, ScalingType, choices
 
-__all__ = ["AmaxHistory", "TensorScaler", "compute_scale", "SCALING_MODES", "AMAX_ALGOS"]
+__all__ = ["AmaxHistory", "TensorScaler", "compute_scale", "l2_norm", "norm_scale", "SCALING_MODES", "AMAX_ALGOS"]
 
 SCALING_MODES = choices(ScalingType)
 MIN_SCALE = 2.0**-126  # smallest normal fp32: its reciprocal 2**126 is finite
 AMAX_ALGOS = choices(AmaxAlgo)
+
+
+def l2_norm(t: torch.Tensor, amax: torch.Tensor | None = None) -> torch.Tensor:
+    """||t||_2 as a 0-dim fp32 tensor, accumulated at t·2**-e with 2**e near `amax` (default
+    max|t|): in fp32 the squares of values past ~1.8e19 overflow and those below ~1e-19 flush to
+    zero, so an unscaled norm reads inf or 0 where the norm itself is an ordinary number. Scaling by
+    a power of two is exact. NaN where t holds a NaN, inf where it holds an inf (or the norm
+    exceeds fp32's range). t: any float tensor; amax: a 0-dim tensor of about max|t| (e.g. the
+    amax a cast already computed), any value giving the same result up to fp32 rounding."""
+    t = t.float()
+    if amax is None:
+        amax = t.abs().amax() if t.numel() else torch.zeros((), device=t.device)
+    s = norm_scale(amax)
+    return torch.linalg.vector_norm(t * s) / s
+
+
+def norm_scale(amax: torch.Tensor) -> torch.Tensor:
+    """2**-e (0-dim fp32) with 2**e the power of two at or below amax (2 for a zero or non-finite
+    amax), e clamped to [-126, 126] (so 2**-e is a normal number): amax scaled by it lies in [1, 2)
+    ([1, 4) for amax past 2**127 or subnormal), so the squares of values up to amax neither overflow
+    nor (down to amax·2**-60) flush to zero in fp32 (l2_norm)."""
+    e = torch.frexp(amax.float())[1]  # amax = m·2**e with m in [0.5, 1); e = 0 for 0, inf and NaN
+    return torch.exp2((1 - e).clamp(-126, 126).float())
 
 
 def compute_scale(amax: torch.Tensor, fmt: FormatSpec | str, margin: int = 0, pow2: bool = False,

@@ -135,3 +135,24 @@ def test_compute_scale_is_the_correctly_rounded_quotient(name):
     want = (torch.tensor(fmt.max, dtype=torch.float64) / amax[:2000].double()).float()
     want = torch.where(want < 2.0**-126, torch.tensor(2.0**-126), want)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("magnitude", [1e-35, 1e-25, 1.0, 1e25, 1e35])
+def test_l2_norm_holds_where_fp32_squares_do_not(magnitude):
+    from altgrad.scaling import l2_norm
+
+    t = torch.randn(3000, generator=torch.Generator().manual_seed(7)) * magnitude
+    want = torch.linalg.vector_norm(t.double()).item()
+    assert l2_norm(t).item() == pytest.approx(want, rel=1e-5)
+    assert l2_norm(t, t.abs().amax() * 1.7).item() == pytest.approx(want, rel=1e-5)  # any amax near max|t|
+    assert l2_norm(t.reshape(30, 100)).item() == pytest.approx(want, rel=1e-5)
+
+
+def test_l2_norm_special_values():
+    from altgrad.scaling import l2_norm
+
+    assert l2_norm(torch.zeros(4)).item() == 0.0 and l2_norm(torch.zeros(0)).item() == 0.0
+    assert l2_norm(torch.tensor([3.0, -4.0])).item() == 5.0
+    assert math.isnan(l2_norm(torch.tensor([1.0, math.nan])).item())
+    assert l2_norm(torch.tensor([1.0, -math.inf])).item() == math.inf
+    assert l2_norm(torch.tensor([3e38, 3e38])).item() == math.inf  # the norm itself exceeds fp32
