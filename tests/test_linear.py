@@ -318,6 +318,27 @@ def test_rel_err_holds_for_every_magnitude(magnitude):
     torch.testing.assert_close(ql.stats["input"]["rel_err"], want, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("backend", ["torch", "fast"])
+@pytest.mark.parametrize("fmt,scaling,history", [("E7M0", "current", None), ("E7M0", "none", None),
+                                                 ("E4M3", "delayed", 1e20), ("E5M2", "delayed", 1e20)])
+def test_rel_err_where_inv_scale_far_exceeds_the_amax(backend, fmt, scaling, history):
+    """inv_scale can exceed x's amax by more than fp32's range (E7M0's carried inv_scale·2**10 for
+    tiny x, a delayed scale from a much larger history): every element underflows to 0, so
+    ||q·inv_scale - x|| / ||x|| is exactly 1, not NaN."""
+    _, ql = make(backend=backend, i=fmt, w=fmt, scaling=scaling)
+    g = torch.Generator().manual_seed(7)
+    if history is not None:
+        ql(torch.randn(10, 37, generator=g) * history)  # training mode: the input history holds ~1e20
+    ql.stats_level = "full"
+    x = torch.randn(10, 37, generator=g) * 1e-37
+    ql(x)
+    st = ql.stats["input"]
+    # q is all zero: every element underflows, or is zero already once scaled (not counted nonzero)
+    assert st["underflow"].item() + st["numel"].item() - st["nonzero"].item() == x.numel()
+    want = torch.linalg.vector_norm(x.double()) / torch.linalg.vector_norm(x.double())
+    assert st["rel_err"].item() == want.item() == 1.0
+
+
 def test_weight_grad_quantized_before_optimizer():
     lin, ql = make(weight_grad=RoleConfig("E5M2", scaling="current"))
     x = torch.randn(6, 37)
