@@ -38,7 +38,8 @@ def l2_norm(t: torch.Tensor, amax: torch.Tensor | None = None) -> torch.Tensor:
     zero, so an unscaled norm reads inf or 0 where the norm itself is an ordinary number. Scaling by
     a power of two is exact. NaN where t holds a NaN, inf where it holds an inf (or the norm
     exceeds fp32's range). t: any float tensor; amax: a 0-dim tensor of about max|t| (e.g. the
-    amax a cast already computed), any value giving the same result up to fp32 rounding."""
+    amax a cast already computed; one far below max|t|, or 0 / NaN / inf with t finite, gives the
+    unscaled norm's overflow)."""
     t = t.float()
     if amax is None:
         amax = t.abs().amax() if t.numel() else torch.zeros((), device=t.device)
@@ -49,8 +50,9 @@ def l2_norm(t: torch.Tensor, amax: torch.Tensor | None = None) -> torch.Tensor:
 def norm_scale(amax: torch.Tensor) -> torch.Tensor:
     """2**-e (0-dim fp32) with 2**e the power of two at or below amax (2 for a zero or non-finite
     amax), e clamped to [-126, 126] (so 2**-e is a normal number): amax scaled by it lies in [1, 2)
-    ([1, 4) for amax past 2**127 or subnormal), so the squares of values up to amax neither overflow
-    nor (down to amax·2**-60) flush to zero in fp32 (l2_norm)."""
+    for normal amax up to 2**127 ([2, 4) above; a subnormal amax stays below 1, its squares still
+    normal), so the squares of values up to amax neither overflow nor (down to amax·2**-60) flush
+    to zero in fp32 (l2_norm)."""
     e = torch.frexp(amax.float())[1]  # amax = m·2**e with m in [0.5, 1); e = 0 for 0, inf and NaN
     return torch.exp2((1 - e).clamp(-126, 126).float())
 
