@@ -78,7 +78,7 @@ from altgrad.config import LayerQuantConfig, RoleConfig
 from altgrad.formats import FormatSpec
 from altgrad.linear_blockwise import accumulation_domain, blockwise_linear, needs_blockwise, weight_block_scales
 from altgrad.quantize import BACKENDS, quantize_operand, round_with_masks
-from altgrad.scaling import TensorScaler, compute_scale, norm_scale
+from altgrad.scaling import TensorScaler, compute_scale, relative_error
 from altgrad.vocabulary import OPERAND_ROLES, STAT_FIELDS, Role, StatsLevel, stat_fields
 
 __all__ = ["QuantizedLinear", "round_master_weights", "set_stats_level", "set_weight_cache", "weight_updated",
@@ -244,13 +244,7 @@ def _cast_operand_impl(x, scale, inv_scale, history, count, filled, stats, sr_st
 def _rel_err(x, q, q_inv, stats):
     """stats[7] = ||q·inv_scale - x|| / ||x|| (stats[0], x's amax, already written): an extra
     pass, at stats level "full" only."""
-    # both norms at x·2**-e with 2**e near x's amax (stats[0]): their squares stay in fp32's range.
-    # q·inv first, then ·2**-e: inv·2**-e alone overflows where inv_scale far exceeds x's amax (a
-    # delayed scale from a larger history, a kept scale, E7M0's inv·2**k), and 0·inf reads NaN
-    s = norm_scale(stats[0])
-    neg_xs = x.detach().float() * -s
-    err = torch.linalg.vector_norm(torch.addcmul(neg_xs, q.float() * q_inv, s))  # q·inv·2**-e - x·2**-e
-    stats[7] = err / torch.linalg.vector_norm(neg_xs).clamp(min=torch.finfo(torch.float32).tiny)
+    stats[7] = relative_error(x, q, q_inv, stats[0])
 
 
 def _cast_fused(x, scale, inv_scale, history, count, filled, stats, sr_state, p, update, advance, level):

@@ -49,7 +49,7 @@ import torch
 from altgrad.blockwise import expand_scales, quantize_blockwise_cast
 from altgrad.config import RoleConfig
 from altgrad.formats import FormatSpec
-from altgrad.scaling import l2_norm
+from altgrad.scaling import relative_error
 from altgrad.vocabulary import STAT_FIELDS, StatsLevel, stat_fields
 
 __all__ = ["blockwise_linear", "blockwise_matmul", "needs_blockwise", "weight_block_scales", "MATMUL_BACKENDS"]
@@ -142,9 +142,7 @@ def _record(mod, use, mat, c, inv_full) -> None:
         overflow = underflow = nan = nonzero = torch.full((), math.nan, device=dev)
     rel_err = torch.full((), math.nan, device=dev)
     if level == StatsLevel.FULL:
-        x_amax = x.abs().amax() if x.numel() else torch.zeros((), device=dev)
-        err = l2_norm(c.q * inv_full() - x, x_amax)  # as the per-tensor casts
-        rel_err = err / l2_norm(x, x_amax).clamp(min=torch.finfo(torch.float32).tiny)
+        rel_err = relative_error(x, c.q, inv_full(), amax)  # as the per-tensor casts
     values = (amax, c.scale.flatten().nanmedian() if c.scale.numel() else torch.ones((), device=dev),
               overflow, underflow, nan, nonzero, torch.tensor(x.numel(), device=dev), rel_err)
     vec = torch.stack([v.to(torch.float64) for v in values])

@@ -25,7 +25,7 @@ from torch import nn
 from altgrad.formats import FormatSpec, get_format
 from altgrad.vocabulary import AmaxAlgo, ScalingType, choices
 
-__all__ = ["AmaxHistory", "TensorScaler", "compute_scale", "l2_norm", "norm_scale", "SCALING_MODES", "AMAX_ALGOS"]
+__all__ = ["AmaxHistory", "TensorScaler", "compute_scale", "l2_norm", "norm_scale", "relative_error", "SCALING_MODES", "AMAX_ALGOS"]
 
 SCALING_MODES = choices(ScalingType)
 MIN_SCALE = 2.0**-126  # smallest normal fp32: its reciprocal 2**126 is finite
@@ -45,6 +45,21 @@ def l2_norm(t: torch.Tensor, amax: torch.Tensor | None = None) -> torch.Tensor:
         amax = t.abs().amax() if t.numel() else torch.zeros((), device=t.device)
     s = norm_scale(amax)
     return torch.linalg.vector_norm(t * s) / s
+
+
+def relative_error(x: torch.Tensor, q: torch.Tensor, inv_scale: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+    """rel_err of a cast, ||q·inv_scale - x|| / ||x||, as a 0-dim fp32 tensor (0 for an all-zero x).
+
+    x: the tensor cast (any float dtype); q: its format-domain values, x's shape; inv_scale: 0-dim,
+    or per element (x's shape, block scaling); amax: x's amax (0-dim, the cast's own). Both norms are
+    taken at ·2**-e with 2**e near amax (norm_scale), so their squares stay in fp32's range, and
+    q·inv_scale is formed before that factor: inv_scale·2**-e alone overflows where inv_scale far
+    exceeds amax (a delayed scale from a larger history, a kept scale, E7M0's inv_scale·2**k), and
+    0·inf would read NaN."""
+    s = norm_scale(amax)
+    neg_xs = x.detach().float() * -s
+    err = torch.linalg.vector_norm(torch.addcmul(neg_xs, q.float() * inv_scale, s))  # (q·inv - x)·2**-e
+    return err / torch.linalg.vector_norm(neg_xs).clamp(min=torch.finfo(torch.float32).tiny)
 
 
 def norm_scale(amax: torch.Tensor) -> torch.Tensor:
